@@ -1,4 +1,4 @@
-"""diffusers' loader mixins on LatentDiffusionPipeline: LoRA and textual inversion, against stock on the same weights."""
+"""diffusers' loader mixins on LatentDiffusionPipeline (LoRA, textual inversion) against stock on the same weights."""
 
 from __future__ import annotations
 
