@@ -7,6 +7,7 @@ algorithm changes. ``lms`` needs scipy (diffusers' ``LMSDiscreteScheduler`` inte
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +54,13 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config, **SCHEDULER_OPTIONS.get(name, {}))
+    cls = SCHEDULERS[name]
+    options = dict(SCHEDULER_OPTIONS.get(name, {}))
+    if "clip_sample" not in config and "clip_sample" in inspect.signature(cls.__init__).parameters:
+        # DDIM/DDPM default to clipping x0 to [-1, 1], right for pixels but wrong for latents (Stable Diffusion's
+        # configs say clip_sample=false; PNDM-based ones such as the presets' omit the key).
+        options["clip_sample"] = False
+    return cls.from_config(config, **options)
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:

@@ -74,3 +74,12 @@ def test_dpm_plus_plus_is_dpmsolver_plus_plus_whatever_the_config_says(tiny_pipe
 def test_unknown_name_lists_the_names(tiny_pipe: LatentDiffusionPipeline) -> None:
     with pytest.raises(ValueError, match="unknown scheduler 'heun'; choose one of ddpm, ddim, .*unipc"):
         make_scheduler("heun", tiny_pipe.scheduler.config)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_latent_samplers_do_not_clip_x0(name, tiny_components):
+    # the presets' PNDM config has no clip_sample key; DDIM/DDPM would default to clipping x0 to [-1, 1]
+    assert "clip_sample" not in tiny_components["scheduler"].config
+    assert make_scheduler(name, tiny_components["scheduler"].config).config.clip_sample is False
+    explicit = {**tiny_components["scheduler"].config, "clip_sample": True}
+    assert make_scheduler(name, explicit).config.clip_sample is True

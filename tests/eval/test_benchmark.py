@@ -1,0 +1,24 @@
+"""eval.benchmark runs both pipelines on the same components and writes a JSON result (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from eval.benchmark import main
+
+
+def test_benchmark_writes_json_for_both_pipelines(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--preset", "tiny", "--steps", "2", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for name in ("ours", "stock"):
+        assert result[name]["seconds_per_call"] > 0
+        assert result[name]["it_per_s"] == 2 / result[name]["seconds_per_call"]
+    assert result["size"] == 64 and result["source"] == "preset:tiny"
+    printed = capsys.readouterr().out
+    assert "speed ratio ours / stock" in printed and str(out) in printed
+
+
+def test_benchmark_rejects_bad_counts(tmp_path, capsys):
+    assert main(["--steps", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
