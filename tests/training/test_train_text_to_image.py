@@ -1,0 +1,228 @@
+"""End-to-end text-to-image training on tiny models: learning, exact resume, crash safety, LoRA, EMA, stock loading."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from pipelines import LatentDiffusionPipeline
+from training.checkpoint import latest_checkpoint
+from training.config import ConfigError
+from training.train_text_to_image import TrainConfig, main, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(tiny_sd_dir: str, shapes_dir: str, out: Path, **overrides) -> TrainConfig:
+    settings = dict(pretrained_model=tiny_sd_dir, dataset=shapes_dir, output_dir=str(out), resolution=64,
+                    train_batch_size=4, max_train_steps=6, checkpointing_steps=3, learning_rate=1e-3,
+                    lr_warmup_steps=2, caption_dropout=0.25, report_to="none", log_steps=1)  # fmt: skip
+    settings.update(overrides)
+    result = TrainConfig(**settings)
+    result.validate()
+    return result
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def fixed_loss(unet: UNet2DConditionModel, pipe: LatentDiffusionPipeline, shapes_dir: str) -> float:
+    """The eps-prediction loss on all 8 training images at fixed timesteps and noise (an evaluation, not training)."""
+    from training.data import ImageCaptionDataset, collate, load_image_caption_records
+
+    dataset = ImageCaptionDataset(load_image_caption_records(shapes_dir), resolution=64)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _ = pipe.encode_prompt(batch["captions"], "cpu", 1, False)
+        losses = []
+        for t in (100, 400, 700):
+            noise = torch.randn(latents.shape, generator=g)
+            timesteps = torch.full((latents.shape[0],), t)
+            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            pred = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+            losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    return float(np.mean(losses))
+
+
+@pytest.mark.slow
+def test_loss_falls_when_overfitting_eight_images(tiny_sd_dir, shapes_dir, tmp_path):
+    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=80, checkpointing_steps=80,
+                         train_batch_size=8, caption_dropout=0.0, lr_warmup_steps=5))  # fmt: skip
+    base = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    trained = LatentDiffusionPipeline.from_pretrained(final)
+    before, after = fixed_loss(base.unet, base, shapes_dir), fixed_loss(trained.unet, base, shapes_dir)
+    assert after < 0.5 * before, (before, after)
+    assert (final / "loss.png").is_file() and (final / "README.md").is_file()
+
+
+def test_resume_continues_exactly(tiny_sd_dir, shapes_dir, tmp_path):
+    straight = train(config(tiny_sd_dir, shapes_dir, tmp_path / "straight"))
+    # the same run in two parts: 3 steps, then --resume latest to 6
+    train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", max_train_steps=3))
+    resumed = train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", resume="latest"))
+    assert_same_weights(unet_weights(straight), unet_weights(resumed))
+    # the comparison is not vacuous: training changed the weights
+    base = load_file(Path(tiny_sd_dir) / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not torch.equal(base["conv_in.weight"], unet_weights(straight)["conv_in.weight"])
+
+
+def test_resume_latest_skips_a_checkpoint_broken_mid_write(tiny_sd_dir, shapes_dir, tmp_path):
+    straight = train(config(tiny_sd_dir, shapes_dir, tmp_path / "straight", max_train_steps=9))
+    run = tmp_path / "crashed"
+    train(config(tiny_sd_dir, shapes_dir, run, max_train_steps=6))
+    # a crash while writing step 6: a file cut short, and a temporary folder left behind
+    weights = run / "checkpoints" / "step-000006" / "unet.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (run / "checkpoints" / ".tmp-step-000009-dead").mkdir()
+    assert latest_checkpoint(run / "checkpoints").name == "step-000003"
+    resumed = train(config(tiny_sd_dir, shapes_dir, run, max_train_steps=9, resume="latest"))
+    assert_same_weights(unet_weights(straight), unet_weights(resumed))
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_sd_dir, shapes_dir, tmp_path):
+    args = ["--pretrained-model", tiny_sd_dir, "--dataset", shapes_dir, "--resolution", "64", "--train-batch-size",
+            "4", "--max-train-steps", "400", "--checkpointing-steps", "1000", "--learning-rate", "1e-3",
+            "--report-to", "none", "--output-dir"]  # fmt: skip
+    command = [sys.executable, "-m", "training.train_text_to_image", *args]
+    run = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([*command, str(run)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    log = []
+    for line in process.stderr:  # wait until training is under way, then interrupt
+        log.append(line)
+        if "steps:" in line and "/400" in line and " 0/400" not in line:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+    assert process.returncode == 0, "".join(log) + rest
+    stopped = latest_checkpoint(run / "checkpoints")
+    assert stopped is not None and 0 < int(stopped.name.split("-")[1]) < 400
+    assert not (run / "pipeline").exists()
+
+    # Resume to a step past the interruption and compare with a run that was never interrupted.
+    target = int(stopped.name.split("-")[1]) + 3
+    resumed = train(config(tiny_sd_dir, shapes_dir, run, max_train_steps=target, resume="latest",
+                           checkpointing_steps=1000, lr_warmup_steps=100, caption_dropout=0.1))  # fmt: skip
+    straight = train(config(tiny_sd_dir, shapes_dir, tmp_path / "straight", max_train_steps=target,
+                            checkpointing_steps=1000, lr_warmup_steps=100, caption_dropout=0.1))  # fmt: skip
+    assert_same_weights(unet_weights(straight), unet_weights(resumed))
+
+
+def test_output_folder_loads_in_stock_diffusers_and_ours(tiny_sd_dir, shapes_dir, tmp_path):
+    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=3,
+                         validation_prompts=["a red circle on the left"], validation_steps=3,
+                         validation_inference_steps=2))  # fmt: skip
+    ours = LatentDiffusionPipeline.from_pretrained(final)
+    stock = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
+    kwargs = {"prompt": "a red circle", "num_inference_steps": 3, "output_type": "np"}
+    a = ours(generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(a - b).max() < 1e-4
+    card = (final / "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and f"base_model: {tiny_sd_dir}" in card and "samples.png" in card
+    assert (final / "samples.png").is_file() and (tmp_path / "samples" / "step-000003.png").is_file()
+
+
+def test_lora_weights_load_in_stock_diffusers(tiny_sd_dir, shapes_dir, tmp_path):
+    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=4, lora_rank=4, learning_rate=1e-2))
+    assert final.name == "lora" and (final / "pytorch_lora_weights.safetensors").is_file()
+    base_weights = load_file(Path(tiny_sd_dir) / "unet" / "diffusion_pytorch_model.safetensors")
+    checkpoint = load_file(latest_checkpoint(tmp_path / "checkpoints") / "unet.safetensors")
+    assert all("lora" in k for k in checkpoint) and len(checkpoint) < len(base_weights)  # only the adapter
+
+    kwargs = {"prompt": "a red circle", "num_inference_steps": 3, "output_type": "np"}
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    plain = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
+    stock.load_lora_weights(final)
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    ours.load_lora_weights(final)
+    with_lora = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(with_lora - plain).max() > 1e-4
+    assert np.abs(ours(generator=torch.Generator().manual_seed(0), **kwargs).images - with_lora).max() < 1e-4
+
+
+def test_ema_weights_are_the_pipelines_unet(tiny_sd_dir, shapes_dir, tmp_path):
+    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=4, ema_decay=0.5))
+    ema_unet = UNet2DConditionModel.from_pretrained(final / "unet")
+    raw_unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet-raw")
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    w_ema, w_raw, w_base = (m.conv_in.weight.detach() for m in (ema_unet, raw_unet, base))
+    assert not torch.equal(w_ema, w_raw) and not torch.equal(w_ema, w_base)
+    # an average of the trajectory lies between the start and the end, here for the first parameter
+    assert (w_ema - w_base).norm() < (w_raw - w_base).norm()
+    assert "ema.safetensors" in {p.name for p in latest_checkpoint(tmp_path / "checkpoints").iterdir()}
+
+
+def test_train_from_a_preset_with_frozen_parts(frozen_parts_dir, shapes_dir, tmp_path):
+    final = train(TrainConfig(preset="tiny", vae=frozen_parts_dir, text_encoder=frozen_parts_dir, dataset=shapes_dir,
+                              output_dir=str(tmp_path), resolution=64, train_batch_size=4, max_train_steps=2,
+                              report_to="none", prediction_type="v_prediction", zero_terminal_snr=True,
+                              snr_gamma=5.0, noise_offset=0.05))  # fmt: skip
+    pipe = LatentDiffusionPipeline.from_pretrained(final)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.scheduler.alphas_cumprod[-1] < 1e-6  # zero terminal SNR: x_T is pure noise
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_sd_dir, shapes_dir, tmp_path, monkeypatch, caplog):
+    import training.train_text_to_image as script
+
+    real_loss, calls = script.diffusion_training_loss, []
+
+    def sometimes_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 or len(calls) >= 5 else loss
+
+    monkeypatch.setattr(script, "diffusion_training_loss", sometimes_nan)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 7"):
+        train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=20, checkpointing_steps=3, max_nan_steps=3))
+    assert "step 2: non-finite loss; update skipped" in caplog.text
+    # skipped steps leave the weights alone, so every checkpoint written is finite and the last one is kept
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-000006"
+    weights = load_file(latest_checkpoint(tmp_path / "checkpoints") / "unet.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset": ""}, "dataset is required"),
+    ({"preset": "tiny"}, "exactly one of"),
+    ({"resolution": 60}, "multiple of 8"),
+    ({"caption_dropout": 1.0}, "caption_dropout"),
+    ({"lora_rank": 4, "ema_decay": 0.99}, "ema_decay is for full fine-tuning"),
+])  # fmt: skip
+def test_bad_configs_name_the_field(tiny_sd_dir, shapes_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config(tiny_sd_dir, shapes_dir, tmp_path, **overrides)
+
+
+def test_command_line_errors_are_one_line(tiny_sd_dir, shapes_dir, tmp_path, capsys):
+    code = main(["--pretrained-model", tiny_sd_dir, "--dataset", str(tmp_path / "nothing-here"),
+                 "--output-dir", str(tmp_path), "--report-to", "none"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and err.strip().count("\n") == 0
+    code = main(["--pretrained-model", tiny_sd_dir, "--dataset", shapes_dir, "--zero-terminal-snr",
+                 "--output-dir", str(tmp_path), "--report-to", "none"])  # fmt: skip
+    assert code == 2 and "v_prediction" in capsys.readouterr().err

@@ -1,0 +1,266 @@
+"""Image–caption training samples: a torch dataset over :mod:`training.records`, with deterministic transforms.
+
+:class:`ImageCaptionDataset` turns records (read by :func:`load_image_caption_records`, checked by
+:func:`scan_images`) into training samples; every random choice in it is a function of ``(seed, epoch, index)``, so a
+resumed run sees the same samples. :func:`collate` stacks them into batches of one bucket (:mod:`training.buckets`).
+The records API is re-exported here, so ``from training.data import load_image_caption_records`` keeps working.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from .buckets import LATENT_FACTOR, BucketBatchSampler, assign_buckets, make_buckets, make_generator
+from .records import (
+    CAPTION_COLUMNS,
+    IMAGE_COLUMNS,
+    IMAGE_EXTENSIONS,
+    MAX_LISTED,
+    METADATA_FILES,
+    DataSummary,
+    ImageCaptionRecord,
+    ImageCaptionRecords,
+    SourceFormat,
+    detect_format,
+    load_image_caption_records,
+    scan_images,
+)
+
+__all__ = [
+    "CAPTION_COLUMNS",
+    "IMAGE_COLUMNS",
+    "IMAGE_EXTENSIONS",
+    "MAX_LISTED",
+    "METADATA_FILES",
+    "BucketBatchSampler",
+    "CropMode",
+    "DataSummary",
+    "ImageCaptionDataset",
+    "ImageCaptionRecord",
+    "ImageCaptionRecords",
+    "Interpolation",
+    "SourceFormat",
+    "collate",
+    "detect_format",
+    "load_image_caption_records",
+    "resize_and_crop",
+    "scan_images",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+CropMode = Literal["center", "random"]
+Interpolation = Literal["bicubic", "lanczos"]
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy of ``image``: transparency composited on white, palette and grayscale expanded, 16-bit scaled."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode.startswith("I"):  # 16-bit grayscale: convert("L") would clip at 255 instead of scaling
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255 / 65535 if image.mode.startswith("I;16") or values.max() > 255 else 1.0
+        return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_and_crop(
+    image: Image.Image,
+    size: tuple[int, int],
+    crop: CropMode = "center",
+    offset: tuple[float, float] = (0.5, 0.5),
+    interpolation: Interpolation = "lanczos",
+) -> Image.Image:
+    """Resize ``image`` to just cover ``size`` = (width, height) keeping its aspect ratio, then crop to ``size``.
+
+    For a square ``size`` this resizes the shorter side to the resolution. PIL's bicubic and Lanczos filters
+    antialias when shrinking; an image already covering ``size`` exactly is not resampled. ``crop="center"`` takes
+    the middle; ``"random"`` places the window at ``offset`` (two uniforms in [0, 1)) of the free range.
+    """
+    width, height = image.size
+    target_width, target_height = size
+    scale = max(target_width / width, target_height / height)
+    new_size = (max(target_width, round(width * scale)), max(target_height, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, _RESAMPLE[interpolation])
+    free_x, free_y = new_size[0] - target_width, new_size[1] - target_height
+    if crop == "center":
+        left, top = free_x // 2, free_y // 2
+    else:
+        left, top = min(free_x, int(offset[0] * (free_x + 1))), min(free_y, int(offset[1] * (free_y + 1)))
+    return image.crop((left, top, left + target_width, top + target_height))
+
+
+def _check_choice(name: str, value: str, choices: object) -> None:
+    if value not in get_args(choices):
+        raise ValueError(f"{name} must be one of {', '.join(get_args(choices))}; got {value!r}")
+
+
+class ImageCaptionDataset(Dataset[dict[str, Any]]):
+    """Training samples ``{"pixel_values", "caption", "index", "replaced"}`` from :class:`ImageCaptionRecords`.
+
+    ``pixel_values`` is a float tensor (3, H, W) in [-1, 1], where (W, H) is the bucket of the index
+    (:meth:`target_size`). With ``bucketing=True`` the buckets are ``make_buckets(resolution)`` (step 64, or 8 when
+    ``resolution`` is not a multiple of 64); ``buckets`` passes your own list (see :mod:`training.buckets`); each
+    image goes to the bucket of nearest aspect ratio, using the sizes recorded by :func:`scan_images`. Without
+    either, every image goes to the single square bucket ``resolution x resolution``. Each image is converted to RGB
+    (:func:`to_rgb`), rotated by its EXIF orientation, resized to cover its bucket and cropped (``crop``: "center"
+    or "random", :func:`resize_and_crop`).
+    ``flip=True`` mirrors half the samples horizontally; it is off by default because it breaks captions that say
+    "on the left" or show text.
+
+    Randomness (crop position, flip, which caption of a list) comes from a generator seeded by
+    ``(seed, epoch, index)`` (:func:`training.buckets.derive_seed`), so the same triple always gives the same sample.
+    :meth:`set_epoch` stores the epoch in shared memory, so DataLoader workers, persistent ones included, see it.
+
+    An image that fails to decode here (a truncated file that ``verify()`` missed) is replaced, deterministically,
+    by the next index of the same bucket that decodes (cyclically); the sample then has that index, its caption and
+    ``replaced=True``, and a warning names the bad file. ``failed_indices`` holds the failures seen by this process.
+    """
+
+    def __init__(
+        self,
+        records: ImageCaptionRecords,
+        *,
+        resolution: int = 512,
+        bucketing: bool = False,
+        buckets: Sequence[tuple[int, int]] | None = None,
+        crop: CropMode = "center",
+        flip: bool = False,
+        seed: int = 0,
+        interpolation: Interpolation = "lanczos",
+    ) -> None:
+        _check_choice("crop", crop, CropMode)
+        _check_choice("interpolation", interpolation, Interpolation)
+        if not records.records:
+            raise ValueError(f"{records.source} has no records to train on")
+        if resolution <= 0 or resolution % LATENT_FACTOR:
+            raise ValueError(f"resolution must be a positive multiple of 8 (the VAE's factor); got {resolution}")
+        if bucketing and buckets is None:
+            buckets = make_buckets(resolution, step=64 if resolution % 64 == 0 else LATENT_FACTOR)
+        if buckets is None:
+            self.buckets = [(resolution, resolution)]
+            self.bucket_of_index = [0] * len(records)
+        else:
+            self.buckets = [(int(w), int(h)) for w, h in buckets]
+            bad = [size for size in self.buckets if min(size) <= 0 or size[0] % 8 or size[1] % 8]
+            if bad or not self.buckets:
+                raise ValueError(f"bucket sides must be positive multiples of 8; got {bad or 'no buckets'}")
+            if any(record.size is None for record in records.records):
+                raise ValueError("aspect-ratio bucketing needs every image's size: load with scan=True or scan_images")
+            self.bucket_of_index = assign_buckets([record.size for record in records.records], self.buckets)
+        self.records = records
+        self.crop, self.flip, self.seed, self.interpolation = crop, flip, seed, interpolation
+        self.failed_indices: set[int] = set()
+        self._members: dict[int, list[int]] = {}
+        self._position: list[int] = []
+        for index, bucket in enumerate(self.bucket_of_index):
+            self._position.append(len(self._members.setdefault(bucket, [])))
+            self._members[bucket].append(index)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        counts = ", ".join(
+            f"{w}x{h}: {len(self._members[b])}" for b, (w, h) in enumerate(self.buckets) if b in self._members
+        )
+        logger.info("%d images in buckets %s", len(records), counts)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def summary(self) -> DataSummary:
+        """The counts of the records: total, used, skipped without a caption, skipped unreadable."""
+        return self.records.summary()
+
+    def summary_dict(self) -> dict[str, str | int]:
+        """:meth:`summary` as a JSON-ready dict, for the model card."""
+        return self.summary().as_dict()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that seeds the samples' randomness."""
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch (in shared memory: DataLoader workers see it); call before iterating the epoch."""
+        self._epoch.fill_(epoch)
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """The (width, height) of the sample at ``index``: its bucket."""
+        return self.buckets[self.bucket_of_index[index]]
+
+    def batch_sampler(self, batch_size: int, *, drop_last: bool = False, shuffle: bool = True) -> BucketBatchSampler:
+        """A :class:`BucketBatchSampler` over this dataset's buckets, with its seed, sharing its epoch."""
+        return BucketBatchSampler(
+            self.bucket_of_index, batch_size, self.seed, drop_last, shuffle, shared_epoch=self._epoch
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        # Four draws, always, in this order, so changing crop or flip does not change which caption is picked.
+        crop_x, crop_y, flip, pick = torch.rand(4, generator=make_generator(self.seed, self.epoch, index)).tolist()
+        members = self._members[self.bucket_of_index[index]]
+        start = self._position[index]
+        for step in range(len(members)):
+            candidate = members[(start + step) % len(members)]
+            if candidate in self.failed_indices:
+                continue
+            try:
+                with self.records.open_image(candidate) as opened:
+                    image = to_rgb(ImageOps.exif_transpose(opened))
+            except Exception as err:  # PIL's decoders raise many types; a bad file must not stop training
+                self.failed_indices.add(candidate)
+                logger.warning(
+                    "could not decode %s (%s: %s); using the next image of its bucket instead",
+                    self.records.image_name(candidate),
+                    type(err).__name__,
+                    err,
+                )
+                continue
+            image = resize_and_crop(image, self.target_size(index), self.crop, (crop_x, crop_y), self.interpolation)
+            if self.flip and flip < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            captions = self.records.records[candidate].captions
+            return {
+                "pixel_values": pixels.float() / 127.5 - 1.0,
+                "caption": captions[min(int(pick * len(captions)), len(captions) - 1)],
+                "index": candidate,
+                "replaced": candidate != index,
+            }
+        raise RuntimeError(
+            f"none of the {len(members)} images of bucket {self.target_size(index)} of {self.records.source} "
+            "could be decoded; see the warnings above"
+        )
+
+
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples: ``pixel_values`` (B, 3, H, W), ``captions`` (list), ``indices`` (LongTensor), ``num_replaced``.
+
+    ``num_replaced`` counts the samples whose image failed to decode and was replaced (see
+    :class:`ImageCaptionDataset`). All samples must share a size: batch with :class:`BucketBatchSampler`.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    shapes = {tuple(sample["pixel_values"].shape) for sample in batch}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"samples of different sizes in one batch: {sorted(shapes)}; batch with dataset.batch_sampler(batch_size) "
+            "(a BucketBatchSampler) so that every batch comes from one bucket"
+        )
+    return {
+        "pixel_values": torch.stack([sample["pixel_values"] for sample in batch]).contiguous(),
+        "captions": [sample["caption"] for sample in batch],
+        "indices": torch.tensor([sample["index"] for sample in batch], dtype=torch.long),
+        "num_replaced": sum(bool(sample.get("replaced", False)) for sample in batch),
+    }

@@ -1,0 +1,172 @@
+"""Loading the models a training run starts from, and the trainable views of the U-Net (full, LoRA, EMA).
+
+Fine-tuning starts from a pipeline folder or Hub id; training from scratch builds a U-Net of an ``ldm`` preset and
+takes the (frozen) VAE and text encoder from given folders. Either way the training noise schedule is a
+``DDPMScheduler`` and the sampler saved with the model keeps the same training schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.presets import build_unet, get_preset
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class TrainingModels:
+    """What a text-to-image run trains with. ``sampler`` is the scheduler saved with the final pipeline; the two
+    sources are where the frozen VAE and text encoder came from."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    sampler: SchedulerMixin
+    vae_source: str
+    text_encoder_source: str
+
+
+def _subfolder(path: str, name: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a component that is either ``path/name`` (a pipeline folder) or ``path``."""
+    local = Path(path)
+    if local.is_dir() and not (local / name).is_dir() and (local / "config.json").is_file():
+        return {"pretrained_model_name_or_path": path}
+    return {"pretrained_model_name_or_path": path, "subfolder": name}
+
+
+def _load(cls: Any, path: str, name: str) -> Any:
+    try:
+        return cls.from_pretrained(**_subfolder(path, name))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"could not load the {name} from {path!r} ({err}); pass a diffusers pipeline folder, a folder with "
+            f"{name}/ in it, or a Hub id"
+        ) from None
+
+
+def load_training_models(
+    *,
+    pretrained_model: str | None,
+    preset: str | None,
+    vae: str | None,
+    text_encoder: str | None,
+    prediction_type: str | None,
+    zero_terminal_snr: bool,
+) -> TrainingModels:
+    """Load (fine-tune) or build (from scratch) the models of a text-to-image run.
+
+    ``vae`` / ``text_encoder`` override the pipeline's when fine-tuning, and are required when training from a
+    preset. ``prediction_type`` None keeps the model's (``epsilon`` for a new one). ``zero_terminal_snr`` rescales
+    the betas so the last step is pure noise (Lin et al. 2024), which needs v-prediction and trailing timesteps.
+    """
+    if (pretrained_model is None) == (preset is None):
+        raise ValueError("pass exactly one of pretrained_model (fine-tune) and preset (train from scratch)")
+    if preset is not None and (vae is None or text_encoder is None):
+        raise ValueError("training from a preset needs --vae and --text-encoder folders (they stay frozen)")
+
+    vae_source, text_source = vae or pretrained_model, text_encoder or pretrained_model
+    vae_model = _load(AutoencoderKL, vae_source, "vae")
+    text_model = _load(CLIPTextModel, text_source, "text_encoder")
+    tokenizer = _load(CLIPTokenizer, text_source, "tokenizer")
+    if pretrained_model is not None:
+        unet = _load(UNet2DConditionModel, pretrained_model, "unet")
+        base_config = dict(_load(DDPMScheduler, pretrained_model, "scheduler").config)
+        sampler_cls = _sampler_class(pretrained_model)
+    else:
+        spec = get_preset(preset)
+        unet = build_unet(spec)
+        base_config = dict(DDPMScheduler.from_config(vars(spec.scheduler)).config)
+        sampler_cls = DDIMScheduler
+    if unet.config.cross_attention_dim != text_model.config.hidden_size:
+        raise ValueError(
+            f"the U-Net's cross_attention_dim ({unet.config.cross_attention_dim}) does not match the text encoder's "
+            f"hidden size ({text_model.config.hidden_size}); pick a preset or text encoder that agree"
+        )
+
+    prediction_type = prediction_type or base_config.get("prediction_type", "epsilon")
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError(
+            "zero_terminal_snr makes the last timestep pure noise, where an epsilon target carries no information "
+            "about the image; use --prediction-type v_prediction with it"
+        )
+    schedule = {"prediction_type": prediction_type, "clip_sample": False}
+    if zero_terminal_snr:
+        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    noise_scheduler = DDPMScheduler.from_config(base_config, **schedule)
+    sampler = sampler_cls.from_config(noise_scheduler.config)
+    return TrainingModels(vae_model, text_model, tokenizer, unet, noise_scheduler, sampler, vae_source, text_source)
+
+
+def reload_frozen(models: TrainingModels) -> TrainingModels:
+    """The same models with the VAE and text encoder loaded afresh (full precision) from their sources."""
+    vae = _load(AutoencoderKL, models.vae_source, "vae")
+    text_encoder = _load(CLIPTextModel, models.text_encoder_source, "text_encoder")
+    return dataclasses.replace(models, vae=vae, text_encoder=text_encoder)
+
+
+def _sampler_class(pretrained_model: str) -> type[SchedulerMixin]:
+    """The scheduler class the pipeline ships with (its sampler), read from ``model_index.json`` when local."""
+    import diffusers
+
+    try:
+        from diffusers import DiffusionPipeline
+
+        config = DiffusionPipeline.load_config(pretrained_model)
+        return getattr(diffusers, config["scheduler"][1])
+    except (OSError, KeyError, AttributeError, TypeError):
+        return DDIMScheduler
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None) -> None:
+    """Freeze the U-Net and add trainable LoRA layers (peft) to its attention projections."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    )
+
+
+class LoraState:
+    """A checkpointable view of only the U-Net's LoRA weights (what a LoRA run changes)."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        self.unet = unet
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.unet, state_dict)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"the checkpoint's LoRA weights do not fit this U-Net: unexpected keys {unexpected[:5]}")
+
+
+def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (``load_lora_weights`` reads it)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return Path(folder) / "pytorch_lora_weights.safetensors"

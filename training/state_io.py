@@ -1,0 +1,286 @@
+"""Training state as plain data: nested state dicts <-> (tensors for safetensors, JSON skeleton), and the RNG states.
+
+:func:`encode_state` turns a state dict (nested dicts, lists and tuples of tensors, numbers, strings, ...) into a
+JSON-safe document and a flat ``{key: tensor}`` dict that ``safetensors.torch.save_file`` accepts: every tensor is
+replaced by a placeholder naming its key (its path in the state, ``"state/0/exp_avg"``), and whatever JSON cannot say
+on its own (tuples, int keys, inf/nan, ``torch.dtype``, ``torch.Size``, numpy arrays and scalars, bytes) is tagged so
+that :func:`decode_state` gives back the same types and the same bits. Tensors that share memory or are not contiguous
+are copied, since safetensors refuses the first and writes only the second. Nothing is pickled: a value without a safe
+encoding is refused with its path.
+
+:func:`capture_rng_state` and :func:`restore_rng_state` take and put back one process's random state (torch CPU and
+CUDA, numpy, Python ``random`` and named ``torch.Generator`` s) as such a state dict.
+
+These functions know nothing of files or folders; ``training.checkpoint`` decides where the pieces go.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_TAG = "__type__"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+class _Encoder:
+    """Turns a nested state into a JSON-safe skeleton, collecting tensors (contiguous, unshared) under path keys."""
+
+    def __init__(self, what: str, allow_tensors: bool = True) -> None:
+        self.what = what
+        self.allow_tensors = allow_tensors
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._storages: set[tuple[str, int]] = set()
+
+    def _tensor_key(self, path: tuple[Any, ...]) -> str:
+        base = "/".join(str(p) for p in path) or "tensor"
+        key, n = base, 1
+        while key in self.tensors:
+            key, n = f"{base}~{n}", n + 1
+        return key
+
+    def _store(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> str:
+        if not self.allow_tensors:
+            raise TypeError(
+                f"{self.what}{_where(path)} is an array; {self.what} must be JSON-like data, so put "
+                "tensors in the state dict of an object passed in `objects`"
+            )
+        if tensor.is_meta:
+            raise ValueError(f"{self.what}{_where(path)} is a meta tensor (no data); materialise the model first")
+        original = tensor.detach()
+        tensor = original.to("cpu") if original.device.type != "cpu" else original
+        storage = tensor.untyped_storage()
+        whole = storage.nbytes() == tensor.numel() * tensor.element_size()
+        storage_key = (str(original.device), original.untyped_storage().data_ptr())
+        # safetensors refuses tensors that share memory and writes only contiguous ones: copy where needed.
+        if tensor is original and (storage_key in self._storages or not whole or not tensor.is_contiguous()):
+            tensor = tensor.contiguous().clone()
+        elif not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        if original.numel() > 0:
+            self._storages.add(storage_key)
+        key = self._tensor_key(path)
+        self.tensors[key] = tensor
+        return key
+
+    def encode(self, value: Any, path: tuple[Any, ...] = ()) -> Any:
+        """The JSON-safe skeleton of ``value``."""
+        if value is None or type(value) in (bool, int, str):
+            return value
+        if type(value) is float:
+            return value if math.isfinite(value) else {_TAG: "float", "value": repr(value)}
+        if isinstance(value, torch.Tensor):
+            return {_TAG: "tensor", "key": self._store(value, path)}
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject or value.dtype.fields is not None:
+                raise TypeError(
+                    f"{self.what}{_where(path)} is a numpy array of dtype {value.dtype}; only plain "
+                    "numeric arrays can be checkpointed"
+                )
+            raw = torch.from_numpy(np.ascontiguousarray(value).reshape(-1).view(np.uint8).copy())
+            key = self._store(raw, path)
+            return {_TAG: "ndarray", "key": key, "dtype": value.dtype.str, "shape": list(value.shape)}
+        if isinstance(value, np.generic):
+            return {_TAG: "npscalar", "dtype": value.dtype.str, "value": self.encode(value.item(), path)}
+        if isinstance(value, torch.dtype):
+            return {_TAG: "dtype", "name": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.Size):
+            return {_TAG: "size", "dims": list(value)}
+        if isinstance(value, torch.device):
+            return {_TAG: "device", "name": str(value)}
+        if type(value) is bytes:
+            return {_TAG: "bytes", "base64": base64.b64encode(value).decode("ascii")}
+        if type(value) is tuple:
+            return {_TAG: "tuple", "items": [self.encode(v, (*path, i)) for i, v in enumerate(value)]}
+        if type(value) is list:
+            return [self.encode(v, (*path, i)) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if all(type(k) is str for k in value) and _TAG not in value:
+                return {k: self.encode(v, (*path, k)) for k, v in value.items()}
+            return {
+                _TAG: "dict",
+                "items": [[self._encode_key(k, path), self.encode(v, (*path, k))] for k, v in value.items()],
+            }
+        raise TypeError(
+            f"{self.what}{_where(path)} has type {type(value).__module__}.{type(value).__qualname__}, which a "
+            "checkpoint cannot store without pickle; use tensors, numbers, strings, None, lists, tuples, dicts, "
+            "numpy arrays, torch.dtype or torch.Size (convert it in the object's state_dict/load_state_dict)"
+        )
+
+    def _encode_key(self, key: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(key, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"{self.what}{_where(path)} has a tensor as a dict key; use a number or string key")
+        return self.encode(key, (*path, "<key>"))
+
+
+def _where(path: tuple[Any, ...]) -> str:
+    return "".join(f"[{p!r}]" for p in path)
+
+
+def encode_state(state: Any, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON-safe document and the tensors that together store ``state``; :func:`decode_state` inverts it.
+
+    Args:
+        state: a state dict, or any nesting of dicts, lists and tuples of the supported values.
+        what: the name used for ``state`` in error messages (``"optimizer"``), followed by the offending value's path.
+
+    Returns:
+        ``(doc, tensors)``: ``doc["state"]`` is the skeleton with a placeholder for each tensor, plus
+        ``doc["module_metadata"]`` where ``state`` carries an ``nn.Module`` state dict's ``_metadata`` (per-submodule
+        versions); ``tensors`` maps each placeholder's key to a contiguous CPU tensor that shares memory with no
+        other one, ready for ``safetensors.torch.save_file``.
+
+    Raises:
+        TypeError: for a value with no safe encoding (a set, an arbitrary object, a tensor as a dict key, ...).
+        ValueError: for a meta tensor, which has no data to store.
+    """
+    encoder = _Encoder(what)
+    doc: dict[str, Any] = {"state": encoder.encode(state)}
+    metadata = getattr(state, "_metadata", None)
+    if isinstance(metadata, dict):
+        doc["module_metadata"] = encode_plain(dict(metadata), f"{what}._metadata")
+    return doc, encoder.tensors
+
+
+def decode_state(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], what: str) -> Any:
+    """Rebuild the state that :func:`encode_state` turned into ``doc`` and ``tensors`` (same types, same bits).
+
+    An ``nn.Module`` state dict comes back as an ``OrderedDict`` with its ``_metadata``. Raises ``ValueError``, naming
+    ``what``, for a placeholder whose tensor is missing or a tag this version of the code does not know.
+    """
+    state = _decode(doc["state"], tensors, what)
+    if "module_metadata" in doc and isinstance(state, dict):
+        state = OrderedDict(state)
+        state._metadata = decode_plain(doc["module_metadata"], what)  # type: ignore[attr-defined]
+    return state
+
+
+def encode_plain(value: Any, what: str) -> Any:
+    """The JSON-safe skeleton of JSON-like data (``meta``): like :func:`encode_state`, but tensors are refused."""
+    return _Encoder(what, allow_tensors=False).encode(value)
+
+
+def decode_plain(value: Any, what: str) -> Any:
+    """Rebuild the data that :func:`encode_plain` encoded."""
+    return _decode(value, {}, what)
+
+
+def _decode(value: Any, tensors: Mapping[str, torch.Tensor], what: str) -> Any:
+    """Rebuild the value encoded by :class:`_Encoder` from its skeleton and tensors."""
+    if isinstance(value, list):
+        return [_decode(v, tensors, what) for v in value]
+    if not isinstance(value, dict):
+        return value
+    tag = value.get(_TAG)
+    if tag is None:
+        return {k: _decode(v, tensors, what) for k, v in value.items()}
+    if tag in ("tensor", "ndarray"):
+        if value["key"] not in tensors:
+            raise ValueError(
+                f"{what}: tensor {value['key']!r} is listed in the JSON but missing from the safetensors "
+                "file; the checkpoint is damaged, resume from another one"
+            )
+        tensor = tensors[value["key"]]
+        if tag == "tensor":
+            return tensor
+        raw = tensor.cpu().numpy().tobytes()
+        return np.frombuffer(raw, dtype=np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+    if tag == "float":
+        return float(value["value"])
+    if tag == "tuple":
+        return tuple(_decode(v, tensors, what) for v in value["items"])
+    if tag == "dict":
+        return {_decode(k, tensors, what): _decode(v, tensors, what) for k, v in value["items"]}
+    if tag == "npscalar":
+        return np.dtype(value["dtype"]).type(_decode(value["value"], tensors, what))
+    if tag == "dtype":
+        dtype = getattr(torch, value["name"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{what}: unknown torch dtype {value['name']!r}; this torch version cannot load it")
+        return dtype
+    if tag == "size":
+        return torch.Size(value["dims"])
+    if tag == "device":
+        return torch.device(value["name"])
+    if tag == "bytes":
+        return base64.b64decode(value["base64"])
+    raise ValueError(f"{what}: unknown value type {tag!r} in the JSON; it was written by a newer version of the code")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RNG
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
+    """This process's random state: torch CPU (+ CUDA once initialised), numpy, Python ``random``, ``generators``.
+
+    The result is a state dict that :func:`encode_state` stores and :func:`restore_rng_state` puts back.
+    """
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generators": {name: gen.get_state() for name, gen in generators.items()},
+        "generator_devices": {name: str(gen.device) for name, gen in generators.items()},
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator], source: str) -> None:
+    """Put back the random state taken by :func:`capture_rng_state`, so that random streams continue identically.
+
+    Args:
+        state: the captured state (after an encode/decode round trip).
+        generators: the generators to restore, by the names they were captured under; every one must be in
+            ``state`` (extra ones there are logged and left alone).
+        source: where ``state`` comes from, for messages (``"checkpoint runs/x/step-000300"``).
+
+    CUDA states are restored only when as many CUDA devices are visible as when captured; otherwise a warning says
+    that CUDA random streams will differ.
+    """
+    saved = state["generators"]
+    missing = sorted(set(generators) - set(saved))
+    if missing:
+        raise ValueError(
+            f"{source} has no state for generator(s) {missing}; it has {sorted(saved)}. "
+            "Pass the generator names used when it was saved"
+        )
+    extra = sorted(set(saved) - set(generators))
+    if extra:
+        logger.warning("%s has generator state(s) %s that were not passed; they are not restored", source, extra)
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    cuda = state["cuda"]
+    if cuda is not None:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            logger.warning(
+                "%s holds CUDA RNG states for %d device(s) but %d are visible: CUDA random streams will differ "
+                "from an uninterrupted run",
+                source,
+                len(cuda),
+                torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            )
+    for name, gen in generators.items():
+        try:
+            gen.set_state(saved[name].cpu())
+        except RuntimeError as exc:
+            raise ValueError(
+                f"cannot restore generator {name!r} (a {gen.device} generator) from the state saved "
+                f"for a {state['generator_devices'].get(name)} generator in {source}: {exc}"
+            ) from exc
