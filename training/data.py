@@ -204,11 +204,19 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
             self.bucket_of_index, batch_size, self.seed, drop_last, shuffle, shared_epoch=self._epoch
         )
 
+    def _draws(self, index: int) -> list[float]:
+        # Four draws, always, in this order, so changing crop or flip does not change which caption is picked.
+        return torch.rand(4, generator=make_generator(self.seed, self.epoch, index)).tolist()
+
+    def pick_caption(self, image: int, index: int) -> str:
+        """The caption of record ``image`` that sample ``index`` uses this epoch (one of a list, at random)."""
+        captions = self.records.records[image].captions
+        return captions[min(int(self._draws(index)[3] * len(captions)), len(captions) - 1)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        # Four draws, always, in this order, so changing crop or flip does not change which caption is picked.
-        crop_x, crop_y, flip, pick = torch.rand(4, generator=make_generator(self.seed, self.epoch, index)).tolist()
+        crop_x, crop_y, flip, _ = self._draws(index)
         members = self._members[self.bucket_of_index[index]]
         start = self._position[index]
         for step in range(len(members)):
@@ -231,10 +239,9 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
             if self.flip and flip < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-            captions = self.records.records[candidate].captions
             return {
                 "pixel_values": pixels.float() / 127.5 - 1.0,
-                "caption": captions[min(int(pick * len(captions)), len(captions) - 1)],
+                "caption": self.pick_caption(candidate, index),
                 "index": candidate,
                 "replaced": candidate != index,
             }

@@ -17,12 +17,13 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -31,9 +32,11 @@ from tqdm.auto import tqdm
 
 from ldm.text import encode_prompts
 from pipelines import LatentDiffusionPipeline
+from training.cache import CachedLatentDataset, build_cache, cache_fingerprint, cache_is_current, collate_cached
 from training.checkpoint import StopSignal, load_checkpoint, resolve_resume, save_checkpoint
 from training.config import ConfigError, help_field, parse_config, to_dict
 from training.data import BucketBatchSampler, ImageCaptionDataset, collate, load_image_caption_records
+from training.launch import make_accelerator
 from training.models import LoraState, add_lora, load_training_models, reload_frozen, save_lora
 from training.objective import ObjectiveConfig, diffusion_training_loss, drop_captions
 from training.validation import loss_curve_png, sample_grid, write_model_card
@@ -63,6 +66,8 @@ class TrainConfig:
     flip: bool = help_field(False, "random horizontal flips (off: they break captions such as 'on the left')")
     bucketing: bool = help_field(False, "aspect-ratio buckets for images of mixed sizes")
     dataloader_workers: int = help_field(0, "data loading processes")
+    cache: bool = help_field(False, "encode images and captions once with the frozen VAE and text encoder")
+    cache_dir: str | None = help_field(None, "where the cache goes (default: OUTPUT_DIR/cache)")
     # objective
     prediction_type: Literal["epsilon", "v_prediction"] | None = help_field(None, "default: the model's")
     snr_gamma: float | None = help_field(None, "min-SNR-gamma loss weighting (5 is usual); default: L_simple")
@@ -126,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"lora_rank must be >= 1; got {self.lora_rank}")
         if self.lora_rank is not None and self.ema_decay is not None:
             raise ConfigError("ema_decay is for full fine-tuning; drop it with --lora-rank")
+        if self.cache and (self.crop != "center" or self.flip):
+            raise ConfigError("cache needs the same pixels every epoch: use --crop center without --flip")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"checkpoints_total_limit must be >= 1; got {self.checkpoints_total_limit}")
 
@@ -152,7 +159,7 @@ def train(config: TrainConfig) -> Path:
     """Run (or resume) the training described by ``config``; returns the folder of the final model."""
     # ---------------------------------------------------------------------------------------------------- set-up
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -172,11 +179,6 @@ def train(config: TrainConfig) -> Path:
     )
     dataset = ImageCaptionDataset(records, resolution=config.resolution, crop=config.crop, flip=config.flip,
                                   bucketing=config.bucketing, seed=config.seed)  # fmt: skip
-    # With several processes accelerate drops a group of batches whose last one is short: keep batches full.
-    batch_sampler = BucketBatchSampler(dataset.bucket_of_index, config.train_batch_size, seed=config.seed,
-                                       drop_last=accelerator.num_processes > 1)  # fmt: skip
-    dataloader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
-                            num_workers=config.dataloader_workers)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------- models
     models = load_training_models(
@@ -195,6 +197,22 @@ def train(config: TrainConfig) -> Path:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    if config.cache:
+        # The main process encodes the dataset once; the others wait, then read the same cache.
+        cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
+        with accelerator.main_process_first():
+            if not cache_is_current(cache_dir, cache_fingerprint(dataset, vae, text_encoder)):
+                build_cache(dataset, vae, text_encoder, tokenizer, cache_dir, batch_size=config.train_batch_size)
+        dataset = CachedLatentDataset(dataset, cache_dir)
+        embed = dataset.embeddings
+    else:
+        embed = partial(encode_prompts, text_encoder, tokenizer, device=accelerator.device)
+    # With several processes accelerate drops a group of batches whose last one is short: keep batches full.
+    batch_sampler = BucketBatchSampler(dataset.bucket_of_index, config.train_batch_size, seed=config.seed,
+                                       drop_last=accelerator.num_processes > 1)  # fmt: skip
+    dataloader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=config.dataloader_workers,
+                            collate_fn=collate_cached if config.cache else collate)  # fmt: skip
+
     ema = None
     if config.ema_decay is not None:
         ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
@@ -255,8 +273,7 @@ def train(config: TrainConfig) -> Path:
             skip = 0
             for batch in loader:
                 with accelerator.accumulate(unet):
-                    loss = _batch_loss(batch, unet, vae, text_encoder, tokenizer, alphas_cumprod, objective,
-                                       generator, weight_dtype, accelerator.device)  # fmt: skip
+                    loss = _batch_loss(batch, unet, vae, embed, alphas_cumprod, objective, generator, weight_dtype)
                     finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
                     if finite:
                         accelerator.backward(loss)
@@ -347,17 +364,20 @@ def train(config: TrainConfig) -> Path:
     return final_dir
 
 
-def _batch_loss(batch, unet, vae, text_encoder, tokenizer, alphas_cumprod, objective, generator, weight_dtype,
-                device) -> torch.Tensor:  # fmt: skip
-    """Encode the batch with the frozen VAE and text encoder, then the diffusion loss of the U-Net."""
+def _batch_loss(batch, unet, vae, embed, alphas_cumprod, objective, generator, weight_dtype) -> torch.Tensor:
+    """Latents from the frozen VAE (or the cache), text embeddings, then the diffusion loss of the U-Net."""
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
-        posterior = vae.encode(pixels).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
-        latents = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
-        captions = drop_captions(batch["captions"], objective.caption_dropout, generator)
-        embeds = encode_prompts(text_encoder, tokenizer, captions, device=device, dtype=weight_dtype)
-    return diffusion_training_loss(unet, latents.float(), embeds, alphas_cumprod, objective, generator)
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            pixels = batch["pixel_values"].to(vae.device, dtype=weight_dtype)
+            posterior = vae.encode(pixels).latent_dist
+            mean, std = posterior.mean, posterior.std
+        noise = torch.randn(mean.shape, generator=generator)
+        latents = (mean.float() + std.float() * noise.to(mean.device)) * vae.config.scaling_factor
+        embeds = embed(drop_captions(batch["captions"], objective.caption_dropout, generator))
+        embeds = embeds.to(latents.device, weight_dtype)
+    return diffusion_training_loss(unet, latents, embeds, alphas_cumprod, objective, generator)
 
 
 def _pipeline(unet, models) -> LatentDiffusionPipeline:
@@ -397,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, prog="python -m training.train_text_to_image",
                           description=__doc__.split("\n\n")[0])  # fmt: skip
     try:
-        print(train(config))
+        final = train(config)
+        if PartialState().is_main_process:
+            print(final)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
