@@ -1,7 +1,8 @@
 """Named model sizes: typed configs that build a U-Net, VAE, text encoder, tokenizer and scheduler.
 
-``tiny`` is for tests (a pipeline that runs a 64x64 generation in well under a second on a CPU); ``sd15`` is the exact
-Stable Diffusion 1.5 architecture (random weights), for training from scratch and GPU benchmarks. Presets are data:
+``tiny`` is for tests (a pipeline that runs a 64x64 generation in well under a second on a CPU); ``small`` is a
+CPU-trainable model of 64x64 images with 16x16 latents (a VAE factor of 4, so corners survive); ``sd15`` is the
+exact Stable Diffusion 1.5 architecture (random weights), for training from scratch and GPU benchmarks. Presets are data:
 add one by adding an entry to :data:`PRESETS`.
 """
 
@@ -111,6 +112,22 @@ PRESETS: dict[str, ModelPreset] = {
         vae=VAEConfig(block_out_channels=(8, 16, 32, 32), sample_size=64, layers_per_block=1, norm_num_groups=8),
         text_encoder=TextEncoderConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
+        ),
+    ),
+    "small": ModelPreset(
+        name="small",
+        unet=UNetConfig(
+            sample_size=16,
+            block_out_channels=(32, 64, 128),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=2,
+            attention_head_dim=4,
+            cross_attention_dim=256,
+        ),
+        vae=VAEConfig(block_out_channels=(32, 64, 64), sample_size=64, layers_per_block=1),
+        text_encoder=TextEncoderConfig(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256
         ),
     ),
     "sd15": ModelPreset(

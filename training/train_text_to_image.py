@@ -11,6 +11,7 @@ exiting, and a NaN loss skips the step instead of poisoning the weights.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -257,6 +258,7 @@ def train(config: TrainConfig) -> Path:
     logger.info("%s; %d batches an epoch, %d epochs, %d steps", dataset.summary(), batches_per_epoch, num_epochs,
                 config.max_train_steps)  # fmt: skip
 
+    first_step, loop_started = global_step, time.perf_counter()
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_main_process)  # fmt: skip
     losses: list[tuple[int, float]] = []
@@ -332,6 +334,7 @@ def train(config: TrainConfig) -> Path:
                     break
             epoch += 1
     progress.close()
+    _write_run_stats(output_dir, accelerator, first_step, global_step, time.perf_counter() - loop_started, config)
     if stopping and global_step < config.max_train_steps:
         logger.info("stopped by signal at step %d; resume with --resume latest", global_step)
         accelerator.end_training()
@@ -378,6 +381,26 @@ def _batch_loss(batch, unet, vae, embed, alphas_cumprod, objective, generator, w
         embeds = embed(drop_captions(batch["captions"], objective.caption_dropout, generator))
         embeds = embeds.to(latents.device, weight_dtype)
     return diffusion_training_loss(unet, latents, embeds, alphas_cumprod, objective, generator)
+
+
+def _write_run_stats(output_dir, accelerator, first_step, last_step, seconds, config) -> None:
+    """``run_stats.json``: the steps this invocation trained and its step rate (data + model, no set-up)."""
+    if not accelerator.is_main_process:
+        return
+    steps = last_step - first_step
+    images = steps * config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    stats = {
+        "first_step": first_step,
+        "last_step": last_step,
+        "loop_seconds": round(seconds, 3),
+        "steps_per_second": round(steps / seconds, 3) if steps else None,
+        "images_per_second": round(images / seconds, 2) if steps else None,
+        "processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "cache": config.cache,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "run_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
 def _pipeline(unet, models) -> LatentDiffusionPipeline:

@@ -45,3 +45,13 @@ def test_tiny_preset_is_small_and_consistent():
 def test_unknown_preset_lists_the_names():
     with pytest.raises(ValueError, match=r"unknown model preset 'huge'.*'sd15'.*'tiny'"):
         get_preset("huge")
+
+
+def test_small_preset_keeps_16x16_latents_of_64px_images():
+    preset = get_preset("small")
+    components = build_components(preset)
+    assert preset.vae_scale_factor == 4 and preset.image_size == 64
+    assert components["unet"].config.cross_attention_dim == components["text_encoder"].config.hidden_size
+    with torch.no_grad():
+        latents = components["vae"].encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (1, 4, 16, 16)
