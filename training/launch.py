@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 
 def launched_processes() -> int:
@@ -23,6 +24,10 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
     """An ``Accelerator`` that joins the launcher's process group, on CUDA or (gloo) on the CPU."""
     if launched_processes() > 1 and not torch.cuda.is_available():
         kwargs.setdefault("cpu", True)
+    if launched_processes() == 1:
+        # accelerate keeps one global state per process; a second run in the same process (a notebook, tests) may
+        # ask for another precision, so start from a clean state. Multi-process runs keep their process group.
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(**kwargs)
     if accelerator.num_processes != launched_processes():
         raise RuntimeError(

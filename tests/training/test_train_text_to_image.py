@@ -258,3 +258,44 @@ def test_two_process_run_and_its_exact_resume(tiny_sd_dir, shapes_dir, tmp_path)
     assert_same_weights(
         unet_weights(tmp_path / "straight" / "pipeline"), unet_weights(tmp_path / "resumed" / "pipeline")
     )
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_sd_dir, shapes_dir, tmp_path):
+    plain = train(config(tiny_sd_dir, shapes_dir, tmp_path / "plain", max_train_steps=2))
+    recomputed = train(config(tiny_sd_dir, shapes_dir, tmp_path / "gc", max_train_steps=2,
+                              gradient_checkpointing=True))  # fmt: skip
+    a, b = unet_weights(plain), unet_weights(recomputed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_resumes_exactly(tiny_sd_dir, shapes_dir, tmp_path):
+    settings = {"train_batch_size": 2, "gradient_accumulation_steps": 2, "checkpointing_steps": 2}
+    straight = train(config(tiny_sd_dir, shapes_dir, tmp_path / "straight", max_train_steps=5, **settings))
+    train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", max_train_steps=3, **settings))
+    resumed = train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", max_train_steps=5, resume="latest",
+                           **settings))  # fmt: skip
+    assert_same_weights(unet_weights(straight), unet_weights(resumed))
+
+
+def test_bf16_mixed_precision_saves_a_full_precision_model(tiny_sd_dir, shapes_dir, tmp_path):
+    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=2, mixed_precision="bf16",
+                         validation_prompts=["a red circle"], validation_steps=2,
+                         validation_inference_steps=2))  # fmt: skip
+    for part in ("unet", "vae"):
+        weights = load_file(final / part / "diffusion_pytorch_model.safetensors")
+        assert {w.dtype for w in weights.values()} == {torch.float32}
+    # the frozen VAE is saved as it was loaded, not as its bf16 training copy
+    original = load_file(Path(tiny_sd_dir) / "vae" / "diffusion_pytorch_model.safetensors")
+    assert_same_weights(original, load_file(final / "vae" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_8bit_adam_runs_or_names_the_missing_package(tiny_sd_dir, shapes_dir, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+            train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=1, use_8bit_adam=True))
+    else:
+        final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=2, use_8bit_adam=True))
+        assert (final / "unet").is_dir()
