@@ -48,7 +48,7 @@ def _subfolder(path: str, name: str) -> dict[str, Any]:
     return {"pretrained_model_name_or_path": path, "subfolder": name}
 
 
-def _load(cls: Any, path: str, name: str) -> Any:
+def load_component(cls: Any, path: str, name: str) -> Any:
     try:
         return cls.from_pretrained(**_subfolder(path, name))
     except (OSError, ValueError) as err:
@@ -79,12 +79,12 @@ def load_training_models(
         raise ValueError("training from a preset needs --vae and --text-encoder folders (they stay frozen)")
 
     vae_source, text_source = vae or pretrained_model, text_encoder or pretrained_model
-    vae_model = _load(AutoencoderKL, vae_source, "vae")
-    text_model = _load(CLIPTextModel, text_source, "text_encoder")
-    tokenizer = _load(CLIPTokenizer, text_source, "tokenizer")
+    vae_model = load_component(AutoencoderKL, vae_source, "vae")
+    text_model = load_component(CLIPTextModel, text_source, "text_encoder")
+    tokenizer = load_component(CLIPTokenizer, text_source, "tokenizer")
     if pretrained_model is not None:
-        unet = _load(UNet2DConditionModel, pretrained_model, "unet")
-        base_config = dict(_load(DDPMScheduler, pretrained_model, "scheduler").config)
+        unet = load_component(UNet2DConditionModel, pretrained_model, "unet")
+        base_config = dict(load_component(DDPMScheduler, pretrained_model, "scheduler").config)
         sampler_cls = _sampler_class(pretrained_model)
     else:
         spec = get_preset(preset)
@@ -113,8 +113,8 @@ def load_training_models(
 
 def reload_frozen(models: TrainingModels) -> TrainingModels:
     """The same models with the VAE and text encoder loaded afresh (full precision) from their sources."""
-    vae = _load(AutoencoderKL, models.vae_source, "vae")
-    text_encoder = _load(CLIPTextModel, models.text_encoder_source, "text_encoder")
+    vae = load_component(AutoencoderKL, models.vae_source, "vae")
+    text_encoder = load_component(CLIPTextModel, models.text_encoder_source, "text_encoder")
     return dataclasses.replace(models, vae=vae, text_encoder=text_encoder)
 
 

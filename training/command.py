@@ -1,0 +1,255 @@
+"""What the training commands built on :mod:`training.loop` share besides the loop: their common settings
+(:class:`LoopConfig`), the set-up (accelerator, data with a held-out part, LR schedule), ``metrics.json`` and ``main``.
+
+A command's config extends :class:`LoopConfig` with its model and objective settings (and may redeclare a field to
+change its default); its ``train(config)`` reads top to bottom: set-up, data, model, optimizer, the loop, the final
+model; its ``main`` is :func:`run_command`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+
+from training import launch
+from training.buckets import make_generator
+from training.config import ConfigError, help_field, parse_config, to_dict
+from training.data import (
+    BucketBatchSampler,
+    ImageCaptionDataset,
+    ImageCaptionRecords,
+    collate,
+    load_image_caption_records,
+)
+
+logger = logging.getLogger("training")
+
+T = TypeVar("T")
+
+# diffusers' get_scheduler names
+LR_SCHEDULES = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
+@dataclass
+class LoopConfig:
+    """Data, optimisation, checkpoint, held-out evaluation and log settings shared by the training commands (a
+    command's config extends it and may redeclare a field to change its default)."""
+
+    # data
+    dataset: str = help_field(
+        "", "image folder (metadata.jsonl or .txt captions), save_to_disk folder, parquet or Hub id"
+    )
+    image_column: str | None = help_field(None, "dataset column with the images (default: guessed)")
+    caption_column: str | None = help_field(None, "dataset column with the captions (default: guessed)")
+    dataloader_workers: int = help_field(0, "data loading processes")
+    # optimisation
+    learning_rate: float = help_field(1e-4, "peak learning rate")
+    lr_scheduler: LR_SCHEDULES = help_field("constant_with_warmup", "learning-rate schedule")
+    lr_warmup_steps: int = help_field(100, "linear warm-up steps")
+    adam_beta1: float = help_field(0.9, "AdamW beta1")
+    adam_beta2: float = help_field(0.999, "AdamW beta2")
+    adam_weight_decay: float = help_field(1e-2, "AdamW weight decay")
+    adam_epsilon: float = help_field(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = help_field(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes)")
+    max_grad_norm: float = help_field(1.0, "gradient clipping norm")
+    train_batch_size: int = help_field(16, "images per process per step")
+    gradient_accumulation_steps: int = help_field(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = help_field(False, "recompute activations in the backward pass (less memory)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = help_field("no", "autocast precision (fp16 needs CUDA)")
+    max_train_steps: int = help_field(1000, "optimizer steps in all")
+    seed: int = help_field(0, "seed of the initialisation, data order and every random draw")
+    # checkpoints
+    output_dir: str = help_field("runs/train", "where checkpoints, metrics, logs and the model go")
+    checkpointing_steps: int = help_field(500, "write a checkpoint every N steps")
+    checkpoints_total_limit: int | None = help_field(None, "keep only the newest N checkpoints")
+    resume: str | None = help_field(None, "'latest' or a checkpoint folder to continue from")
+    max_nan_steps: int = help_field(5, "stop after this many non-finite losses in a row")
+    # held-out evaluation and logs
+    validation_dataset: str | None = help_field(None, "held-out image-caption data to evaluate on")
+    validation_split: float = help_field(0.0, "or hold out this fraction of --dataset (a fixed, seeded choice)")
+    validation_steps: int = help_field(500, "evaluate on the held-out data every N steps")
+    max_validation_images: int = help_field(256, "evaluate on at most the first N held-out images")
+    log_steps: int = help_field(10, "log loss, lr, grad norm and step rate every N steps")
+    report_to: Literal["tensorboard", "none"] = help_field("tensorboard", "experiment tracker")
+
+    def validate(self) -> None:
+        """Checks of the shared settings, each naming the fix; a command's ``validate`` calls this first."""
+        if not self.dataset:
+            raise ConfigError("dataset is required: an image folder, save_to_disk folder, parquet file or Hub id")
+        positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                    "validation_steps", "max_validation_images", "log_steps", "max_nan_steps")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.dataloader_workers < 0:
+            raise ConfigError(f"dataloader_workers must be >= 0; got {self.dataloader_workers}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(f"checkpoints_total_limit must be >= 1; got {self.checkpoints_total_limit}")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"validation_split must be in [0, 1) (0: no split); got {self.validation_split}")
+        if self.validation_split and self.validation_dataset:
+            raise ConfigError("pass one of --validation-dataset and --validation-split, not both")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Set-up and data
+
+
+def make_accelerator(config: LoopConfig, project: str) -> Accelerator:
+    """The run's ``Accelerator`` with its tracker started as ``project`` (logs under ``output_dir/logs``), and
+    logging set up: INFO on the main process, warnings on the others."""
+    output_dir = Path(config.output_dir)
+    accelerator = launch.make_accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers(project, config={k: str(v) for k, v in to_dict(config).items()})
+    return accelerator
+
+
+def load_records(config: LoopConfig) -> tuple[ImageCaptionRecords, ImageCaptionRecords | None]:
+    """``(train, held_out)`` records: ``dataset`` and ``validation_dataset``, or ``dataset`` split by
+    ``validation_split`` (:func:`split_validation`); ``held_out`` is None when neither is given."""
+    columns = {"image_column": config.image_column, "caption_column": config.caption_column}
+    records = load_image_caption_records(config.dataset, **columns)
+    if config.validation_split:
+        return split_validation(records, config.validation_split, config.seed)
+    if config.validation_dataset:
+        return records, load_image_caption_records(config.validation_dataset, **columns)
+    logger.info("no held-out images: pass --validation-dataset or --validation-split to evaluate during training")
+    return records, None
+
+
+def split_validation(
+    records: ImageCaptionRecords, fraction: float, seed: int
+) -> tuple[ImageCaptionRecords, ImageCaptionRecords]:
+    """``(train, held_out)``: ``round(fraction * n)`` records (at least one) chosen by a permutation seeded by
+    ``seed``, in their original order; the same records and seed always give the same split."""
+    n = len(records)
+    count = max(1, round(fraction * n))
+    if count >= n:
+        raise ConfigError(
+            f"validation_split={fraction} holds out {count} of {n} images and leaves none to train on; lower it or "
+            "pass --validation-dataset"
+        )
+    held = set(torch.randperm(n, generator=make_generator(seed, "validation-split"))[:count].tolist())
+    train = [r for i, r in enumerate(records.records) if i not in held]
+    held_out = [r for i, r in enumerate(records.records) if i in held]
+    return dataclasses.replace(records, records=train), dataclasses.replace(records, records=held_out)
+
+
+def make_train_dataloader(
+    dataset: Any, config: LoopConfig, accelerator: Accelerator, collate_fn: Callable = collate
+) -> tuple[DataLoader, BucketBatchSampler]:
+    """Batches of one bucket each, reshuffled per epoch from ``config.seed``; full batches with several processes
+    (accelerate drops a group of batches whose last one is short)."""
+    batch_sampler = BucketBatchSampler(dataset.bucket_of_index, config.train_batch_size, seed=config.seed,
+                                       drop_last=accelerator.num_processes > 1)  # fmt: skip
+    dataloader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                            num_workers=config.dataloader_workers)  # fmt: skip
+    return dataloader, batch_sampler
+
+
+def make_optimizer(params: Any, config: LoopConfig) -> torch.optim.Optimizer:
+    """AdamW over ``params`` (parameters or parameter groups), or bitsandbytes' 8-bit AdamW when asked (an error
+    names the fix when it is not installed)."""
+    optimizer_cls = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes, or drop the flag") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    return optimizer_cls(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig, accelerator: Accelerator) -> Any:
+    """diffusers' ``get_scheduler(config.lr_scheduler)`` with the warm-up and length in optimizer steps (accelerate's
+    prepared scheduler steps once per process, hence the factor)."""
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+
+
+def evaluation_batches(dataset: ImageCaptionDataset, batch_size: int, limit: int) -> Iterator[dict[str, Any]]:
+    """The first ``limit`` samples of ``dataset`` in order (epoch 0), collated ``batch_size`` at a time."""
+    count = min(limit, len(dataset))
+    for start in range(0, count, batch_size):
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, count))])
+
+
+class MetricsFile:
+    """``metrics.json`` of a run: a ``history`` of evaluations (step and values) and summary fields, rewritten
+    atomically after each change. A resumed run keeps the history up to the step it resumed from."""
+
+    def __init__(self, path: str | Path, resumed_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"history": []}
+        if resumed_step is not None and self.path.is_file():
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+            self.data["history"] = [entry for entry in old.get("history", []) if entry["step"] <= resumed_step]
+
+    def add(self, step: int, values: Mapping[str, float]) -> None:
+        """Append one evaluation and write the file."""
+        self.data["history"].append({"step": step, **values})
+        self.write()
+
+    def update(self, **fields: Any) -> None:
+        """Set summary fields and write the file."""
+        self.data.update(fields)
+        self.write()
+
+    def write(self) -> Path:
+        """Write the file (a temporary sibling renamed into place) and return its path."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+        return self.path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_command(config_cls: type[T], train: Callable[[T], Path], argv: list[str] | None, *, prog: str,
+                description: str) -> int:  # fmt: skip
+    """A training command's ``main``: parse the config (flags and/or ``--config FILE``), train, print the folder
+    written, and turn bad input (``ConfigError``, ``ValueError``) into a one-line ``error:`` and exit status 2."""
+    config = parse_config(config_cls, argv, prog=prog, description=description)
+    try:
+        folder = train(config)
+        if PartialState().is_main_process:  # under torchrun every process returns; one line is printed
+            print(folder)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the library wrote
+        return 2
+    return 0

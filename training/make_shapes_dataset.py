@@ -1,0 +1,191 @@
+"""Write the synthetic "shapes" dataset (:mod:`training.shapes`) as an image folder for training and evaluation.
+
+::
+
+    python -m training.make_shapes_dataset --out data/shapes-train --n 20000 --size 64 --seed 0
+    python -m training.make_shapes_dataset --out data/shapes-test --n 1000 --size 64 --seed 1 --split-name test
+
+The folder holds ``<split>-NNNNNN.png`` images and a ``metadata.jsonl`` (the ``datasets`` imagefolder layout that
+``training.train_text_to_image --dataset`` reads) whose rows carry ``file_name`` and ``text`` (the caption) plus the
+scene's full attributes for evaluation: ``colour``, ``shape``, ``position`` (whatever the caption says), the
+``caption_form``, ``rgb``, ``background``, ``centre``, ``size`` and ``split``.
+
+Sample ``i`` is drawn from its own generator seeded with ``(seed, i)``, so the same seed gives byte-identical PNGs
+and metadata, and the first ``k`` samples do not depend on ``--n``. A held-out split is written with a different
+seed (``--seed 1``) to a separate folder: its renders differ from training's, though with 90 attribute
+combinations it repeats the combinations themselves. A fraction ``--short-caption-fraction`` of the captions is in
+one of the partial forms (``a red circle``, ``a circle on the left``, ``a red shape on the left``), chosen uniformly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .shapes import CAPTION_FORMS, PARTIAL_FORMS, ShapeSpec, caption_of, render, sample_spec
+
+METADATA_FILE = "metadata.jsonl"
+MAX_SEED = 2**63 - 1
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def sample_row(seed: int, index: int, short_caption_fraction: float = 0.25) -> tuple[ShapeSpec, str]:
+    """The scene and caption form of sample ``index`` of the dataset drawn with ``seed``."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+    spec = sample_spec(rng)
+    form = str(rng.choice(PARTIAL_FORMS)) if rng.random() < short_caption_fraction else CAPTION_FORMS[0]
+    return spec, form
+
+
+def metadata_row(file_name: str, spec: ShapeSpec, form: str, split: str) -> dict[str, Any]:
+    """The ``metadata.jsonl`` row of one image: ``file_name``, ``text`` and the full attributes of ``spec``."""
+    return {
+        "file_name": file_name,
+        "text": caption_of(spec, form),
+        **spec.attributes(),
+        "caption_form": form,
+        "rgb": list(spec.rgb),
+        "background": list(spec.background),
+        "centre": [round(c, 6) for c in spec.centre],
+        "size": round(spec.size, 6),
+        "split": split,
+    }
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite``; with it, remove the PNGs and metadata a run writes."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} is not empty; pass an empty or new folder, or --overwrite to replace it")
+    # Only what this command writes goes, so a stale image of a larger run cannot end up in the new dataset.
+    for path in out.iterdir():
+        if path.is_file() and (path.suffix.lower() == ".png" or path.name == METADATA_FILE):
+            path.unlink()
+
+
+def make_dataset(
+    out: Path,
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    short_caption_fraction: float = 0.25,
+    split: str = "train",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``n`` rendered scenes of ``size`` px and their ``metadata.jsonl`` to ``out``; returns ``out``.
+
+    Raises ``ValueError`` for a non-empty ``out`` (unless ``overwrite``) or a bad argument.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1; got {n}")
+    if not 0.0 <= short_caption_fraction <= 1.0:
+        raise ValueError(f"short_caption_fraction must be in [0, 1]; got {short_caption_fraction}")
+    if not _SPLIT_NAME.fullmatch(split):
+        raise ValueError(f"split must be letters, digits or underscores (it prefixes file names); got {split!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63 - 1]; got {seed}")
+    _check_out(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(6, len(str(n - 1)))
+    rows = []
+    for index in tqdm(range(n), desc=f"shapes {split}", unit="img", disable=not progress):
+        spec, form = sample_row(seed, index, short_caption_fraction)
+        file_name = f"{split}-{index:0{width}d}.png"
+        render(spec, size).save(out / file_name, format="PNG")
+        rows.append(json.dumps(metadata_row(file_name, spec, form, split)))
+    # The metadata goes last and atomically: a folder with a metadata file is a complete dataset.
+    tmp = out / f".{METADATA_FILE}.tmp"
+    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    os.replace(tmp, out / METADATA_FILE)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``error: ...``) instead of the usage text and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _number(kind: Callable[[str], float], low: float, high: float) -> Callable[[str], Any]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} in [{low}, {high}]; got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]; got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m training.make_shapes_dataset``."""
+    parser = _Parser(
+        prog="python -m training.make_shapes_dataset",
+        description="Write the synthetic shapes dataset as an image folder with metadata.jsonl; prints the folder.",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the dataset folder (new or empty)")
+    parser.add_argument("--n", type=_number(int, 1, 10**8), required=True, help="number of images")
+    parser.add_argument("--size", type=_number(int, 8, 4096), default=64, help="image side in pixels (default 64)")
+    parser.add_argument(
+        "--seed",
+        type=_number(int, 0, MAX_SEED),
+        default=0,
+        help="0 for training (default); use another seed, e.g. 1, for a held-out split",
+    )
+    parser.add_argument(
+        "--short-caption-fraction",
+        type=_number(float, 0.0, 1.0),
+        default=0.25,
+        metavar="F",
+        help="fraction of partial captions: 'a red circle', 'a circle on the left', 'a red shape on the left' "
+        "(default 0.25)",
+    )
+    parser.add_argument("--split-name", default="train", help="recorded in each row and prefixes file names")
+    parser.add_argument("--overwrite", action="store_true", help="replace the PNGs and metadata of a non-empty --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status (2 for bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        out = make_dataset(
+            args.out,
+            args.n,
+            size=args.size,
+            seed=args.seed,
+            short_caption_fraction=args.short_caption_fraction,
+            split=args.split_name,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    print(out, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
