@@ -1,11 +1,14 @@
-"""Generation throughput and peak memory: LatentDiffusionPipeline vs stock StableDiffusionPipeline, side by side.
+"""Generation throughput and peak memory (ours vs stock diffusers, side by side), and the training step rate.
 
-Both pipelines share the same components (random weights of a named preset, or a model folder), scheduler, seeds
-and arguments, and run alternately in one process, so the ratio is not skewed by the machine's state. Prints a table
-and writes JSON. Example::
+Generation: LatentDiffusionPipeline and stock StableDiffusionPipeline share the same components (random weights of
+a named preset, or a model folder), scheduler, seeds and arguments, and run alternately in one process, so the ratio
+is not skewed by the machine's state; ``--memory`` applies one of the memory modes to both. Training
+(``--task train``): the U-Net step rate of ``training.train_text_to_image`` on a synthetic shapes dataset, with and
+without the latent cache. Prints a table and writes JSON. Examples::
 
     python -m eval.benchmark --preset tiny --steps 20 --size 64
-    python -m eval.benchmark --preset sd15 --device cuda --dtype float16 --steps 50 --size 512
+    python -m eval.benchmark --preset sd15 --device cuda --dtype float16 --steps 50 --size 512 --memory vae-tiling
+    python -m eval.benchmark --task train --preset small --train-steps 20 --batch-size 16
 """
 
 from __future__ import annotations
@@ -26,6 +29,23 @@ from pipelines import LatentDiffusionPipeline
 from pipelines.schedulers import make_scheduler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MEMORY_MODES = ("none", "attention-slicing", "vae-slicing", "vae-tiling", "cpu-offload")
+
+
+def apply_memory_mode(pipe, mode: str, device: torch.device) -> None:
+    """Switch on one memory-saving mode (the same diffusers switches exist on both pipelines)."""
+    if mode == "attention-slicing":
+        pipe.enable_attention_slicing()
+    elif mode == "vae-slicing":
+        pipe.vae.enable_slicing()
+    elif mode == "vae-tiling":
+        pipe.vae.enable_tiling()
+    elif mode == "cpu-offload":
+        if device.type != "cuda":
+            raise ValueError("--memory cpu-offload needs a CUDA device (it moves models between CPU and GPU)")
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode != "none":
+        raise ValueError(f"unknown memory mode {mode!r}; choose one of {MEMORY_MODES}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each pipeline (after one warm-up)")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default="none", help="memory-saving mode for both")
+    parser.add_argument("--task", choices=("generate", "train"), default="generate")
+    parser.add_argument("--train-steps", type=int, default=20, help="timed optimizer steps (--task train)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark.json"))
     return parser
 
@@ -76,10 +99,16 @@ def run(args: argparse.Namespace) -> dict:
     else:
         components = build_components(args.preset)
     components["scheduler"] = make_scheduler("ddim", components["scheduler"].config)
-    ours = LatentDiffusionPipeline(**components).to(device, dtype)
+    ours = LatentDiffusionPipeline(**components).to(dtype=dtype)
     stock = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False)  # fmt: skip
     ours.set_attention_backend(args.attention)  # shared modules: stock uses the same processors
+    if args.memory == "cpu-offload":  # each pipeline moves the shared modules itself
+        apply_memory_mode(ours, args.memory, device)
+        apply_memory_mode(stock, args.memory, device)
+    else:
+        ours.to(device)
+        apply_memory_mode(ours, args.memory, device)  # the switches live on the shared modules
     size = args.size or ours.default_size
     kwargs = {"prompt": ["a red circle on the left"] * args.batch_size, "num_inference_steps": args.steps,
               "guidance_scale": args.guidance_scale, "height": size, "width": size, "output_type": "np"}  # fmt: skip
@@ -95,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "source": args.model or f"preset:{args.preset}",
         "device": _device_name(device),
-        "dtype": args.dtype, "attention": args.attention, "size": size, "steps": args.steps,
+        "dtype": args.dtype, "attention": args.attention, "memory": args.memory, "size": size, "steps": args.steps,
         "batch_size": args.batch_size, "guidance_scale": args.guidance_scale, "repeats": args.repeats,
     }  # fmt: skip
     for name, values in timings.items():
@@ -108,6 +137,51 @@ def run(args: argparse.Namespace) -> dict:
         }
     result["speed_ratio_ours_over_stock"] = result["stock"]["seconds_per_call"] / result["ours"]["seconds_per_call"]
     return result
+
+
+def run_training(args: argparse.Namespace) -> dict:
+    """Train a preset's U-Net from scratch for ``--train-steps`` on 64 synthetic shape images, without and with the
+    latent cache; the step rates are the loops' own (set-up and cache building excluded)."""
+    import tempfile
+
+    from training.make_shapes_dataset import make_dataset
+    from training.train_text_to_image import TrainConfig, train
+
+    preset = PRESETS[args.preset]
+    size = args.size or preset.image_size
+    result = {"task": "train", "preset": args.preset, "size": size, "batch_size": args.batch_size,
+              "steps": args.train_steps, "device": _device_name(torch.device(args.device)), "runs": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = make_dataset(root / "data", 64, size=size, seed=0, progress=False)
+        parts = build_components(preset)
+        parts["vae"].save_pretrained(root / "frozen" / "vae")
+        parts["text_encoder"].save_pretrained(root / "frozen" / "text_encoder")
+        parts["tokenizer"].save_pretrained(root / "frozen" / "tokenizer")
+        for cache in (False, True):
+            out = root / f"run-cache-{cache}"
+            train(TrainConfig(preset=args.preset, vae=str(root / "frozen"), text_encoder=str(root / "frozen"),
+                              dataset=str(data), output_dir=str(out), resolution=size, cache=cache,
+                              train_batch_size=args.batch_size, max_train_steps=args.train_steps,
+                              checkpointing_steps=10**9, report_to="none", log_steps=10**9,
+                              mixed_precision="bf16" if args.dtype == "bfloat16" else "no"))  # fmt: skip
+            metrics = json.loads((out / "metrics.json").read_text())
+            rate = metrics["train_steps_per_s"]
+            result["runs"]["cached" if cache else "uncached"] = {
+                "steps_per_s": rate, "images_per_s": rate * args.batch_size,
+            }  # fmt: skip
+    result["cache_speedup"] = result["runs"]["cached"]["steps_per_s"] / result["runs"]["uncached"]["steps_per_s"]
+    return result
+
+
+def format_training_table(result: dict) -> str:
+    """The training benchmark as a text table."""
+    title = f"train {result['preset']} U-Net from scratch, {result['size']}px, batch {result['batch_size']}"
+    lines = [f"{title}, {result['steps']} steps on {result['device']}", f"{'latents':<10}{'steps/s':>10}{'img/s':>10}"]
+    for name, run_result in result["runs"].items():
+        lines.append(f"{name:<10}{run_result['steps_per_s']:>10.2f}{run_result['images_per_s']:>10.1f}")
+    lines.append(f"cache speed-up: {result['cache_speedup']:.2f}x")
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
@@ -128,11 +202,15 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table and write the JSON file."""
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.repeats < 1 or args.batch_size < 1:
-        print("error: --steps, --repeats and --batch-size must be >= 1", file=sys.stderr)
+    if min(args.steps, args.repeats, args.batch_size, args.train_steps) < 1:
+        print("error: --steps, --repeats, --batch-size and --train-steps must be >= 1", file=sys.stderr)
         return 2
-    result = run(args)
-    print(format_table(result))
+    try:
+        result = run(args) if args.task == "generate" else run_training(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result) if args.task == "generate" else format_training_table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(args.out)

@@ -2,8 +2,8 @@
 
 ``tiny`` is for tests (a pipeline that runs a 64x64 generation in well under a second on a CPU); ``small`` is a
 CPU-trainable model of 64x64 images with 16x16 latents (a VAE factor of 4, so corners survive); ``sd15`` is the
-exact Stable Diffusion 1.5 architecture (random weights), for training from scratch and GPU benchmarks. Presets are data:
-add one by adding an entry to :data:`PRESETS`.
+exact Stable Diffusion 1.5 architecture (random weights), for training from scratch and GPU benchmarks.
+Presets are data: add one by adding an entry to :data:`PRESETS`.
 """
 
 from __future__ import annotations

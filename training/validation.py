@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from pipelines import LatentDiffusionPipeline
+from training.plots import line_chart
 
 
 @torch.no_grad()
@@ -40,25 +42,12 @@ def sample_grid(
     return make_image_grid(images, rows=len(prompts), cols=images_per_prompt)
 
 
-def loss_curve_png(steps: list[int], losses: list[float], path: str | Path) -> Path:
-    """Plot the training loss (and a running mean) to a small PNG without matplotlib."""
-    width, height, margin = 480, 240, 24
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    if len(losses) >= 2:
-        values = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-12))
-        smooth = np.convolve(values, np.ones(min(20, len(values))) / min(20, len(values)), mode="valid")
-        lo, hi = float(values.min()), float(values.max()) if values.max() > values.min() else float(values.min()) + 1
-        for series, colour in ((values, (170, 190, 230)), (smooth, (20, 60, 160))):
-            xs = np.linspace(margin, width - margin, len(series)).astype(int)
-            ys = (height - margin - (series - lo) / (hi - lo) * (height - 2 * margin)).astype(int)
-            for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:]):
-                n = max(abs(x1 - x0), abs(y1 - y0), 1)
-                canvas[np.linspace(y0, y1, n + 1).astype(int), np.linspace(x0, x1, n + 1).astype(int)] = colour
-    canvas[height - margin, margin : width - margin] = 0
-    canvas[margin : height - margin, margin] = 0
-    path = Path(path)
-    PIL.Image.fromarray(canvas).save(path)
-    return path
+def loss_curve_png(steps: Sequence[int], losses: Sequence[float], path: str | Path) -> Path:
+    """The training loss per step and its running mean (over 20 steps) as a PNG, log scale."""
+    window = max(1, min(20, len(losses)))
+    smooth = np.convolve(np.asarray(losses, dtype=np.float64), np.ones(window) / window, mode="valid")
+    series = {"loss": (steps, losses), f"mean of {window}": (steps[window - 1 :], smooth)}
+    return line_chart(path, series, title="training loss", xlabel="step", ylabel="loss", logy=True, markers=False)
 
 
 def write_model_card(folder: str | Path, *, base_model: str, data: dict[str, Any], config: dict[str, Any],

@@ -1,0 +1,243 @@
+"""CLIP score of images against their prompts: ``100 * max(cos(image embedding, text embedding), 0)``, averaged.
+
+    python -m eval.clip_score --images outputs/ --model open_clip:ViT-B-32-quickgelu:/path/openai_vit_b32.bin
+    python -m eval.clip_score --images outputs/ --model clip:runs/clip/clip --out results/clip_score.json
+
+Hessel et al. 2021 ("CLIPScore") define ``CLIP-S = w * max(cos(c, v), 0)`` with w = 2.5; text-to-image papers and
+torchmetrics' ``CLIPScore`` use w = 100, as here. Scores depend on the CLIP model: compare only scores of one model.
+
+Prompts come from each PNG's ``prompt`` text chunk (what :mod:`pipelines.txt2img` writes) or, for images without one,
+from the folder's captions as training reads them (``metadata.jsonl`` / ``metadata.csv`` rows with ``file_name`` and
+``text``, or ``.txt`` side-cars; the first caption of a list). Images without a prompt, and unreadable ones, are
+skipped and counted. Prompts longer than the text tower's context (77 tokens) are truncated, as torchmetrics does.
+The model is an open_clip model with local weights (``open_clip:NAME:FILE``) or a transformers ``CLIPModel`` folder
+(``clip:FOLDER``, e.g. ``OUT/clip`` of :mod:`training.train_text_encoder`; a bare folder path means the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from eval.features import (
+    FEATURE_KINDS,
+    FeatureExtractor,
+    TransformersCLIPFeatures,
+    list_image_files,
+    load_feature_extractor,
+    open_rgb,
+)
+from pipelines.txt2img import resolve_device
+from training.records import load_image_caption_records
+
+__all__ = [
+    "ImageTextEncoder",
+    "PromptedImages",
+    "clip_scores",
+    "load_clip_model",
+    "load_prompted_images",
+    "png_prompt",
+    "score_images",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ImageTextEncoder(FeatureExtractor, Protocol):
+    """A CLIP model: image features (the :class:`~eval.features.FeatureExtractor` call) and text embeddings."""
+
+    def encode_text(self, texts: list[str]) -> Tensor: ...
+
+
+def clip_scores(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+    """Per-pair CLIP scores ``100 * max(cos(image_i, text_i), 0)``, shape ``(N,)``, from embeddings ``(N, D)``
+    (normalised or not: the cosine normalises them)."""
+    if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
+        raise ValueError(f"image and text embeddings must both be (N, D); got {tuple(image_embeds.shape)} and "
+                         f"{tuple(text_embeds.shape)}")  # fmt: skip
+    cosine = F.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
+    return 100 * cosine.clamp(min=0)
+
+
+def score_images(
+    model: ImageTextEncoder, images: list[Image.Image], prompts: list[str], *, batch_size: int = 32
+) -> Tensor:
+    """The CLIP score of each image against its prompt, ``(N,)`` float64, ``batch_size`` pairs a call."""
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+    scores = []
+    for start in range(0, len(images), batch_size):
+        batch_images, batch_prompts = images[start : start + batch_size], prompts[start : start + batch_size]
+        scores.append(clip_scores(model(batch_images), model.encode_text(batch_prompts)))
+    return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+
+
+def png_prompt(path: str | Path) -> str | None:
+    """The ``prompt`` PNG text chunk of an image file (None when it has none, or is not a PNG)."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", None) or {}  # PngImageFile.text reads the chunks after the pixels too
+        prompt = text.get("prompt")
+    return prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
+
+
+@dataclass
+class PromptedImages:
+    """The images of a folder that have a prompt, and the counts of those that did not or could not be read."""
+
+    source: str
+    files: list[Path]
+    prompts: list[str]
+    skipped_no_prompt: int = 0
+    unreadable: int = 0
+
+
+def load_prompted_images(folder: str | Path, *, max_images: int | None = None) -> PromptedImages:
+    """Every image file under ``folder`` with its prompt: the PNG ``prompt`` chunk, else the folder's caption
+    (module docstring). Raises ``ValueError`` naming the fix when no image has a prompt."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--images {folder}: no such folder; pass a folder of generated images")
+    files = list_image_files(folder)
+    if not files:
+        raise ValueError(f"no image files under {folder}; pass a folder of images (png, jpg, ...)")
+    result = PromptedImages(str(folder), [], [])
+    prompts: dict[Path, str | None] = {}
+    for path in files:
+        try:
+            prompts[path] = png_prompt(path)
+        except Exception as err:  # PIL raises many types; one bad file must not stop an evaluation
+            logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+            result.unreadable += 1
+    if any(prompt is None for prompt in prompts.values()):
+        captions = _folder_captions(folder)
+        prompts = {path: prompt or captions.get(os.path.normpath(path)) for path, prompt in prompts.items()}
+    for path, prompt in prompts.items():
+        if prompt is None:
+            result.skipped_no_prompt += 1
+        elif max_images is None or len(result.files) < max_images:
+            result.files.append(path)
+            result.prompts.append(prompt)
+    if not result.files:
+        raise ValueError(
+            f"none of the {len(files)} images under {folder} has a prompt; expected PNGs written by "
+            "pipelines.txt2img (a 'prompt' text chunk) or a metadata.jsonl with file_name and text"
+        )
+    if result.skipped_no_prompt:
+        logger.warning("%d images under %s have no prompt and are skipped", result.skipped_no_prompt, folder)
+    return result
+
+
+def _folder_captions(folder: Path) -> dict[str, str]:
+    """Normalised image path -> first caption, from the folder's metadata files or ``.txt`` side-cars (if any)."""
+    try:
+        records = load_image_caption_records(str(folder), scan=False)
+    except ValueError as err:  # no metadata and no side-car captions: only PNG prompts are available
+        logger.debug("no captions in %s: %s", folder, err)
+        return {}
+    return {os.path.normpath(r.image): r.captions[0] for r in records.records if isinstance(r.image, str)}
+
+
+def load_clip_model(spec: str, *, device: torch.device | str = "cpu") -> ImageTextEncoder:
+    """The CLIP model a ``--model`` spec names: ``open_clip:NAME:FILE``, ``open_clip:local-dir:FOLDER``,
+    ``clip:FOLDER`` or a bare folder (read as ``clip:FOLDER``)."""
+    if spec.partition(":")[0] not in FEATURE_KINDS and Path(spec).expanduser().is_dir():
+        spec = f"clip:{spec}"
+    if spec.startswith("inception:"):
+        raise ValueError("Inception has no text tower; pass --model open_clip:NAME:FILE or clip:FOLDER")
+    model = load_feature_extractor(spec, device=device)
+    if isinstance(model, TransformersCLIPFeatures) and model.tokenizer is None:
+        raise ValueError(f"--model {spec} is an image tower only; pass a CLIPModel folder (both towers), such as "
+                         "the OUT/clip folder training.train_text_encoder writes")  # fmt: skip
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m eval.clip_score``."""
+    parser = argparse.ArgumentParser(prog="python -m eval.clip_score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", required=True, help="folder of images with prompts (PNG metadata or captions)")
+    parser.add_argument("--model", required=True, help="open_clip:NAME:FILE, open_clip:local-dir:DIR or clip:DIR")
+    parser.add_argument("--out", type=Path, default=Path("results/clip_score.json"), help="the JSON result")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-images", type=int, default=None, help="score the first N images with a prompt")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Score the images as ``args`` says; returns the JSON-able result."""
+    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
+        raise ValueError("--batch-size and --max-images must be >= 1")
+    data = load_prompted_images(args.images, max_images=args.max_images)
+    model = load_clip_model(args.model, device=resolve_device(args.device))
+    files, prompts, scores = [], [], []
+    with tqdm(total=len(data.files), desc="CLIP score", unit="img") as bar:
+        for start in range(0, len(data.files), args.batch_size):
+            images, batch_files, batch_prompts = [], [], []
+            for path, prompt in zip(data.files[start : start + args.batch_size], data.prompts[start:]):
+                try:
+                    images.append(open_rgb(path))
+                except Exception as err:  # PIL's decoders raise many types; one bad file must not stop an evaluation
+                    logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+                    data.unreadable += 1
+                    continue
+                batch_files.append(path)
+                batch_prompts.append(prompt)
+            if images:
+                scores += score_images(model, images, batch_prompts, batch_size=len(images)).tolist()
+            files += batch_files
+            prompts += batch_prompts
+            bar.update(min(args.batch_size, len(data.files) - start))
+    if not scores:
+        raise ValueError(f"no readable images with prompts under {args.images}")
+    return {
+        "clip_score": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+        "count": len(scores),
+        "skipped_no_prompt": data.skipped_no_prompt,
+        "unreadable": data.unreadable,
+        "model": model.name,
+        "images": data.source,
+        "definition": "100 * max(cos(image embedding, text embedding), 0), averaged over images",
+        "scores": [{"file": str(f), "prompt": p, "score": s} for f, p, s in zip(files, prompts, scores)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; bad input prints one ``error: ...`` line and returns 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = evaluate(args)
+    except (ValueError, OSError) as err:
+        logger.debug("scoring failed", exc_info=True)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(f"CLIP score {result['clip_score']:.4f} (std {result['std']:.4f}) over {result['count']} images "
+          f"with {result['model']}; {result['skipped_no_prompt']} without a prompt, {result['unreadable']} "
+          "unreadable")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("eval").setLevel(logging.INFO)
+    sys.exit(main())

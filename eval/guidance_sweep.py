@@ -1,0 +1,147 @@
+"""The classifier-free guidance trade-off: prompt adherence (and FID) of one model at several guidance scales.
+
+For each scale the same prompts are drawn with the same seeds (image i gets ``seed + i``), so the only thing that
+changes along the curve is g. Adherence is :mod:`eval.adherence` (no learned model); FID, when ``--real`` and
+``--features`` are given, is :mod:`eval.fid` between the generated images and the real ones. Writes ``sweep.json``,
+``guidance_sweep.png`` (the curve) and a grid of the first prompts at every scale. Example::
+
+    python -m eval.guidance_sweep --model DIR --scales 1 2 3 5 7.5 10 --num-prompts 90 --out results/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from eval.adherence import adherence_prompts, score_images
+from eval.features import extract_features, load_feature_extractor
+from eval.fid import fid_from_features, open_image_set
+from pipelines import LatentDiffusionPipeline
+from pipelines.schedulers import SCHEDULERS, make_scheduler
+from training.plots import line_chart
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCALES = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m eval.guidance_sweep``."""
+    parser = argparse.ArgumentParser(prog="python -m eval.guidance_sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a pipeline folder (or Hub id)")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="guidance scales")
+    parser.add_argument("--num-prompts", type=int, default=90, help="held-out prompts from the shapes grammar")
+    parser.add_argument("--prompt-seed", type=int, default=1, help="seed of the prompt choice")
+    parser.add_argument("--seed", type=int, default=0, help="image i gets seed + i at every scale")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own default)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--real", default=None, help="real images (folder or dataset) for FID")
+    parser.add_argument("--features", default=None, help="feature extractor spec for FID (see eval.fid)")
+    parser.add_argument("--out", type=Path, default=Path("results/guidance_sweep"))
+    return parser
+
+
+def generate(pipe: LatentDiffusionPipeline, prompts: list[str], *, scale: float, seed: int, steps: int,
+             batch_size: int) -> list:  # fmt: skip
+    """Images of ``prompts`` at guidance ``scale``; prompt i always uses seed ``seed + i``."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(batch))]
+        images += pipe(batch, guidance_scale=scale, num_inference_steps=steps, generator=generators).images
+    return images
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    """Run the sweep; returns the JSON-able result (one entry per scale)."""
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    steps = args.steps or 25
+    prompts = adherence_prompts(args.num_prompts, args.prompt_seed)
+    extractor = real_features = None
+    if args.real and args.features:
+        extractor = load_feature_extractor(args.features)
+        real = open_image_set(args.real)
+        real_features = extract_features(extractor, real.images(), total=len(real), desc="real features")
+    rows, grid_rows = [], []
+    for scale in tqdm(args.scales, desc="guidance scales"):
+        images = generate(pipe, prompts, scale=scale, seed=args.seed, steps=steps, batch_size=args.batch_size)
+        report = score_images(images, prompts)
+        row = {"guidance_scale": scale, "all_correct": report.all_correct_rate(), **report.part_accuracy()}
+        if extractor is not None:
+            fake_features = extract_features(extractor, images, total=len(images), desc="generated features")
+            row["fid"] = fid_from_features(real_features, fake_features)
+        rows.append(row)
+        grid_rows.append(images[: min(8, len(images))])
+        logger.info("g=%s: %s", scale, row)
+    return {"model": args.model, "steps": steps, "scheduler": type(pipe.scheduler).__name__, "seed": args.seed,
+            "num_prompts": len(prompts), "features": args.features, "rows": rows,
+            "grid_prompts": prompts[:8], "_grid": grid_rows}  # fmt: skip
+
+
+def write_outputs(result: dict, out: Path) -> list[Path]:
+    """``sweep.json``, the trade-off curve PNG and the grid of images per scale; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    grid_rows = result.pop("_grid")
+    rows = result["rows"]
+    scales = [r["guidance_scale"] for r in rows]
+    parts = [k for k in ("colour", "shape", "position") if k in rows[0]]
+    series = {"all parts": (scales, [r["all_correct"] for r in rows])}
+    series |= {part: (scales, [r[part] for r in rows]) for part in parts}
+    secondary = {"FID": (scales, [r["fid"] for r in rows])} if "fid" in rows[0] else None
+    curve = line_chart(out / "guidance_sweep.png", series, title=f"guidance trade-off ({result['model']})",
+                       xlabel="guidance scale", ylabel="prompt adherence", secondary=secondary,
+                       secondary_label="FID (lower is better)")  # fmt: skip
+    grid = make_image_grid([im for row in grid_rows for im in row], rows=len(grid_rows), cols=len(grid_rows[0]))
+    grid_path = out / "guidance_grid.png"
+    grid.save(grid_path)
+    result["grid"] = {"file": grid_path.name, "rows": "guidance scales, in order", "columns": result["grid_prompts"]}
+    json_path = out / "sweep.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    return [json_path, curve, grid_path]
+
+
+def format_table(result: dict) -> str:
+    """The sweep as a text table."""
+    rows = result["rows"]
+    keys = [k for k in ("all_correct", "colour", "shape", "position", "fid") if k in rows[0]]
+    lines = [f"{'g':>6}" + "".join(f"{k:>13}" for k in keys)]
+    for row in rows:
+        lines.append(f"{row['guidance_scale']:>6g}" + "".join(f"{row[k]:>13.3f}" for k in keys))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep, print the table and the files written."""
+    args = build_parser().parse_args(argv)
+    if args.num_prompts < 2 or args.batch_size < 1 or not args.scales or min(args.scales) < 0:
+        print("error: --num-prompts must be >= 2, --batch-size >= 1 and every scale >= 0", file=sys.stderr)
+        return 2
+    if bool(args.real) != bool(args.features):
+        print("error: FID needs both --real and --features (or neither)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = sweep(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    paths = write_outputs(result, args.out)
+    print(format_table(result))
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Tests for eval.fid and eval.features: the Fréchet distance against closed forms, KID against explicit loops over
+the kernel, the feature extractors against their libraries' own forward passes, spec parsing and its errors, and the
+command line on drawn images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import inception_v3
+
+from eval.features import (
+    FeatureSpec,
+    InceptionV3Features,
+    ModuleFeatures,
+    load_feature_extractor,
+    load_state_dict_file,
+    parse_feature_spec,
+)
+from eval.fid import fid_from_features, frechet_distance, image_statistics, kid, main, mmd2_unbiased
+from tests.training.conftest import draw_shapes_folder
+
+TINY_OPEN_CLIP = "test-tiny-open-clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory) -> str:
+    """The name of a tiny open_clip architecture (16-d embeddings, 32 px), registered from a config file."""
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}
+    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    config = {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text}
+    path = tmp_path_factory.mktemp("open_clip") / f"{TINY_OPEN_CLIP}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return TINY_OPEN_CLIP
+
+
+def _random_spd(dim: int, rng: np.random.Generator) -> np.ndarray:
+    a = rng.standard_normal((dim, dim))
+    return a @ a.T + dim * np.eye(dim)
+
+
+def _random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return q
+
+
+# ------------------------------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_distance_of_identical_gaussians_is_zero() -> None:
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(6), _random_spd(6, rng)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_one_dimension_by_hand() -> None:
+    # N(1, 2^2) vs N(3, 3^2): (1 - 3)^2 + (2 - 3)^2 = 5
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(5)
+
+
+def test_frechet_distance_commuting_covariances_closed_form() -> None:
+    # Covariances with a common eigenbasis Q: d^2 = |mu1 - mu2|^2 + sum(l1 + l2 - 2 sqrt(l1 l2)) over eigenvalues.
+    rng = np.random.default_rng(1)
+    q = _random_rotation(5, rng)
+    l1, l2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(l1 + l2 - 2 * np.sqrt(l1 * l2))
+    got = frechet_distance(mu1, q @ np.diag(l1) @ q.T, mu2, q @ np.diag(l2) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_non_commuting_2x2_closed_form() -> None:
+    # For 2x2 M = S1 S2 (positive eigenvalues): Tr sqrt(M) = sqrt(Tr M + 2 sqrt(det M)).
+    s1, s2 = np.array([[2.0, 0.7], [0.7, 1.0]]), np.array([[0.5, -0.2], [-0.2, 3.0]])
+    m = s1 @ s2
+    tr_sqrt = math.sqrt(np.trace(m) + 2 * math.sqrt(np.linalg.det(m)))
+    mu1, mu2 = np.array([0.3, -1.0]), np.array([1.0, 0.5])
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_rank_deficient_covariances_stay_finite() -> None:
+    features = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mu, sigma = image_statistics(features)  # rank 3 of 10: a singular product
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_frechet_distance_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match=r"\(d,\) and \(d, d\)"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def test_fid_of_gaussian_samples_converges_to_closed_form() -> None:
+    rng = np.random.default_rng(2)
+    q = _random_rotation(3, rng)
+    l1, l2 = np.array([1.0, 0.5, 2.0]), np.array([0.3, 1.5, 2.0])
+    mu1, mu2 = np.array([0.0, 1.0, -0.5]), np.array([0.5, 0.5, 0.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(l1 + l2 - 2 * np.sqrt(l1 * l2))
+    n = 40_000
+    x = mu1 + (rng.standard_normal((n, 3)) * np.sqrt(l1)) @ q.T
+    y = mu2 + (rng.standard_normal((n, 3)) * np.sqrt(l2)) @ q.T
+    assert fid_from_features(x, y) == pytest.approx(expected, abs=0.02)
+
+
+def test_image_statistics_needs_two_rows() -> None:
+    with pytest.raises(ValueError, match="N >= 2"):
+        image_statistics(np.zeros((1, 4)))
+
+
+# ------------------------------------------------------------------------------------------------------------ KID
+
+
+def _mmd2_by_loops(x: list[list[float]], y: list[list[float]]) -> float:
+    d, m = len(x[0]), len(x)
+
+    def k(a: list[float], b: list[float]) -> float:
+        return (sum(ai * bi for ai, bi in zip(a, b)) / d + 1) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_equals_explicit_loops_over_the_kernel() -> None:
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g) + 0.7
+    expected = _mmd2_by_loops(x.tolist(), y.tolist())
+    assert mmd2_unbiased(x, y) == pytest.approx(expected, rel=1e-10)
+    # Subsets of the full size are permutations of the sets: every subset gives the same value.
+    result = kid(x, y, subsets=4, subset_size=6)
+    assert result.mean == pytest.approx(expected, rel=1e-10) and result.std == pytest.approx(0, abs=1e-12)
+
+
+def test_kid_subsets_average_loop_values_of_the_drawn_subsets() -> None:
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(9, 2, generator=g), torch.randn(7, 2, generator=g)
+    result = kid(x, y, subsets=3, subset_size=5, generator=torch.Generator().manual_seed(5))
+    draws = torch.Generator().manual_seed(5)  # kid draws x's subset, then y's, for each subset
+    values = []
+    for _ in range(3):
+        xi, yi = torch.randperm(9, generator=draws)[:5], torch.randperm(7, generator=draws)[:5]
+        values.append(_mmd2_by_loops(x[xi].tolist(), y[yi].tolist()))
+    assert result.mean == pytest.approx(float(np.mean(values)), rel=1e-10)
+    assert result.std == pytest.approx(float(np.std(values)), rel=1e-8)
+
+
+def test_kid_of_one_distribution_is_near_zero_and_of_two_is_not() -> None:
+    g = torch.Generator().manual_seed(6)
+    x, x_again = torch.randn(1000, 8, generator=g), torch.randn(1000, 8, generator=g)
+    shifted = torch.randn(1000, 8, generator=g) + 0.5
+    different = kid(x, shifted, subsets=20, subset_size=200)
+    assert different.mean > 3 * different.std > 0
+    for same in (kid(x, x, subsets=20, subset_size=200), kid(x, x_again, subsets=20, subset_size=200)):
+        assert abs(same.mean) < 0.05 * different.mean
+
+
+def test_kid_lowers_the_subset_size_to_the_smaller_set(caplog) -> None:
+    g = torch.Generator().manual_seed(7)
+    with caplog.at_level(logging.WARNING, logger="eval.fid"):
+        result = kid(torch.randn(10, 4, generator=g), torch.randn(30, 4, generator=g), subsets=2)
+    assert result.subset_size == 10 and "lowered from 1000 to 10" in caplog.text
+    with pytest.raises(ValueError, match="at least 2 images"):
+        kid(torch.randn(1, 4), torch.randn(5, 4))
+
+
+# ------------------------------------------------------------------------------------------------- feature specs
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("inception:/w/pt_inception.pth", FeatureSpec("inception", None, "/w/pt_inception.pth")),
+        ("open_clip:ViT-B-32:/w/open_clip.bin", FeatureSpec("open_clip", "ViT-B-32", "/w/open_clip.bin")),
+        ("open_clip:ViT-B-32", FeatureSpec("open_clip", "ViT-B-32", None)),
+        ("open_clip:local-dir:/w/oc", FeatureSpec("open_clip", "local-dir:/w/oc", None)),
+        ("clip:/runs/clip/clip", FeatureSpec("clip", None, "/runs/clip/clip")),
+    ],
+)
+def test_parse_feature_spec(spec: str, expected: FeatureSpec) -> None:
+    assert parse_feature_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("resnet:/w.pth", "unknown feature extractor spec 'resnet:/w.pth'; use one of inception, open_clip, clip"),
+        ("inception", "unknown feature extractor spec"),
+        ("inception:", "names no model"),
+        ("open_clip::/w.bin", "names no open_clip model"),
+    ],
+)
+def test_parse_feature_spec_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_feature_spec(spec)
+
+
+def test_missing_files_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"not found; download pytorch-fid's pt_inception-2015-12-05-6726825d.pth.*"
+                       r"pass --features inception:/path/to/it"):  # fmt: skip
+        load_feature_extractor(f"inception:{tmp_path / 'missing.pth'}")
+    with pytest.raises(ValueError, match=r"not found; download the weights of ViT-B-32 .*open_clip:ViT-B-32:/path"):
+        load_feature_extractor(f"open_clip:ViT-B-32:{tmp_path / 'missing.bin'}")
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Q-99'"):
+        load_feature_extractor("open_clip:ViT-Q-99:/w.bin")
+    with pytest.raises(ValueError, match="no such folder; pass a CLIPModel folder"):
+        load_feature_extractor(f"clip:{tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_feature_extractor(f"clip:{tmp_path}")
+    (tmp_path / "weights.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match="must be .safetensors or a PyTorch"):
+        load_feature_extractor(f"inception:{tmp_path / 'weights.npy'}")
+
+
+# ----------------------------------------------------------------------------------------------- feature extractors
+
+
+def test_state_dict_files_unwrap_checkpoints(tmp_path: Path) -> None:
+    weights = {"a.weight": torch.arange(3.0)}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, tmp_path / "ckpt.pth")
+    assert load_state_dict_file(tmp_path / "ckpt.pth").keys() == weights.keys()
+    torch.save({"a": [1, 2]}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        load_state_dict_file(tmp_path / "bad.pth")
+
+
+def _images() -> list[Image.Image]:
+    return [Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGBA", (40, 40), (20, 40, 220, 128)),
+            Image.effect_noise((50, 70), 60).convert("RGB")]  # fmt: skip
+
+
+def test_inception_features_match_torchvision_forward(tmp_path: Path, caplog) -> None:
+    model = inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
+    torch.save(model.state_dict(), tmp_path / "imagenet.pth")
+    with caplog.at_level(logging.WARNING, logger="eval.features"):
+        extractor = load_feature_extractor(f"inception:{tmp_path / 'imagenet.pth'}")
+    assert "NOT comparable to published FIDs" in caplog.text
+    assert isinstance(extractor, InceptionV3Features) and not extractor.tf_pooling and extractor.dim == 2048
+    assert not extractor.standard_weights
+    images = _images()
+    features = extractor(images)
+    # The reference: torchvision's own forward with the classifier removed, on pytorch-fid's preprocessing.
+    model.fc = torch.nn.Identity()
+    pixels = [torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+              for image in (images[0], Image.alpha_composite(Image.new("RGBA", (40, 40), "white"), images[1]),
+                            images[2])]  # fmt: skip
+    x = torch.cat([torch.nn.functional.interpolate(p, size=(299, 299), mode="bilinear") for p in pixels])
+    with torch.no_grad():
+        expected = model(2 * x - 1)
+    assert features.shape == (3, 2048)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_inception_tf_layout_switches_pooling(tmp_path: Path, caplog) -> None:
+    # pytorch-fid's FID weights are a 1008-class Inception without the auxiliary head.
+    model = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "fid.safetensors")
+    with caplog.at_level(logging.WARNING, logger="eval.features"):
+        tf = load_feature_extractor(f"inception:{tmp_path / 'fid.safetensors'}")
+    assert "has the TF FID graph's layout but its hash cannot be checked" in caplog.text
+    assert isinstance(tf, InceptionV3Features) and tf.tf_pooling and "TF FID pooling" in tf.name
+    tv = InceptionV3Features(state, tf_pooling=False)
+    images = _images()[:1]
+    tf_features, tv_features = tf(images), tv(images)
+    assert torch.isfinite(tf_features).all()
+    scale = tv_features.abs().max().item()
+    assert (tf_features - tv_features).abs().max().item() > 1e-3 * scale  # the pooling changed the features
+    with pytest.raises(ValueError, match="is not an Inception-v3 state dict"):
+        InceptionV3Features({"conv.weight": torch.zeros(1)})
+
+
+def test_open_clip_features_are_the_models_normalised_image_embeddings(tiny_open_clip: str) -> None:
+    extractor = load_feature_extractor(f"open_clip:{tiny_open_clip}")
+    images = [Image.effect_noise((32, 32), 50).convert("RGB"), Image.new("RGB", (32, 32), (10, 200, 90))]
+    preprocess = open_clip.image_transform(32, is_train=False)  # open_clip's own transform (no resize at 32 px)
+    with torch.no_grad():
+        expected = extractor.model.encode_image(torch.stack([preprocess(i) for i in images]))
+    torch.testing.assert_close(extractor(images), torch.nn.functional.normalize(expected, dim=-1))
+    raw = load_feature_extractor(f"open_clip:{tiny_open_clip}", normalize=False)
+    raw.model.load_state_dict(extractor.model.state_dict())
+    torch.testing.assert_close(raw(images), expected)
+
+
+def test_tensors_and_pil_images_give_the_same_features(tiny_open_clip: str) -> None:
+    extractor = load_feature_extractor(f"open_clip:{tiny_open_clip}")
+    image = Image.effect_noise((48, 40), 70).convert("RGB")
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+    torch.testing.assert_close(extractor([image]), extractor(tensor))
+    with pytest.raises(ValueError, match=r"float \(N, 3, H, W\)"):
+        extractor(torch.zeros(3, 32, 32))
+
+
+def test_module_features_wrap_any_module() -> None:
+    extractor = ModuleFeatures(torch.nn.AdaptiveAvgPool2d(1), dim=3, name="mean colour", size=(8, 8))
+    features = extractor([Image.new("RGB", (20, 10), (255, 0, 51))])
+    torch.testing.assert_close(features, torch.tensor([[1.0, 0.0, 0.2]]))
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+
+
+def test_fid_command_line_writes_json(tiny_open_clip: str, tmp_path: Path, capsys) -> None:
+    real = draw_shapes_folder(tmp_path / "real", n=8, size=64)
+    fake = tmp_path / "fake" / "nested"
+    fake.mkdir(parents=True)
+    for i in range(6):
+        Image.effect_noise((64, 64), 40 + 10 * i).convert("RGB").save(fake / f"{i}.jpg")
+    (fake / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "fid.json"
+    argv = ["--real", str(real), "--fake", str(tmp_path / "fake"), "--features", f"open_clip:{tiny_open_clip}",
+            "--kid-subset-size", "5", "--kid-subsets", "10", "--batch-size", "4", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["real"]["count"] == 8 and result["fake"] == {"source": str(tmp_path / "fake"), "count": 6,
+                                                              "unreadable": 1}  # fmt: skip
+    assert result["features"] == f"open_clip:{tiny_open_clip}" and result["feature_dim"] == 16
+    assert result["fid"] > 0 and result["kid"]["subset_size"] == 5 and result["kid"]["subsets"] == 10
+    printed = capsys.readouterr().out
+    assert f"FID {result['fid']:.4f}" in printed and "KID " in printed and " ± " in printed
+    assert "fake: 6 images" in printed and "(1 unreadable)" in printed and printed.strip().endswith(str(out))
+    # The same images as both sets: FID 0 (up to the singular-covariance offset).
+    assert main(argv[:2] + ["--fake", str(real)] + argv[4:]) == 0
+    assert json.loads(out.read_text())["fid"] == pytest.approx(0, abs=1e-3)
+
+
+def test_fid_command_line_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    folder = draw_shapes_folder(tmp_path / "real", n=2, size=32)
+    argv = ["--real", str(folder), "--fake", str(folder), "--out", str(tmp_path / "x.json")]
+    assert main(argv + ["--features", f"inception:{tmp_path / 'none.pth'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Inception weights file") and err.count("\n") == 1
+    assert main(argv + ["--features", "vgg:/x"]) == 2
+    assert "unknown feature extractor spec" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""eval.guidance_sweep: the adherence (and FID) of each scale equal the metrics of images generated independently."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+import eval.guidance_sweep as sweep_module
+from eval.adherence import adherence_prompts, score_images
+from eval.features import ModuleFeatures, extract_features
+from eval.fid import fid_from_features
+from pipelines import LatentDiffusionPipeline
+
+
+def pooled_colour_features() -> ModuleFeatures:
+    """A fixed, independent feature map for FID in tests: 4x4 average colours (48 numbers)."""
+    return ModuleFeatures(torch.nn.AdaptiveAvgPool2d(4), dim=48, name="avgpool4x4")
+
+
+def test_sweep_matches_metrics_of_independently_generated_images(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(real / f"{i}.png")
+    monkeypatch.setattr(sweep_module, "load_feature_extractor", lambda spec: pooled_colour_features())
+    out = tmp_path / "sweep"
+    args = ["--model", tiny_sd_dir, "--scales", "1", "4", "--num-prompts", "4", "--steps", "2", "--batch-size", "3"]
+    code = sweep_module.main([*args, "--real", str(real), "--features", "test", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert [r["guidance_scale"] for r in result["rows"]] == [1.0, 4.0]
+    assert (out / "guidance_sweep.png").is_file() and (out / "guidance_grid.png").is_file()
+    printed = capsys.readouterr().out
+    assert "all_correct" in printed and str(out / "sweep.json") in printed
+
+    # independent reference: the pipeline called directly, image i with seed i, then the metrics
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    prompts = adherence_prompts(4, 1)
+    images = [pipe(p, guidance_scale=4.0, num_inference_steps=2, generator=torch.Generator().manual_seed(i)).images[0]
+              for i, p in enumerate(prompts)]  # fmt: skip
+    report = score_images(images, prompts)
+    row = result["rows"][1]
+    assert row["all_correct"] == report.all_correct_rate() and row["colour"] == report.part_accuracy()["colour"]
+    extractor = pooled_colour_features()
+    real_features = extract_features(extractor, [Image.open(real / f"{i}.png").convert("RGB") for i in range(6)])
+    expected_fid = fid_from_features(real_features, extract_features(extractor, images))
+    assert abs(row["fid"] - expected_fid) < 1e-3 * max(1.0, expected_fid)
+    assert result["rows"][0]["fid"] != row["fid"]  # the two scales gave different images
+
+
+def test_sweep_argument_errors(tiny_sd_dir, capsys):
+    assert sweep_module.main(["--model", tiny_sd_dir, "--real", "somewhere"]) == 2
+    assert "needs both --real and --features" in capsys.readouterr().err
+    assert sweep_module.main(["--model", tiny_sd_dir, "--scales", "-1"]) == 2
