@@ -1,0 +1,117 @@
+"""Regenerate the headline results in ``results/``: one command, the figures the README quotes.
+
+    python -m eval.results                     # CPU figures: benchmarks, the adherence analyzer's self-check
+    python -m eval.results --model DIR         # plus the guidance sweep and the likelihood of a trained model
+
+Each part is the project's own command (``eval.benchmark``, ``eval.adherence``, ``eval.guidance_sweep``,
+``eval.nll``) run with fixed arguments; their JSON files go to ``results/`` and ``results/README.md`` is rewritten
+with a table of the headline numbers, the machine they were measured on, and the command that gives each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval import benchmark, guidance_sweep, nll
+from eval.adherence import score_images
+from training.shapes import caption_of, render, sample_spec
+
+
+def analyzer_self_check(n: int = 300, seed: int = 12345) -> dict:
+    """The adherence analyzer on ``n`` ground-truth renders of the shapes grammar at 32, 64 and 96 px."""
+    rng = np.random.default_rng(seed)
+    images, prompts = [], []
+    for i in range(n):
+        spec = sample_spec(rng)
+        images.append(render(spec, size=(32, 64, 96)[i % 3]))
+        prompts.append(caption_of(spec))
+    report = score_images(images, prompts)
+    return {"images": n, "seed": seed, "all_correct": report.all_correct_rate(), **report.part_accuracy()}
+
+
+def _run(module, argv: list[str]) -> None:
+    code = module.main(argv)
+    if code != 0:
+        raise SystemExit(f"error: python -m {module.__name__} {' '.join(argv)} failed with status {code}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m eval.results``."""
+    parser = argparse.ArgumentParser(prog="python -m eval.results", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--model", default=None, help="a trained pipeline folder for the sweep and the likelihood")
+    parser.add_argument("--data", default=None, help="held-out images of the model's data (for eval.nll)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every part, write the JSON files and ``results/README.md``, print the paths."""
+    args = build_parser().parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str, str]] = []
+
+    generate_json = out / "benchmark_generate_tiny.json"
+    generate_cmd = ["--preset", "tiny", "--steps", "20", "--repeats", "10", "--out", str(generate_json)]
+    _run(benchmark, generate_cmd)
+    gen = json.loads(generate_json.read_text())
+    rows.append(("64x64 generation, tiny preset, 20 DDIM steps, g=7.5: ours / stock s per image",
+                 f"{gen['ours']['seconds_per_call']:.3f} / {gen['stock']['seconds_per_call']:.3f} s "
+                 f"(ratio {gen['speed_ratio_ours_over_stock']:.2f})",
+                 "python -m eval.benchmark " + " ".join(generate_cmd)))  # fmt: skip
+
+    for preset in ("tiny", "small"):
+        train_json = out / f"benchmark_train_{preset}.json"
+        train_cmd = ["--task", "train", "--preset", preset, "--train-steps", "30", "--batch-size", "16",
+                     "--out", str(train_json)]  # fmt: skip
+        _run(benchmark, train_cmd)
+        tr = json.loads(train_json.read_text())["runs"]
+        rows.append((f"U-Net training steps/s, {preset} preset, batch 16: uncached / cached latents",
+                     f"{tr['uncached']['steps_per_s']:.2f} / {tr['cached']['steps_per_s']:.2f}",
+                     "python -m eval.benchmark " + " ".join(train_cmd)))  # fmt: skip
+
+    check = analyzer_self_check()
+    (out / "adherence_analyzer_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    parts = " / ".join(f"{check[k]:.3f}" for k in ("all_correct", "colour", "shape", "position"))
+    rows.append(("adherence analyzer on 300 ground-truth renders: all parts / colour / shape / position", parts,
+                 "python -m eval.results (analyzer_self_check)"))  # fmt: skip
+
+    if args.model:
+        sweep_cmd = ["--model", args.model, "--out", str(out / "guidance_sweep")]
+        _run(guidance_sweep, sweep_cmd)
+        sweep = json.loads((out / "guidance_sweep" / "sweep.json").read_text())
+        best = max(sweep["rows"], key=lambda r: r["all_correct"])
+        rows.append(("prompt adherence, best guidance scale (all parts right)",
+                     f"{best['all_correct']:.3f} at g={best['guidance_scale']:g}",
+                     "python -m eval.guidance_sweep " + " ".join(sweep_cmd)))  # fmt: skip
+        if args.data:
+            nll_cmd = ["--model", args.model, "--data", args.data, "--num-images", "32", "--timesteps-stride", "10",
+                       "--out", str(out / "nll.json")]  # fmt: skip
+            _run(nll, nll_cmd)
+            bound = json.loads((out / "nll.json").read_text())
+            rows.append(("variational bound on held-out latents (bits/dim)", f"{bound['bpd']['total']:.4f}",
+                         "python -m eval.nll " + " ".join(nll_cmd)))  # fmt: skip
+
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name(0)
+    lines = ["# Results", "", f"Regenerated by `python -m eval.results` on {time.strftime('%Y-%m-%d')}, {machine}.",
+             "Timings vary with the machine's load; the ratios come from runs side by side in one process.", "",
+             "| what | result | command |", "| --- | --- | --- |"]  # fmt: skip
+    lines += [f"| {what} | {result} | `{command}` |" for what, result, command in rows]
+    readme = out / "README.md"
+    readme.write_text("\n".join(lines) + "\n")
+    print(readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
