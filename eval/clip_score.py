@@ -8,10 +8,11 @@ torchmetrics' ``CLIPScore`` use w = 100, as here. Scores depend on the CLIP mode
 
 Prompts come from each PNG's ``prompt`` text chunk (what :mod:`pipelines.txt2img` writes) or, for images without one,
 from the folder's captions as training reads them (``metadata.jsonl`` / ``metadata.csv`` rows with ``file_name`` and
-``text``, or ``.txt`` side-cars; the first caption of a list). Images without a prompt, and unreadable ones, are
-skipped and counted. Prompts longer than the text tower's context (77 tokens) are truncated, as torchmetrics does.
-The model is an open_clip model with local weights (``open_clip:NAME:FILE``) or a transformers ``CLIPModel`` folder
-(``clip:FOLDER``, e.g. ``OUT/clip`` of :mod:`training.train_text_encoder`; a bare folder path means the same).
+``text``, or ``.txt`` side-cars; the first caption of a list): :func:`eval.prompted_images.load_prompted_images`.
+Images without a prompt, and unreadable ones, are skipped and counted. Prompts longer than the text tower's context
+(77 tokens) are truncated, as torchmetrics does. The model is an open_clip model with local weights
+(``open_clip:NAME:FILE``) or a transformers ``CLIPModel`` folder (``clip:FOLDER``, e.g. ``OUT/clip`` of
+:mod:`training.train_text_encoder`; a bare folder path means the same).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,16 +31,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from eval.features import (
-    FEATURE_KINDS,
-    FeatureExtractor,
-    TransformersCLIPFeatures,
-    list_image_files,
-    load_feature_extractor,
-    open_rgb,
-)
+from eval.clip_features import TransformersCLIPFeatures
+from eval.features import FEATURE_KINDS, FeatureExtractor, load_feature_extractor, open_rgb
+from eval.prompted_images import PromptedImages, load_prompted_images, png_prompt
 from pipelines.txt2img import resolve_device
-from training.records import load_image_caption_records
 
 __all__ = [
     "ImageTextEncoder",
@@ -83,71 +76,6 @@ def score_images(
         batch_images, batch_prompts = images[start : start + batch_size], prompts[start : start + batch_size]
         scores.append(clip_scores(model(batch_images), model.encode_text(batch_prompts)))
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
-
-
-def png_prompt(path: str | Path) -> str | None:
-    """The ``prompt`` PNG text chunk of an image file (None when it has none, or is not a PNG)."""
-    with Image.open(path) as image:
-        text = getattr(image, "text", None) or {}  # PngImageFile.text reads the chunks after the pixels too
-        prompt = text.get("prompt")
-    return prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
-
-
-@dataclass
-class PromptedImages:
-    """The images of a folder that have a prompt, and the counts of those that did not or could not be read."""
-
-    source: str
-    files: list[Path]
-    prompts: list[str]
-    skipped_no_prompt: int = 0
-    unreadable: int = 0
-
-
-def load_prompted_images(folder: str | Path, *, max_images: int | None = None) -> PromptedImages:
-    """Every image file under ``folder`` with its prompt: the PNG ``prompt`` chunk, else the folder's caption
-    (module docstring). Raises ``ValueError`` naming the fix when no image has a prompt."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"--images {folder}: no such folder; pass a folder of generated images")
-    files = list_image_files(folder)
-    if not files:
-        raise ValueError(f"no image files under {folder}; pass a folder of images (png, jpg, ...)")
-    result = PromptedImages(str(folder), [], [])
-    prompts: dict[Path, str | None] = {}
-    for path in files:
-        try:
-            prompts[path] = png_prompt(path)
-        except Exception as err:  # PIL raises many types; one bad file must not stop an evaluation
-            logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
-            result.unreadable += 1
-    if any(prompt is None for prompt in prompts.values()):
-        captions = _folder_captions(folder)
-        prompts = {path: prompt or captions.get(os.path.normpath(path)) for path, prompt in prompts.items()}
-    for path, prompt in prompts.items():
-        if prompt is None:
-            result.skipped_no_prompt += 1
-        elif max_images is None or len(result.files) < max_images:
-            result.files.append(path)
-            result.prompts.append(prompt)
-    if not result.files:
-        raise ValueError(
-            f"none of the {len(files)} images under {folder} has a prompt; expected PNGs written by "
-            "pipelines.txt2img (a 'prompt' text chunk) or a metadata.jsonl with file_name and text"
-        )
-    if result.skipped_no_prompt:
-        logger.warning("%d images under %s have no prompt and are skipped", result.skipped_no_prompt, folder)
-    return result
-
-
-def _folder_captions(folder: Path) -> dict[str, str]:
-    """Normalised image path -> first caption, from the folder's metadata files or ``.txt`` side-cars (if any)."""
-    try:
-        records = load_image_caption_records(str(folder), scan=False)
-    except ValueError as err:  # no metadata and no side-car captions: only PNG prompts are available
-        logger.debug("no captions in %s: %s", folder, err)
-        return {}
-    return {os.path.normpath(r.image): r.captions[0] for r in records.records if isinstance(r.image, str)}
 
 
 def load_clip_model(spec: str, *, device: torch.device | str = "cpu") -> ImageTextEncoder:

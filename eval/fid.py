@@ -32,14 +32,8 @@ from PIL import Image
 from scipy import linalg
 from torch import Tensor
 
-from eval.features import (
-    FID_WEIGHTS_NAME,
-    InceptionV3Features,
-    extract_features,
-    list_image_files,
-    load_feature_extractor,
-    open_rgb,
-)
+from eval.features import extract_features, list_image_files, load_feature_extractor, open_rgb
+from eval.inception import FID_WEIGHTS_NAME, InceptionV3Features
 from pipelines.txt2img import resolve_device
 from training.records import detect_format, load_image_caption_records
 

@@ -38,7 +38,6 @@ from typing import Any, get_args
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -48,6 +47,7 @@ from ldm.likelihood import ModelVariance, variational_bound_bpd
 from pipelines import LatentDiffusionPipeline
 from pipelines.txt2img import check_model, load_pipeline, resolve_device
 from training.data import ImageCaptionDataset, collate
+from training.plots import line_chart
 from training.records import ImageCaptionRecord, ImageCaptionRecords, load_image_caption_records
 
 __all__ = ["StridedBound", "conditioned_unet", "encode_latents", "pipeline_bound", "plot_terms_png",
@@ -174,40 +174,13 @@ def pipeline_bound(
 
 
 def plot_terms_png(timesteps: list[int], terms_bpd: list[float], path: str | Path, *, title: str = "") -> Path:
-    """Plot denoising terms L_t (bits/dim, log scale) against t as a small PNG, drawn with PIL (no matplotlib)."""
-    width, height, left, right, top, bottom = 640, 360, 64, 16, 28, 36
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    values = np.log10(np.maximum(np.asarray(terms_bpd, dtype=np.float64), 1e-8))
-    x_max = max(max(timesteps, default=1), 1)
-    lo, hi = (math.floor(values.min()), math.ceil(values.max())) if len(values) else (0, 1)
-    hi = hi if hi > lo else lo + 1
+    """Plot denoising terms L_t (bits/dim) against t on a log scale as a PNG (:func:`training.plots.line_chart`).
 
-    def xy(t: float, value: float) -> tuple[float, float]:
-        x = left + t / x_max * (width - left - right)
-        return x, top + (hi - value) / (hi - lo) * (height - top - bottom)
-
-    draw.rectangle((left, top, width - right, height - bottom), outline="black")
-    for decade in range(lo, hi + 1):
-        _, y = xy(0, decade)
-        draw.line((left - 4, y, left, y), fill="black")
-        draw.text((4, y - 6), f"1e{decade}", fill="black", font=font)
-    for i in range(5):
-        t = round(x_max * i / 4)
-        x, _ = xy(t, lo)
-        draw.line((x, height - bottom, x, height - bottom + 4), fill="black")
-        draw.text((x - 10, height - bottom + 6), str(t), fill="black", font=font)
-    points = [xy(t, v) for t, v in zip(timesteps, values)]
-    if len(points) > 1:
-        draw.line(points, fill=(20, 60, 160), width=2)
-    for x, y in points:
-        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(20, 60, 160))
-    draw.text((left, 8), title or "L_t (bits/dim) vs timestep t", fill="black", font=font)
-    draw.text((width - right - 60, height - 14), "timestep t", fill="black", font=font)
-    path = Path(path)
-    image.save(path)
-    return path
+    Terms are floored at 1e-8 for the log scale (a term can round to 0). Returns the path written.
+    """
+    values = np.maximum(np.asarray(terms_bpd, dtype=np.float64), 1e-8).tolist()
+    return line_chart(path, {"L_t": (timesteps, values)}, title=title or "L_t (bits/dim) vs timestep t",
+                      xlabel="timestep t", ylabel="L_t (bits/dim)", logy=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
-"""Tests for eval.fid and eval.features: the Fréchet distance against closed forms, KID against explicit loops over
-the kernel, the feature extractors against their libraries' own forward passes, spec parsing and its errors, and the
-command line on drawn images."""
+"""Tests for eval.fid: the Fréchet distance against closed forms, KID against explicit loops over the kernel, and the
+command line on drawn images (the feature extractors: test_features, test_inception and test_clip_features)."""
 
 from __future__ import annotations
 
@@ -10,36 +9,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
-from torchvision.models import inception_v3
 
-from eval.features import (
-    FeatureSpec,
-    InceptionV3Features,
-    ModuleFeatures,
-    load_feature_extractor,
-    load_state_dict_file,
-    parse_feature_spec,
-)
 from eval.fid import fid_from_features, frechet_distance, image_statistics, kid, main, mmd2_unbiased
 from tests.training.conftest import draw_shapes_folder
-
-TINY_OPEN_CLIP = "test-tiny-open-clip"
-
-
-@pytest.fixture(scope="session")
-def tiny_open_clip(tmp_path_factory) -> str:
-    """The name of a tiny open_clip architecture (16-d embeddings, 32 px), registered from a config file."""
-    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}
-    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    config = {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text}
-    path = tmp_path_factory.mktemp("open_clip") / f"{TINY_OPEN_CLIP}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
-    return TINY_OPEN_CLIP
 
 
 def _random_spd(dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -170,141 +145,6 @@ def test_kid_lowers_the_subset_size_to_the_smaller_set(caplog) -> None:
     assert result.subset_size == 10 and "lowered from 1000 to 10" in caplog.text
     with pytest.raises(ValueError, match="at least 2 images"):
         kid(torch.randn(1, 4), torch.randn(5, 4))
-
-
-# ------------------------------------------------------------------------------------------------- feature specs
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("inception:/w/pt_inception.pth", FeatureSpec("inception", None, "/w/pt_inception.pth")),
-        ("open_clip:ViT-B-32:/w/open_clip.bin", FeatureSpec("open_clip", "ViT-B-32", "/w/open_clip.bin")),
-        ("open_clip:ViT-B-32", FeatureSpec("open_clip", "ViT-B-32", None)),
-        ("open_clip:local-dir:/w/oc", FeatureSpec("open_clip", "local-dir:/w/oc", None)),
-        ("clip:/runs/clip/clip", FeatureSpec("clip", None, "/runs/clip/clip")),
-    ],
-)
-def test_parse_feature_spec(spec: str, expected: FeatureSpec) -> None:
-    assert parse_feature_spec(spec) == expected
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        ("resnet:/w.pth", "unknown feature extractor spec 'resnet:/w.pth'; use one of inception, open_clip, clip"),
-        ("inception", "unknown feature extractor spec"),
-        ("inception:", "names no model"),
-        ("open_clip::/w.bin", "names no open_clip model"),
-    ],
-)
-def test_parse_feature_spec_errors(spec: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_feature_spec(spec)
-
-
-def test_missing_files_name_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"not found; download pytorch-fid's pt_inception-2015-12-05-6726825d.pth.*"
-                       r"pass --features inception:/path/to/it"):  # fmt: skip
-        load_feature_extractor(f"inception:{tmp_path / 'missing.pth'}")
-    with pytest.raises(ValueError, match=r"not found; download the weights of ViT-B-32 .*open_clip:ViT-B-32:/path"):
-        load_feature_extractor(f"open_clip:ViT-B-32:{tmp_path / 'missing.bin'}")
-    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Q-99'"):
-        load_feature_extractor("open_clip:ViT-Q-99:/w.bin")
-    with pytest.raises(ValueError, match="no such folder; pass a CLIPModel folder"):
-        load_feature_extractor(f"clip:{tmp_path / 'nowhere'}")
-    with pytest.raises(ValueError, match="no config.json"):
-        load_feature_extractor(f"clip:{tmp_path}")
-    (tmp_path / "weights.npy").write_bytes(b"")
-    with pytest.raises(ValueError, match="must be .safetensors or a PyTorch"):
-        load_feature_extractor(f"inception:{tmp_path / 'weights.npy'}")
-
-
-# ----------------------------------------------------------------------------------------------- feature extractors
-
-
-def test_state_dict_files_unwrap_checkpoints(tmp_path: Path) -> None:
-    weights = {"a.weight": torch.arange(3.0)}
-    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, tmp_path / "ckpt.pth")
-    assert load_state_dict_file(tmp_path / "ckpt.pth").keys() == weights.keys()
-    torch.save({"a": [1, 2]}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="does not hold a state dict"):
-        load_state_dict_file(tmp_path / "bad.pth")
-
-
-def _images() -> list[Image.Image]:
-    return [Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGBA", (40, 40), (20, 40, 220, 128)),
-            Image.effect_noise((50, 70), 60).convert("RGB")]  # fmt: skip
-
-
-def test_inception_features_match_torchvision_forward(tmp_path: Path, caplog) -> None:
-    model = inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
-    torch.save(model.state_dict(), tmp_path / "imagenet.pth")
-    with caplog.at_level(logging.WARNING, logger="eval.features"):
-        extractor = load_feature_extractor(f"inception:{tmp_path / 'imagenet.pth'}")
-    assert "NOT comparable to published FIDs" in caplog.text
-    assert isinstance(extractor, InceptionV3Features) and not extractor.tf_pooling and extractor.dim == 2048
-    assert not extractor.standard_weights
-    images = _images()
-    features = extractor(images)
-    # The reference: torchvision's own forward with the classifier removed, on pytorch-fid's preprocessing.
-    model.fc = torch.nn.Identity()
-    pixels = [torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
-              for image in (images[0], Image.alpha_composite(Image.new("RGBA", (40, 40), "white"), images[1]),
-                            images[2])]  # fmt: skip
-    x = torch.cat([torch.nn.functional.interpolate(p, size=(299, 299), mode="bilinear") for p in pixels])
-    with torch.no_grad():
-        expected = model(2 * x - 1)
-    assert features.shape == (3, 2048)
-    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
-
-
-def test_inception_tf_layout_switches_pooling(tmp_path: Path, caplog) -> None:
-    # pytorch-fid's FID weights are a 1008-class Inception without the auxiliary head.
-    model = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp_path / "fid.safetensors")
-    with caplog.at_level(logging.WARNING, logger="eval.features"):
-        tf = load_feature_extractor(f"inception:{tmp_path / 'fid.safetensors'}")
-    assert "has the TF FID graph's layout but its hash cannot be checked" in caplog.text
-    assert isinstance(tf, InceptionV3Features) and tf.tf_pooling and "TF FID pooling" in tf.name
-    tv = InceptionV3Features(state, tf_pooling=False)
-    images = _images()[:1]
-    tf_features, tv_features = tf(images), tv(images)
-    assert torch.isfinite(tf_features).all()
-    scale = tv_features.abs().max().item()
-    assert (tf_features - tv_features).abs().max().item() > 1e-3 * scale  # the pooling changed the features
-    with pytest.raises(ValueError, match="is not an Inception-v3 state dict"):
-        InceptionV3Features({"conv.weight": torch.zeros(1)})
-
-
-def test_open_clip_features_are_the_models_normalised_image_embeddings(tiny_open_clip: str) -> None:
-    extractor = load_feature_extractor(f"open_clip:{tiny_open_clip}")
-    images = [Image.effect_noise((32, 32), 50).convert("RGB"), Image.new("RGB", (32, 32), (10, 200, 90))]
-    preprocess = open_clip.image_transform(32, is_train=False)  # open_clip's own transform (no resize at 32 px)
-    with torch.no_grad():
-        expected = extractor.model.encode_image(torch.stack([preprocess(i) for i in images]))
-    torch.testing.assert_close(extractor(images), torch.nn.functional.normalize(expected, dim=-1))
-    raw = load_feature_extractor(f"open_clip:{tiny_open_clip}", normalize=False)
-    raw.model.load_state_dict(extractor.model.state_dict())
-    torch.testing.assert_close(raw(images), expected)
-
-
-def test_tensors_and_pil_images_give_the_same_features(tiny_open_clip: str) -> None:
-    extractor = load_feature_extractor(f"open_clip:{tiny_open_clip}")
-    image = Image.effect_noise((48, 40), 70).convert("RGB")
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
-    torch.testing.assert_close(extractor([image]), extractor(tensor))
-    with pytest.raises(ValueError, match=r"float \(N, 3, H, W\)"):
-        extractor(torch.zeros(3, 32, 32))
-
-
-def test_module_features_wrap_any_module() -> None:
-    extractor = ModuleFeatures(torch.nn.AdaptiveAvgPool2d(1), dim=3, name="mean colour", size=(8, 8))
-    features = extractor([Image.new("RGB", (20, 10), (255, 0, 51))])
-    torch.testing.assert_close(features, torch.tensor([[1.0, 0.0, 0.2]]))
 
 
 # ---------------------------------------------------------------------------------------------------- command line

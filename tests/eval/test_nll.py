@@ -132,7 +132,8 @@ def test_pipeline_bound_equals_the_bound_computed_by_hand(tiny_components: dict)
 def test_plot_draws_the_terms(tmp_path: Path) -> None:
     path = plot_terms_png([1, 2, 3, 500], [1.0, 0.1, 0.01, 0.0], tmp_path / "terms.png", title="t")
     pixels = np.asarray(Image.open(path).convert("RGB"))
-    assert pixels.shape == (360, 640, 3) and (pixels == [20, 60, 160]).all(axis=-1).sum() > 50
+    # training.plots.line_chart's 6.4 x 4 in figure at 100 dpi; the line in matplotlib's first colour, C0 (#1f77b4).
+    assert pixels.shape == (400, 640, 3) and (pixels == [31, 119, 180]).all(axis=-1).sum() > 50
 
 
 def test_nll_command_line_writes_json_and_plot(tiny_sd_dir: str, tmp_path: Path, capsys) -> None:
@@ -152,7 +153,7 @@ def test_nll_command_line_writes_json_and_plot(tiny_sd_dir: str, tmp_path: Path,
     assert timesteps == [0] + list(range(1 + offset, 1000, 250)) and result["model_calls_per_batch"] == 5
     assert len(result["per_timestep"]["mean_bpd"]) == len(timesteps)
     assert "compares only models that share this VAE" in result["note"] and "unbiased" in result["estimator"]
-    assert Image.open(result["plot"]).size == (640, 360) and Path(result["plot"]) == out.with_suffix(".png")
+    assert Image.open(result["plot"]).size == (640, 400) and Path(result["plot"]) == out.with_suffix(".png")
     printed = capsys.readouterr().out
     assert "bits per latent dim over 3 images" in printed and str(out) in printed and result["plot"] in printed
 
