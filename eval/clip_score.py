@@ -18,7 +18,6 @@ Images without a prompt, and unreadable ones, are skipped and counted. Prompts l
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from eval.cli import configure_logging, run_evaluation
 from eval.clip_features import TransformersCLIPFeatures
 from eval.features import FEATURE_KINDS, FeatureExtractor, load_feature_extractor, open_rgb
 from eval.prompted_images import PromptedImages, load_prompted_images, png_prompt
@@ -147,25 +147,19 @@ def evaluate(args: argparse.Namespace) -> dict:
     }
 
 
+def format_result(result: dict) -> str:
+    """The one-line summary the command prints."""
+    return (
+        f"CLIP score {result['clip_score']:.4f} (std {result['std']:.4f}) over {result['count']} images with "
+        f"{result['model']}; {result['skipped_no_prompt']} without a prompt, {result['unreadable']} unreadable"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; bad input prints one ``error: ...`` line and returns 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        result = evaluate(args)
-    except (ValueError, OSError) as err:
-        logger.debug("scoring failed", exc_info=True)
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(f"CLIP score {result['clip_score']:.4f} (std {result['std']:.4f}) over {result['count']} images "
-          f"with {result['model']}; {result['skipped_no_prompt']} without a prompt, {result['unreadable']} "
-          "unreadable")  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(args.out)
-    return 0
+    return run_evaluation(build_parser().parse_args(argv), evaluate, format_result)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("eval").setLevel(logging.INFO)
+    configure_logging()
     sys.exit(main())

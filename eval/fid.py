@@ -19,7 +19,6 @@ Unreadable images are skipped and counted. The command prints FID, KID and the c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from PIL import Image
 from scipy import linalg
 from torch import Tensor
 
+from eval.cli import configure_logging, run_evaluation
 from eval.features import extract_features, list_image_files, load_feature_extractor, open_rgb
 from eval.inception import FID_WEIGHTS_NAME, InceptionV3Features
 from pipelines.txt2img import resolve_device
@@ -291,21 +291,9 @@ def format_result(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; bad input prints one ``error: ...`` line and returns 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        result = evaluate(args)
-    except (ValueError, OSError) as err:
-        logger.debug("evaluation failed", exc_info=True)
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(format_result(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(args.out)
-    return 0
+    return run_evaluation(build_parser().parse_args(argv), evaluate, format_result)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("eval").setLevel(logging.INFO)
+    configure_logging()
     sys.exit(main())

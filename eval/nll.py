@@ -27,7 +27,6 @@ Writes the JSON result and a PNG plot of the mean per-timestep terms beside it (
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from eval.cli import configure_logging, run_evaluation
 from eval.features import list_image_files
 from ldm.diffusion import PredictionType
 from ldm.likelihood import ModelVariance, variational_bound_bpd
@@ -290,29 +290,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def format_result(result: dict[str, Any]) -> str:
+    """The summary the command prints: the bound, its parts, the estimator and what latent bits/dim compare."""
+    bpd = result["bpd"]
+    return (
+        f"variational bound {bpd['total']:.4f} ± {bpd['total_sem']:.4f} (s.e.m.) bits per latent dim over "
+        f"{result['images']} images ({result['conditioning']}); prior L_T {bpd['prior']:.3g}, decoder L_0 "
+        f"{bpd['decoder']:.4f}, denoising {bpd['denoising']:.4f}\nestimator: {result['estimator']}\n"
+        f"note: {LATENT_NOTE}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; bad input prints one ``error: ...`` line and returns 2."""
-    args = build_parser().parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        result = evaluate(args)
-    except (ValueError, OSError) as err:
-        logger.debug("evaluation failed", exc_info=True)
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    bpd = result["bpd"]
-    print(f"variational bound {bpd['total']:.4f} ± {bpd['total_sem']:.4f} (s.e.m.) bits per latent dim over "
-          f"{result['images']} images ({result['conditioning']}); prior L_T {bpd['prior']:.3g}, decoder L_0 "
-          f"{bpd['decoder']:.4f}, denoising {bpd['denoising']:.4f}")  # fmt: skip
-    print(f"estimator: {result['estimator']}")
-    print(f"note: {LATENT_NOTE}")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(args.out)
-    print(result["plot"])
-    return 0
+    return run_evaluation(build_parser().parse_args(argv), evaluate, format_result)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("eval").setLevel(logging.INFO)
+    configure_logging()
     sys.exit(main())
