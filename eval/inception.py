@@ -9,7 +9,6 @@ weights give a different, self-consistent metric. Weights are read from local fi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from torchvision.models import inception as tv_inception
 
 from eval.features import ImageBatch, prepare_batch
+from training.files import sha256_file
 
 __all__ = ["FID_WEIGHTS_NAME", "FID_WEIGHTS_URL", "InceptionV3Features", "load_state_dict_file"]
 
@@ -56,15 +56,6 @@ def load_state_dict_file(path: str | Path, *, what: str = "weights") -> dict[str
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{what} file {path} does not hold a state dict (a mapping of names to tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _sha256(path: Path) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,7 +167,7 @@ class InceptionV3Features:
                 f"{FID_WEIGHTS_URL} (or convert it to .safetensors) and pass --features inception:/path/to/it"
             )
         extractor = cls(load_state_dict_file(path, what="Inception weights"), source=str(path), device=device)
-        standard = path.suffix != ".safetensors" and _sha256(path).startswith(_FID_WEIGHTS_SHA256_PREFIX)
+        standard = path.suffix != ".safetensors" and sha256_file(path).startswith(_FID_WEIGHTS_SHA256_PREFIX)
         extractor.standard_weights = standard
         if standard:
             logger.info("%s: pytorch-fid's standard FID Inception weights (sha256 verified)", path)

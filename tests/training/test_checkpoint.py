@@ -216,14 +216,14 @@ def test_interrupted_writes_are_ignored(tmp_path: Path, monkeypatch: pytest.Monk
     good = save_checkpoint(tmp_path, 3, run["objects"])
 
     # a failing write (exception while writing the manifest) cleans up after itself
-    real_write_json = ckpt._write_json
+    real_write_json = ckpt.write_json
 
     def failing_manifest(path: Path, data: Any) -> None:
         if path.name == ckpt.MANIFEST:
             raise OSError("disk full")
         real_write_json(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_json", failing_manifest)
+    monkeypatch.setattr(ckpt, "write_json", failing_manifest)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 6, run["objects"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003"]
@@ -234,10 +234,10 @@ def test_interrupted_writes_are_ignored(tmp_path: Path, monkeypatch: pytest.Monk
             raise _Crash
         real_write_json(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_json", crash_on_manifest)
+    monkeypatch.setattr(ckpt, "write_json", crash_on_manifest)
     with pytest.raises(_Crash):
         save_checkpoint(tmp_path, 9, run["objects"])
-    monkeypatch.setattr(ckpt, "_write_json", real_write_json)
+    monkeypatch.setattr(ckpt, "write_json", real_write_json)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-step-000009-")]
 
     # a step folder with a truncated file, and one without a manifest
@@ -248,7 +248,7 @@ def test_interrupted_writes_are_ignored(tmp_path: Path, monkeypatch: pytest.Monk
     shutil.copytree(good, tmp_path / "step-000015")
     (tmp_path / "step-000015" / ckpt.MANIFEST).unlink()
 
-    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint_folders"):
         assert list_checkpoints(tmp_path) == [good]
     assert "step-000012" in caplog.text and "truncated" in caplog.text and "step-000015" in caplog.text
     assert latest_checkpoint(tmp_path) == good
