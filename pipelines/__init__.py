@@ -1,5 +1,12 @@
-"""The Diffusers pipeline (:class:`LatentDiffusionPipeline`) and the generation command lines."""
+"""The Diffusers pipelines (:class:`LatentDiffusionPipeline`, :class:`LatentDiffusionEditPipeline`) and the generation
+command lines."""
 
 from .pipeline_latent_diffusion import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
+from .pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline, outpaint_canvas
 
-__all__ = ["LatentDiffusionPipeline", "LatentDiffusionPipelineOutput"]
+__all__ = [
+    "LatentDiffusionEditPipeline",
+    "LatentDiffusionPipeline",
+    "LatentDiffusionPipelineOutput",
+    "outpaint_canvas",
+]
