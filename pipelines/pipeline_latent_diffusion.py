@@ -345,6 +345,69 @@ class LatentDiffusionPipeline(
             self.vae.to(dtype)
         return image
 
+    # ----------------------------------------------------------------------------------------------------- 4. loop
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        num_inference_steps: int,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        *,
+        guidance_scale: float,
+        guidance_rescale: float,
+        step_kwargs: dict[str, Any],
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        extra_channels: torch.Tensor | None = None,
+        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The sampling loop: at each timestep the U-Net's guided prediction, then the scheduler's step x_t -> x_{t-1}.
+
+        With guidance the unconditional and conditional passes go through the U-Net as one batch ``[neg; pos]``.
+        ``extra_channels`` are concatenated to the U-Net input (an inpainting U-Net's mask and masked image);
+        ``after_step(i, latents)`` may replace the latents after each step (inpainting puts the known region back).
+        ``negative_prompt_embeds`` None means no guidance (a single conditional pass).
+        """
+        do_cfg = negative_prompt_embeds is not None
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                if extra_channels is not None:
+                    model_input = torch.cat([model_input, extra_channels], dim=1)
+                noise_pred = self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=embeds,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=False,
+                )[0]
+                if do_cfg:
+                    noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if after_step is not None:
+                    latents = after_step(i, latents)
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    tensors["negative_prompt_embeds"] = negative_prompt_embeds
+                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+        return latents
+
     # ------------------------------------------------------------------------------------------------------ __call__
 
     @torch.no_grad()
@@ -425,37 +488,12 @@ class LatentDiffusionPipeline(
         step_kwargs = self._scheduler_step_kwargs(generator, eta)
 
         # 4. The denoising loop: x_t -> x_{t-1} with the guided prediction.
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
-        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=embeds,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    return_dict=False,
-                )[0]
-                if do_cfg:
-                    noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    tensors["negative_prompt_embeds"] = negative_prompt_embeds
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
+        latents = self.denoise(
+            latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds if do_cfg else None,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, step_kwargs=step_kwargs,
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
 
         # 5. Decode the latents and convert to the requested output type.
         if output_type == "latent":

@@ -31,7 +31,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm.guidance import guide, uses_classifier_free_guidance
+from ldm.guidance import uses_classifier_free_guidance
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
 
 IMG2IMG_STRENGTH = 0.8
@@ -342,47 +342,22 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
             conditioning = torch.cat([conditioning] * 2) if do_cfg else conditioning
 
         # 7. The denoising loop; with a plain U-Net the known region is put back after every step.
-        step_kwargs = self._scheduler_step_kwargs(generator, eta)
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
-        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                if inpainting_unet:
-                    model_input = torch.cat([model_input, conditioning], dim=1)
-                noise_pred = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=embeds,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    return_dict=False,
-                )[0]
-                if do_cfg:
-                    noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        def put_back_known_region(i: int, latents: torch.Tensor) -> torch.Tensor:
+            # The known region at the next step's noise level, q(x_{t'} | x_0) with the same noise as x_T.
+            known = image_latents
+            if i < len(timesteps) - 1:
+                known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+            return (1 - latent_mask) * known + latent_mask * latents
 
-                if inpainting and not inpainting_unet:
-                    # The known region at the next step's noise level, q(x_{t'} | x_0) with the same noise as x_T.
-                    known = image_latents
-                    if i < len(timesteps) - 1:
-                        known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
-                    latents = (1 - latent_mask) * known + latent_mask * latents
-
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    tensors["negative_prompt_embeds"] = negative_prompt_embeds
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
+        latents = self.denoise(
+            latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds if do_cfg else None,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            step_kwargs=self._scheduler_step_kwargs(generator, eta), cross_attention_kwargs=cross_attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            extra_channels=conditioning if inpainting_unet else None,
+            after_step=put_back_known_region if inpainting and not inpainting_unet else None,
+        )  # fmt: skip
 
         # 8. Decode; when inpainting, keep the original's pixels outside the (feathered) mask.
         if output_type == "latent":

@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel
 from ldm.diffusion import diffusion_loss, q_sample, training_target
 from ldm.text import encode_prompts
 from pipelines import LatentDiffusionPipeline
+from pipelines.publish import PublishConfig, PublishError, check_repo_id, publish
 from training.cache import CachedLatentDataset, build_cache, cache_fingerprint, cache_is_current, collate_cached
 from training.checkpoint import resolve_resume
 from training.command import (
@@ -82,6 +83,10 @@ class TrainConfig(LoopConfig):
     validation_seed: int = help_field(0, "seed of the validation images")
     validation_inference_steps: int = help_field(25, "sampling steps of validation images")
     validation_guidance_scale: float = help_field(7.5, "guidance scale of validation images")
+    # publishing the final model (python -m pipelines.publish); the token comes from HF_TOKEN or `hf auth login`
+    push_to_hub: bool = help_field(False, "upload the final pipeline to the Hub at the end of training")
+    hub_model_id: str | None = help_field(None, "Hub repository of --push-to-hub, e.g. user/my-model")
+    hub_private: bool = help_field(False, "create the --hub-model-id repository private")
 
     def validate(self) -> None:
         """Cross-field checks, each naming the fix."""
@@ -102,6 +107,13 @@ class TrainConfig(LoopConfig):
             raise ConfigError("ema_decay is for full fine-tuning; drop it with --lora-rank")
         if self.cache and (self.crop != "center" or self.flip):
             raise ConfigError("cache needs the same pixels every epoch: use --crop center without --flip")
+        if self.push_to_hub:
+            if self.hub_model_id is None or self.lora_rank is not None:
+                raise ConfigError("push_to_hub needs --hub-model-id and a full pipeline (not --lora-rank)")
+            try:
+                check_repo_id(self.hub_model_id)
+            except PublishError as err:
+                raise ConfigError(f"hub_model_id: {err}") from None
 
 
 def train(config: TrainConfig) -> Path:
@@ -232,6 +244,8 @@ def train(config: TrainConfig) -> Path:
         write_model_card(final_dir, base_model=config.pretrained_model or "", data=dataset.summary_dict(),
                          config=to_dict(config), steps=loop.step, sample_grid_file=grid_name,
                          lora=config.lora_rank is not None)  # fmt: skip
+        if config.push_to_hub:
+            _push_to_hub(final_dir, config)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_dir
@@ -282,6 +296,17 @@ def _batch_loss(batch, unet, vae, embed, alphas_cumprod, objective, generator, w
 def _pipeline(unet, models) -> LatentDiffusionPipeline:
     return LatentDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                                    unet=unet, scheduler=models.sampler)  # fmt: skip
+
+
+def _push_to_hub(final_dir: Path, config: TrainConfig) -> None:
+    """Publish the final pipeline; a failed upload is logged with the command to retry it (the model is saved)."""
+    publish_config = PublishConfig(model=str(final_dir), repo_id=config.hub_model_id, private=config.hub_private,
+                                   sample_steps=config.validation_inference_steps)  # fmt: skip
+    try:
+        logger.info("pushed to the Hub: %s", publish(publish_config))
+    except PublishError as err:
+        logger.error("%s; the model is saved: retry with python -m pipelines.publish --model %s --repo-id %s",
+                     err, final_dir, config.hub_model_id)  # fmt: skip
 
 
 def _sample_grid(accelerator, unet, ema, models, config, step, output_dir) -> None:

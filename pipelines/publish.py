@@ -1,0 +1,269 @@
+"""Publish a pipeline folder to the Hugging Face Hub: ``python -m pipelines.publish --model DIR --repo-id NAME``.
+
+Builds the repository in a staging folder first: the pipeline re-saved with safetensors weights, a ``README.md``
+model card with the front matter the Hub reads (an existing card's metadata and body are kept and merged, not
+duplicated), the sample grid (``samples.png``, or a small grid drawn now with fixed prompts and seeds) and the
+training loss figure (``loss.png``) when the folder has one. Then it creates the repository (``exist_ok``) and
+uploads the folder. ``--dry-run OUT`` writes the staging folder to ``OUT`` and uploads nothing.
+
+The token is huggingface_hub's business (``HF_TOKEN`` or ``hf auth login``): this module passes ``token=None`` and
+never reads, prints, logs or writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import yaml
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+from pipelines.txt2img import _loading_bars_hidden
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_TAGS = ("text-to-image", "diffusers")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+SAMPLE_PROMPTS = ("a red circle on the left", "a blue square at the top")
+SAMPLE_SEED = 0
+SAMPLE_GUIDANCE_SCALE = 7.5
+FIGURES = ("loss.png",)
+
+
+class PublishError(Exception):
+    """A publishing step failed; the message says what and what to do."""
+
+
+@dataclass
+class PublishConfig:
+    """What to publish and where."""
+
+    model: str
+    repo_id: str
+    private: bool = False
+    license: str | None = None
+    commit_message: str = "Upload text-to-image pipeline"
+    allow_pickle: bool = False
+    samples: bool = True
+    sample_steps: int = 25
+
+
+# ------------------------------------------------------------------------------------------------------- staging
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raises :class:`PublishError` unless ``repo_id`` is a valid ``namespace/name`` (or ``name``) Hub id."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise PublishError(f"--repo-id {repo_id!r} is not a valid Hub repository id: {err}") from None
+
+
+def pickle_only_components(model_dir: Path) -> list[str]:
+    """The folders of ``model_dir`` with pickle weights (.bin, .ckpt, ...) and no safetensors beside them."""
+    found = []
+    for folder in [model_dir, *sorted(p for p in model_dir.iterdir() if p.is_dir())]:
+        files = [p for p in folder.iterdir() if p.is_file()]
+        if any(p.suffix in PICKLE_SUFFIXES for p in files) and not any(p.suffix == ".safetensors" for p in files):
+            found.append(folder.name if folder != model_dir else ".")
+    return found
+
+
+def load_for_publishing(model_dir: Path, allow_pickle: bool) -> LatentDiffusionPipeline:
+    """Load the pipeline from safetensors weights; pickle weights only with ``allow_pickle`` (never remote code).
+
+    Raises:
+        PublishError: no such pipeline folder, pickle-only weights without ``allow_pickle``, or a failed load.
+    """
+    if not model_dir.exists():
+        raise PublishError(f"--model {model_dir}: no such folder; pass a diffusers pipeline folder")
+    if not model_dir.is_dir() or not (model_dir / "model_index.json").is_file():
+        raise PublishError(f"--model {model_dir} is not a diffusers pipeline folder (no model_index.json)")
+    pickled = pickle_only_components(model_dir)
+    if pickled and not allow_pickle:
+        raise PublishError(
+            f"--model {model_dir} has pickle weights ({', '.join(pickled)}): loading them can run code; convert them "
+            "to safetensors, or pass --allow-pickle if you trust the files"
+        )
+    try:
+        return LatentDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=None if pickled else True)
+    except (OSError, ValueError) as err:
+        raise PublishError(f"could not load --model {model_dir}: {err}") from err
+
+
+def read_card(model_dir: Path, repo_id: str) -> tuple[ModelCardData, str]:
+    """The metadata and body of the folder's ``README.md`` (as ``training.validation.write_model_card`` writes it),
+    or empty metadata and a short body with the loading code when there is no card.
+
+    Raises:
+        PublishError: the card's YAML front matter does not parse.
+    """
+    existing = model_dir / "README.md"
+    if not existing.is_file():
+        use = ["## Use", "", "```python", "from pipelines import LatentDiffusionPipeline", "",
+               f'pipe = LatentDiffusionPipeline.from_pretrained("{repo_id}")', "```"]  # fmt: skip
+        return ModelCardData(), "\n".join([f"# {repo_id.split('/')[-1]}", "", *use, ""])
+    try:
+        card = ModelCard(existing.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError) as err:
+        message = " ".join(str(err).split())
+        raise PublishError(f"{existing} has a malformed YAML front matter ({message}); fix or remove it") from err
+    return card.data, card.text.rstrip("\n") + "\n"
+
+
+def model_card(data: ModelCardData, body: str, license: str | None, files: list[str]) -> ModelCard:
+    """The card with the Hub metadata a text-to-image diffusers model needs merged into ``data`` (the license:
+    ``license``, else the card's, else "other"; the card's other keys, such as ``base_model``, kept), and sections
+    for the figures in ``files`` that ``body`` does not show yet."""
+    data.license = license or data.license or "other"
+    data.library_name = "diffusers"
+    data.pipeline_tag = "text-to-image"
+    data.tags = list(dict.fromkeys([*(data.tags or []), *REQUIRED_TAGS]))
+    captions = {"samples.png": ("Samples", "samples"), "loss.png": ("Training loss", "training loss")}
+    for file in files:
+        if file in captions and f"({file})" not in body:
+            title, alt = captions[file]
+            body += f"\n## {title}\n\n![{alt}]({file})\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def stage(config: PublishConfig, staging: Path) -> Path:
+    """Write the repository content for ``config.model`` into ``staging``; returns ``staging``.
+
+    Raises:
+        PublishError: the model folder cannot be published as it is.
+    """
+    model_dir = Path(config.model).expanduser()
+    with _loading_bars_hidden():  # stderr keeps room for the one-line error
+        pipe = load_for_publishing(model_dir, config.allow_pickle)
+        data, body = read_card(model_dir, config.repo_id)  # fails before anything is written
+        staging.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(staging, safe_serialization=True)
+    files = []
+    if (model_dir / "samples.png").is_file():
+        shutil.copyfile(model_dir / "samples.png", staging / "samples.png")
+        files.append("samples.png")
+    elif config.samples:
+        # training imports pipelines, so this import stays local to the one function that needs it
+        from training.validation import sample_grid
+
+        grid = sample_grid(pipe, list(SAMPLE_PROMPTS), seed=SAMPLE_SEED, num_inference_steps=config.sample_steps,
+                           guidance_scale=SAMPLE_GUIDANCE_SCALE)  # fmt: skip
+        grid.save(staging / "samples.png")
+        files.append("samples.png")
+    for figure in FIGURES:
+        if (model_dir / figure).is_file():
+            shutil.copyfile(model_dir / figure, staging / figure)
+            files.append(figure)
+    model_card(data, body, config.license, files).save(staging / "README.md")
+    return staging
+
+
+# ------------------------------------------------------------------------------------------------------- publish
+
+
+def upload(staging: Path, config: PublishConfig) -> str:
+    """Create the Hub repository (if missing) and upload ``staging`` to it; returns the commit URL.
+
+    Raises:
+        PublishError: the Hub refused or could not be reached (the message never holds the token).
+    """
+    api = HfApi()
+    try:
+        api.create_repo(config.repo_id, private=config.private, exist_ok=True, token=None)
+        info = api.upload_folder(repo_id=config.repo_id, folder_path=staging, commit_message=config.commit_message,
+                                 token=None)  # fmt: skip
+    except (OSError, ValueError) as err:  # HfHubHTTPError and connection errors are OSErrors
+        raise PublishError(f"could not upload to {config.repo_id}: {type(err).__name__}: {err}") from err
+    return str(getattr(info, "commit_url", info))
+
+
+def publish(config: PublishConfig, dry_run: str | Path | None = None) -> str:
+    """Stage ``config.model`` and upload it to ``config.repo_id``; with ``dry_run``, write the staging folder
+    there and upload nothing. Returns the dry-run folder or the commit URL.
+
+    Raises:
+        PublishError: naming what to change.
+    """
+    check_repo_id(config.repo_id)
+    if dry_run is not None:
+        out = Path(dry_run)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise PublishError(f"--dry-run {out} exists and is not an empty folder; pass a new folder")
+        return str(stage(config, out))
+    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        return upload(stage(config, Path(tmp)), config)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``publish`` argument parser (errors: one line on stderr, exit status 2)."""
+    parser = _Parser(prog="python -m pipelines.publish", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, metavar="FOLDER", help="a diffusers pipeline folder")
+    parser.add_argument("--repo-id", required=True, metavar="NAME", help="Hub repository, e.g. user/my-model")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--license", metavar="ID", help="license id for the card (default: the card's, or other)")
+    parser.add_argument(
+        "--commit-message", default=PublishConfig.commit_message, metavar="TEXT", help="message of the Hub commit"
+    )
+    parser.add_argument("--dry-run", type=Path, metavar="OUT", help="write the repository to OUT; upload nothing")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (they can run code)")
+    parser.add_argument("--no-samples", action="store_true", help="do not draw a sample grid when there is none")
+    parser.add_argument(
+        "--sample-steps", type=_positive_int, default=PublishConfig.sample_steps, metavar="N",
+        help=f"sampling steps of a drawn sample grid (default {PublishConfig.sample_steps})",
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; prints the dry-run folder or the commit URL. Errors: one line, exit status 2."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    config = PublishConfig(model=args.model, repo_id=args.repo_id, private=args.private, license=args.license,
+                           commit_message=args.commit_message, allow_pickle=args.allow_pickle,
+                           samples=not args.no_samples, sample_steps=args.sample_steps)  # fmt: skip
+    try:
+        result = publish(config, dry_run=args.dry_run)
+    except PublishError as err:
+        logger.debug("publishing failed", exc_info=True)
+        sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
+        return 2
+    print(result, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    sys.exit(main())
