@@ -34,7 +34,7 @@ from eval.cli import configure_logging, run_evaluation
 from eval.clip_features import TransformersCLIPFeatures
 from eval.features import FEATURE_KINDS, FeatureExtractor, load_feature_extractor, open_rgb
 from eval.prompted_images import PromptedImages, load_prompted_images, png_prompt
-from pipelines.txt2img import resolve_device
+from pipelines.cli import resolve_device
 
 __all__ = [
     "ImageTextEncoder",

@@ -34,7 +34,7 @@ from torch import Tensor
 from eval.cli import configure_logging, run_evaluation
 from eval.features import extract_features, list_image_files, load_feature_extractor, open_rgb
 from eval.inception import FID_WEIGHTS_NAME, InceptionV3Features
-from pipelines.txt2img import resolve_device
+from pipelines.cli import resolve_device
 from training.records import detect_format, load_image_caption_records
 
 __all__ = ["KID", "ImageSet", "fid_from_features", "frechet_distance", "image_statistics", "kid", "mmd2_unbiased",

@@ -45,7 +45,7 @@ from eval.features import list_image_files
 from ldm.diffusion import PredictionType
 from ldm.likelihood import ModelVariance, variational_bound_bpd
 from pipelines import LatentDiffusionPipeline
-from pipelines.txt2img import check_model, load_pipeline, resolve_device
+from pipelines.cli import check_model, load_pipeline, resolve_device
 from training.data import ImageCaptionDataset, collate
 from training.plots import line_chart
 from training.records import ImageCaptionRecord, ImageCaptionRecords, load_image_caption_records

@@ -19,29 +19,29 @@ import PIL.Image
 import torch
 
 from ldm.attention import ATTENTION_BACKENDS
-from pipelines.pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline
-from pipelines.schedulers import SCHEDULERS, make_scheduler, scheduler_name
-from pipelines.txt2img import (
+from pipelines.cli import (
     DEFAULT_MODEL,
     DTYPES,
-    _check_args,
-    _float_in,
-    _int_at_least,
-    _Parser,
-    _seed,
+    OneLineParser,
+    check_args,
+    float_in,
     generators_for,
     image_seeds,
+    int_at_least,
     load_pipeline,
     next_index,
     resolve_dtype,
     save_png,
+    seed_arg,
 )
+from pipelines.pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline
+from pipelines.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 
 logger = logging.getLogger(__name__)
 
 
 def _strength(text: str) -> float:
-    value = _float_in(0.0, 1.0)(text)
+    value = float_in(0.0, 1.0)(text)
     if value == 0:
         raise argparse.ArgumentTypeError("must be in (0, 1]; 0 would return the image unchanged")
     return value
@@ -49,7 +49,7 @@ def _strength(text: str) -> float:
 
 def build_parser(prog: str, description: str, default_strength: float) -> argparse.ArgumentParser:
     """The arguments common to the editing commands (errors are one line on stderr, exit status 2)."""
-    parser = _Parser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--image", type=Path, required=True, metavar="FILE", help="the image to edit (PNG, JPEG, ...)")
     inputs.add_argument("--prompt", required=True, metavar="TEXT", help="what the result should show")
@@ -75,11 +75,11 @@ def build_parser(prog: str, description: str, default_strength: float) -> argpar
         help=f"fraction of the denoising redone, in (0, 1] (default {default_strength})",
     )
     sampling.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default: the model's)")
-    sampling.add_argument("--steps", type=_int_at_least(1), default=50, metavar="N", help="steps at strength 1 (50)")
-    sampling.add_argument("--guidance-scale", type=_float_in(0.0), default=7.5, metavar="G", help="guidance (7.5)")
-    sampling.add_argument("--eta", type=_float_in(0.0), default=0.0, metavar="ETA", help="DDIM eta (0)")
-    sampling.add_argument("--seed", type=_seed, metavar="N", help="seed of the first image; image i gets seed + i")
-    sampling.add_argument("--num-images", type=_int_at_least(1), default=1, metavar="N", help="images (default 1)")
+    sampling.add_argument("--steps", type=int_at_least(1), default=50, metavar="N", help="steps at strength 1 (50)")
+    sampling.add_argument("--guidance-scale", type=float_in(0.0), default=7.5, metavar="G", help="guidance (7.5)")
+    sampling.add_argument("--eta", type=float_in(0.0), default=0.0, metavar="ETA", help="DDIM eta (0)")
+    sampling.add_argument("--seed", type=seed_arg, metavar="N", help="seed of the first image; image i gets seed + i")
+    sampling.add_argument("--num-images", type=int_at_least(1), default=1, metavar="N", help="images (default 1)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="FOLDER", help="output folder")
     return parser
 
@@ -102,7 +102,7 @@ def load_image(path: Path, mode: str = "RGB", what: str = "image") -> PIL.Image.
 def check_edit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
     """txt2img's checks (model, prompt, output folder, device, attention) plus a readable ``--image``."""
     args.prompt_file = None
-    _, device = _check_args(parser, args)
+    _, device = check_args(parser, args)
     try:
         args.input_image = load_image(args.image)
     except ValueError as err:

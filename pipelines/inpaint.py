@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipelines.cli import float_in
 from pipelines.img2img import build_parser, load_image, run_edit_command
 from pipelines.pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline, outpaint_canvas
-from pipelines.txt2img import _float_in
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def build_inpaint_parser() -> argparse.ArgumentParser:
         "--outpaint", type=parse_outpaint, metavar="SIDE=PX,...", help="extend the image, e.g. left=64,bottom=32"
     )
     area.add_argument(
-        "--mask-blur", type=_float_in(0.0), default=0.0, metavar="PX", help="feather the final blend (px, default 0)"
+        "--mask-blur", type=float_in(0.0), default=0.0, metavar="PX", help="feather the final blend (px, default 0)"
     )
     return parser
 

@@ -26,8 +26,8 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from pipelines.cli import loading_bars_hidden
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
-from pipelines.txt2img import _loading_bars_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def stage(config: PublishConfig, staging: Path) -> Path:
         PublishError: the model folder cannot be published as it is.
     """
     model_dir = Path(config.model).expanduser()
-    with _loading_bars_hidden():  # stderr keeps room for the one-line error
+    with loading_bars_hidden():  # stderr keeps room for the one-line error
         pipe = load_for_publishing(model_dir, config.allow_pickle)
         data, body = read_card(model_dir, config.repo_id)  # fails before anything is written
         staging.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ def publish(config: PublishConfig, dry_run: str | Path | None = None) -> str:
 # ---------------------------------------------------------------------------------------------------------- main
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line."""
 
     def error(self, message: str) -> NoReturn:
@@ -226,7 +226,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``publish`` argument parser (errors: one line on stderr, exit status 2)."""
-    parser = _Parser(prog="python -m pipelines.publish", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m pipelines.publish", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, metavar="FOLDER", help="a diffusers pipeline folder")
     parser.add_argument("--repo-id", required=True, metavar="NAME", help="Hub repository, e.g. user/my-model")
     parser.add_argument("--private", action="store_true", help="create the repository private")

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from ldm.tokenizer import build_clip_tokenizer
-from pipelines.txt2img import save_png
+from pipelines.cli import save_png
 
 TINY_OPEN_CLIP = "test-tiny-open-clip"
 PROMPTS = ["a red circle on the left", "a blue square on the right", "noise", "a green circle"]

@@ -14,7 +14,8 @@ from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from pipelines import LatentDiffusionPipeline
-from pipelines.txt2img import main, read_prompts, slugify
+from pipelines.cli import read_prompts, slugify
+from pipelines.txt2img import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
