@@ -27,6 +27,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from pipelines.cli import loading_bars_hidden
+from pipelines.grid import sample_grid
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
@@ -153,9 +154,6 @@ def stage(config: PublishConfig, staging: Path) -> Path:
         shutil.copyfile(model_dir / "samples.png", staging / "samples.png")
         files.append("samples.png")
     elif config.samples:
-        # training imports pipelines, so this import stays local to the one function that needs it
-        from training.validation import sample_grid
-
         grid = sample_grid(pipe, list(SAMPLE_PROMPTS), seed=SAMPLE_SEED, num_inference_steps=config.sample_steps,
                            guidance_scale=SAMPLE_GUIDANCE_SCALE)  # fmt: skip
         grid.save(staging / "samples.png")

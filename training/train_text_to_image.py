@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel
 from ldm.diffusion import diffusion_loss, q_sample, training_target
 from ldm.text import encode_prompts
 from pipelines import LatentDiffusionPipeline
+from pipelines.grid import sample_grid
 from pipelines.publish import PublishConfig, PublishError, check_repo_id, publish
 from training.cache import CachedLatentDataset, build_cache, cache_fingerprint, cache_is_current, collate_cached
 from training.checkpoint import resolve_resume
@@ -45,7 +46,7 @@ from training.data import ImageCaptionDataset, collate
 from training.loop import TrainLoop
 from training.models import LoraState, add_lora, load_training_models, reload_frozen, save_lora
 from training.objective import ObjectiveConfig, diffusion_training_loss, drop_captions
-from training.validation import sample_grid, write_model_card
+from training.validation import write_model_card
 
 logger = logging.getLogger("training")
 

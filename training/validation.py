@@ -1,4 +1,4 @@
-"""Validation samples during training (a PNG grid of fixed prompts and seeds) and the model card of a trained model."""
+"""The model card of a trained model and its training figures (the loss curve)."""
 
 from __future__ import annotations
 
@@ -8,38 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
-import torch
-from diffusers.utils import make_image_grid
 
-from pipelines import LatentDiffusionPipeline
 from training.plots import line_chart
-
-
-@torch.no_grad()
-def sample_grid(
-    pipe: LatentDiffusionPipeline,
-    prompts: list[str],
-    *,
-    seed: int,
-    num_inference_steps: int,
-    guidance_scale: float,
-    images_per_prompt: int = 2,
-) -> PIL.Image.Image:
-    """One row per prompt, ``images_per_prompt`` columns; image j of every prompt uses seed ``seed + j``, so grids
-    of successive steps are comparable cell by cell."""
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for prompt in prompts:
-        generators = [torch.Generator().manual_seed(seed + j) for j in range(images_per_prompt)]
-        images += pipe(
-            prompt,
-            num_images_per_prompt=images_per_prompt,
-            generator=generators,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-        ).images
-    return make_image_grid(images, rows=len(prompts), cols=images_per_prompt)
 
 
 def loss_curve_png(steps: Sequence[int], losses: Sequence[float], path: str | Path) -> Path:
