@@ -43,6 +43,14 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see --help)\n")
 
+    def parse_or_status(self, argv: list[str] | None) -> argparse.Namespace | int:
+        """The parsed arguments, or the exit status (0 for ``--help``, 2 for a bad argument) for a ``main`` that
+        returns its status instead of exiting."""
+        try:
+            return self.parse_args(argv)
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else 2
+
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:

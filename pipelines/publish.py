@@ -12,21 +12,19 @@ never reads, prints, logs or writes it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from pipelines.cli import loading_bars_hidden
+from pipelines.cli import OneLineParser, int_at_least, loading_bars_hidden
 from pipelines.grid import sample_grid
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
@@ -205,24 +203,7 @@ def publish(config: PublishConfig, dry_run: str | Path | None = None) -> str:
 # ---------------------------------------------------------------------------------------------------------- main
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     """The ``publish`` argument parser (errors: one line on stderr, exit status 2)."""
     parser = OneLineParser(prog="python -m pipelines.publish", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, metavar="FOLDER", help="a diffusers pipeline folder")
@@ -236,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (they can run code)")
     parser.add_argument("--no-samples", action="store_true", help="do not draw a sample grid when there is none")
     parser.add_argument(
-        "--sample-steps", type=_positive_int, default=PublishConfig.sample_steps, metavar="N",
+        "--sample-steps", type=int_at_least(1), default=PublishConfig.sample_steps, metavar="N",
         help=f"sampling steps of a drawn sample grid (default {PublishConfig.sample_steps})",
     )  # fmt: skip
     return parser
@@ -244,11 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; prints the dry-run folder or the commit URL. Errors: one line, exit status 2."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = build_parser().parse_or_status(argv)
+    if isinstance(args, int):
+        return args
     config = PublishConfig(model=args.model, repo_id=args.repo_id, private=args.private, license=args.license,
                            commit_message=args.commit_message, allow_pickle=args.allow_pickle,
                            samples=not args.no_samples, sample_steps=args.sample_steps)  # fmt: skip
