@@ -26,6 +26,7 @@ from diffusers import StableDiffusionPipeline
 from ldm.attention import ATTENTION_BACKENDS
 from ldm.presets import PRESETS, build_components
 from pipelines import LatentDiffusionPipeline
+from pipelines.generation_defaults import GenerationDefaults
 from pipelines.schedulers import make_scheduler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (DDIM)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (DDIM; default: the model's, or 20)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's, or 7.5")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each pipeline (after one warm-up)")
     parser.add_argument("--memory", choices=MEMORY_MODES, default="none", help="memory-saving mode for both")
     parser.add_argument("--task", choices=("generate", "train"), default="generate")
@@ -94,10 +95,14 @@ def _device_name(device: torch.device) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Benchmark both pipelines; returns the JSON-able result."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    defaults = GenerationDefaults(num_inference_steps=20)
     if args.model:
-        components = LatentDiffusionPipeline.from_pretrained(args.model).components
+        loaded = LatentDiffusionPipeline.from_pretrained(args.model)
+        components, defaults = loaded.components, loaded.generation_defaults
     else:
         components = build_components(args.preset)
+    args.steps = args.steps or defaults.num_inference_steps
+    args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
     components["scheduler"] = make_scheduler("ddim", components["scheduler"].config)
     ours = LatentDiffusionPipeline(**components).to(dtype=dtype)
     stock = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
@@ -202,7 +207,7 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table and write the JSON file."""
     args = build_parser().parse_args(argv)
-    if min(args.steps, args.repeats, args.batch_size, args.train_steps) < 1:
+    if min(args.steps or 1, args.repeats, args.batch_size, args.train_steps) < 1:
         print("error: --steps, --repeats, --batch-size and --train-steps must be >= 1", file=sys.stderr)
         return 2
     try:

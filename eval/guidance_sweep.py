@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from eval.adherence import adherence_prompts, score_images
 from eval.features import extract_features, load_feature_extractor
 from eval.fid import fid_from_features, open_image_set
-from pipelines import LatentDiffusionPipeline
+from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline
 from pipelines.schedulers import SCHEDULERS, make_scheduler
 from training.plots import line_chart
 
@@ -35,7 +35,7 @@ DEFAULT_SCALES = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.guidance_sweep``."""
     parser = argparse.ArgumentParser(prog="python -m eval.guidance_sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a pipeline folder (or Hub id)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or Hub id (default: the shipped one)")
     parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="guidance scales")
     parser.add_argument("--num-prompts", type=int, default=90, help="held-out prompts from the shapes grammar")
     parser.add_argument("--prompt-seed", type=int, default=1, help="seed of the prompt choice")
@@ -66,7 +66,7 @@ def sweep(args: argparse.Namespace) -> dict:
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    steps = args.steps or 25
+    steps = args.steps or pipe.generation_defaults.num_inference_steps
     prompts = adherence_prompts(args.num_prompts, args.prompt_seed)
     extractor = real_features = None
     if args.real and args.features:

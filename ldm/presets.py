@@ -124,10 +124,13 @@ PRESETS: dict[str, ModelPreset] = {
             layers_per_block=2,
             attention_head_dim=4,
             cross_attention_dim=256,
+            norm_num_groups=8,
         ),
-        vae=VAEConfig(block_out_channels=(32, 64, 64), sample_size=64, layers_per_block=1),
+        # 8 groups, not Stable Diffusion's 32: with 32 channels a group of one is instance normalisation, which
+        # erases each feature map's mean, so colours drift and blob artifacts appear (StyleGAN2's "droplets").
+        vae=VAEConfig(block_out_channels=(32, 64, 64), sample_size=64, layers_per_block=1, norm_num_groups=8),
         text_encoder=TextEncoderConfig(
-            hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, projection_dim=256
         ),
     ),
     "sd15": ModelPreset(
@@ -171,14 +174,15 @@ def build_vae(preset: ModelPreset) -> AutoencoderKL:
     )
 
 
-def build_text_encoder(preset: ModelPreset) -> CLIPTextModel:
-    """A randomly initialised CLIP text transformer with CLIP's vocabulary and 77 positions."""
+def build_text_encoder(preset: ModelPreset, vocab_size: int = CLIP_VOCAB_SIZE) -> CLIPTextModel:
+    """A randomly initialised CLIP text transformer with 77 positions and CLIP's vocabulary, or a reduced one of
+    ``vocab_size`` tokens (``ldm.tokenizer.build_clip_tokenizer(texts=...)``: the specials are its last two ids)."""
     config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
+        vocab_size=vocab_size,
         max_position_embeddings=CLIP_MAX_LENGTH,
-        bos_token_id=CLIP_VOCAB_SIZE - 2,
-        eos_token_id=CLIP_VOCAB_SIZE - 1,
-        pad_token_id=CLIP_VOCAB_SIZE - 1,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
         **asdict(preset.text_encoder),
     )
     return CLIPTextModel(config)

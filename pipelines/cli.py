@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import re
+import sys
 import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,8 +26,9 @@ from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL: str | None = None
-"""The model used when ``--model`` is not given (a folder or Hub id); ``None`` makes ``--model`` required."""
+DEFAULT_MODEL: str = str(Path(__file__).resolve().parents[1] / "models" / "shapes")
+"""The model used when ``--model`` is not given: the small shapes model that ships in the repository
+(``models/shapes``, trained by ``training/recipes/shapes.sh``)."""
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
@@ -266,3 +268,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         reason = "is not installed (pip install xformers)" if not is_xformers_available() else "needs a CUDA device"
         parser.error(f"--attention xformers: xformers {reason}; use --attention sdpa (or sliced)")
     return prompts, device
+
+
+def report_error(err: Exception, what: str) -> int:
+    """Write ``err`` to stderr as one ``error: ...`` line (library messages can span lines; the traceback goes to the
+    debug log) and return the exit status 2, for a command's ``main``."""
+    logger.debug("%s failed", what, exc_info=err)
+    sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
+    return 2

@@ -60,7 +60,7 @@ def build_parser(prog: str, description: str, default_strength: float) -> argpar
         "--model",
         default=DEFAULT_MODEL,
         metavar="FOLDER_OR_HUB_ID",
-        help="a diffusers pipeline folder (with model_index.json) or a Hub id",
+        help="a diffusers pipeline folder (with model_index.json) or a Hub id (default: the shipped shapes model)",
     )
     model.add_argument("--device", default="auto", metavar="DEVICE", help="cuda, cuda:1, mps, cpu, or auto")
     model.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights' precision")
@@ -75,8 +75,12 @@ def build_parser(prog: str, description: str, default_strength: float) -> argpar
         help=f"fraction of the denoising redone, in (0, 1] (default {default_strength})",
     )
     sampling.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default: the model's)")
-    sampling.add_argument("--steps", type=int_at_least(1), default=50, metavar="N", help="steps at strength 1 (50)")
-    sampling.add_argument("--guidance-scale", type=float_in(0.0), default=7.5, metavar="G", help="guidance (7.5)")
+    sampling.add_argument(
+        "--steps", type=int_at_least(1), metavar="N", help="steps at strength 1 (default: the model's; SD: 50)"
+    )
+    sampling.add_argument(
+        "--guidance-scale", type=float_in(0.0), metavar="G", help="guidance (default: the model's; SD: 7.5)"
+    )
     sampling.add_argument("--eta", type=float_in(0.0), default=0.0, metavar="ETA", help="DDIM eta (0)")
     sampling.add_argument("--seed", type=seed_arg, metavar="N", help="seed of the first image; image i gets seed + i")
     sampling.add_argument("--num-images", type=int_at_least(1), default=1, metavar="N", help="images (default 1)")
@@ -120,7 +124,10 @@ def edit(
     ``inputs(pipe)`` returns the image, the mask (``None`` for img2img) and extra metadata.
     """
     pipe = load_pipeline(args.model, resolve_dtype(args.dtype, device))
+    defaults = pipe.generation_defaults
     pipe = LatentDiffusionEditPipeline(**pipe.components)
+    pipe.generation_defaults = defaults
+    steps, guidance_scale = pipe.sampling_settings(args.steps, args.guidance_scale)
     pipe.set_attention_backend(args.attention)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
@@ -135,8 +142,8 @@ def edit(
         mask_image=mask,
         strength=args.strength,
         negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
         num_images_per_prompt=args.num_images,
         eta=args.eta,
         generator=generators_for(seeds),
@@ -148,8 +155,8 @@ def edit(
         "negative_prompt": args.negative_prompt or "",
         "image": str(args.image),
         "strength": str(args.strength),
-        "steps": str(args.steps),
-        "guidance_scale": str(args.guidance_scale),
+        "steps": str(steps),
+        "guidance_scale": str(guidance_scale),
         "eta": str(args.eta),
         "scheduler": scheduler_name(pipe.scheduler),
         "height": str(image.height),

@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -33,6 +34,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldm.attention import set_attention_backend
 from ldm.guidance import guide, uses_classifier_free_guidance
 from ldm.text import encode_prompts, prompt_chunk_count
+from pipelines.generation_defaults import FILENAME as GENERATION_DEFAULTS_FILE
+from pipelines.generation_defaults import GenerationDefaults
+from pipelines.single_file import check_checkpoint_format
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +66,31 @@ def _fix_legacy_scheduler_config(scheduler: KarrasDiffusionSchedulers | None) ->
         scheduler._internal_dict = FrozenDict({**scheduler.config, **fixes})
 
 
+def _load_generation_defaults(model: str, kwargs: dict[str, Any]) -> GenerationDefaults:
+    """The defaults of a local folder, or of a Hub repository when its file is reachable (a repository without one,
+    or no network, gives stock's)."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = hf_hub_download(model, GENERATION_DEFAULTS_FILE, revision=kwargs.get("revision"),
+                                   cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
+                                   local_files_only=kwargs.get("local_files_only", False))  # fmt: skip
+        except (EntryNotFoundError, OSError, ValueError):
+            logger.debug("no %s for %s", GENERATION_DEFAULTS_FILE, model, exc_info=True)
+            return GenerationDefaults()
+        folder = Path(path).parent
+    return GenerationDefaults.load(folder)
+
+
 class LatentDiffusionPipeline(
-    DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+    FromSingleFileMixin,
 ):
     """Text-to-image generation with a latent diffusion model, a drop-in for ``StableDiffusionPipeline``.
 
@@ -75,7 +102,8 @@ class LatentDiffusionPipeline(
         scheduler: any diffusers scheduler (DDIM, DDPM, PNDM, Euler, DPM-Solver++, UniPC, ...).
 
     Loads any Stable Diffusion 1.x / 2.x folder or Hub id with ``from_pretrained`` (a safety checker in it is not
-    loaded), and saves folders that stock ``StableDiffusionPipeline.from_pretrained`` loads.
+    loaded), and saves folders that stock ``StableDiffusionPipeline.from_pretrained`` loads; ``from_single_file``
+    reads one-file checkpoints in the original SD layout.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -96,6 +124,40 @@ class LatentDiffusionPipeline(
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Set once a half-precision decode has overflowed: later decodes go straight to float32.
         self._upcast_vae_decode = False
+        # What a call uses for the settings it leaves out; from_pretrained reads the model's own.
+        self.generation_defaults = GenerationDefaults()
+
+    # ------------------------------------------------------------------------------------------------ load and save
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any):
+        """``DiffusionPipeline.from_pretrained``, plus the model's recommended sampling settings
+        (``generation_defaults.json`` in the folder or Hub repository, when it has one)."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.generation_defaults = _load_generation_defaults(str(pretrained_model_name_or_path), kwargs)
+        return pipe
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | Path, *, allow_pickle: bool = False, **kwargs: Any):
+        """``FromSingleFileMixin.from_single_file``: a checkpoint in the original SD 1.x layout (one file, as
+        :func:`pipelines.single_file.export_single_file` writes it), with the architecture, tokenizer and scheduler
+        from ``config=`` (a diffusers folder or Hub id; offline, a local folder) and that folder's recommended
+        sampling settings. A file that is not ``.safetensors`` is a pickle and is refused unless ``allow_pickle``.
+
+        Raises:
+            ValueError: a pickle file without ``allow_pickle``.
+        """
+        check_checkpoint_format(pretrained_model_link_or_path, allow_pickle)
+        pipe = super().from_single_file(str(pretrained_model_link_or_path), **kwargs)
+        if kwargs.get("config") is not None:
+            pipe.generation_defaults = _load_generation_defaults(str(kwargs["config"]), kwargs)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """``DiffusionPipeline.save_pretrained``, plus ``generation_defaults.json`` when they are not stock's."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.generation_defaults != GenerationDefaults():
+            self.generation_defaults.save(save_directory)
 
     # ------------------------------------------------------------------------------------------------ set-up helpers
 
@@ -125,6 +187,12 @@ class LatentDiffusionPipeline(
         sample_size = self.unet.config.sample_size
         sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
         return sample_size * self.vae_scale_factor
+
+    def sampling_settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """The steps and guidance scale a call uses: the ones given, else the model's ``generation_defaults``."""
+        defaults = self.generation_defaults
+        return (defaults.num_inference_steps if num_inference_steps is None else num_inference_steps,
+                defaults.guidance_scale if guidance_scale is None else guidance_scale)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------- 1. inputs
 
@@ -416,10 +484,10 @@ class LatentDiffusionPipeline(
         prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -440,9 +508,11 @@ class LatentDiffusionPipeline(
         Args:
             prompt: the text(s) to draw. Longer than 77 tokens is fine; ``(word:1.3)`` weights a part.
             height, width: image size in pixels, multiples of the VAE factor (default: the model's native size).
-            num_inference_steps: denoising steps (the scheduler picks which of the training timesteps to visit).
+            num_inference_steps: denoising steps (the scheduler picks which of the training timesteps to visit);
+                default: the model's ``generation_defaults`` (50 for a Stable Diffusion folder).
             timesteps, sigmas: custom timesteps / sigmas for schedulers that accept them.
-            guidance_scale: classifier-free guidance scale g; <= 1 disables guidance (and its extra U-Net pass).
+            guidance_scale: classifier-free guidance scale g; <= 1 disables guidance (and its extra U-Net pass);
+                default: the model's ``generation_defaults`` (7.5 for a Stable Diffusion folder).
             negative_prompt: what to guide away from (replaces the empty prompt in the unconditional pass).
             num_images_per_prompt: images per prompt.
             eta: DDIM's eta (0: deterministic DDIM, 1: ancestral DDPM-like); ignored by other schedulers.
@@ -462,6 +532,7 @@ class LatentDiffusionPipeline(
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         height = height or self.default_size
         width = width or self.default_size
+        num_inference_steps, guidance_scale = self.sampling_settings(num_inference_steps, guidance_scale)
 
         # 1. Check inputs.
         self.check_inputs(

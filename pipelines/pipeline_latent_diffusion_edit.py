@@ -225,10 +225,10 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
         image: PipelineImageInput = None,
         mask_image: PipelineImageInput | None = None,
         strength: float | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -264,6 +264,7 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
         inpainting = mask_image is not None
         if strength is None:
             strength = INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
+        num_inference_steps, guidance_scale = self.sampling_settings(num_inference_steps, guidance_scale)
 
         # 1. Check inputs.
         height, width = self.check_edit_inputs(image, mask_image, strength, mask_blur)

@@ -30,6 +30,7 @@ from pipelines.cli import (
     int_at_least,
     load_pipeline,
     next_index,
+    report_error,
     resolve_dtype,
     save_png,
     seed_arg,
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=DEFAULT_MODEL,
         metavar="FOLDER_OR_HUB_ID",
-        help="a diffusers pipeline folder (with model_index.json) or a Hub id"
-        + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else " (required)"),
+        help="a diffusers pipeline folder (with model_index.json) or a Hub id (default: the shipped shapes model, "
+        "models/shapes)",
     )
     model.add_argument(
         "--device", default="auto", metavar="DEVICE", help="cuda, cuda:1, mps, cpu, or auto (default: cuda, mps, cpu)"
@@ -97,14 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler", choices=list(SCHEDULERS), help="sampler (default: the one saved with the model)"
     )
     sampling.add_argument(
-        "--steps", type=int_at_least(1), default=50, metavar="N", help="denoising steps (default 50)"
+        "--steps",
+        type=int_at_least(1),
+        metavar="N",
+        help="denoising steps (default: the model's generation_defaults.json; 50 for Stable Diffusion)",
     )
     sampling.add_argument(
         "--guidance-scale",
         type=float_in(0.0),
-        default=7.5,
         metavar="G",
-        help="classifier-free guidance; <= 1 disables it (7.5)",
+        help="classifier-free guidance; <= 1 disables it (default: the model's; 7.5 for Stable Diffusion)",
     )
     sampling.add_argument(
         "--guidance-rescale",
@@ -146,11 +149,12 @@ def generate(args: argparse.Namespace, prompts: list[str], device: torch.device)
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(device)
 
+    steps, guidance_scale = pipe.sampling_settings(args.steps, args.guidance_scale)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     metadata = {
         "negative_prompt": args.negative_prompt or "",
-        "steps": str(args.steps),
-        "guidance_scale": str(args.guidance_scale),
+        "steps": str(steps),
+        "guidance_scale": str(guidance_scale),
         "guidance_rescale": str(args.guidance_rescale),
         "eta": str(args.eta),
         "scheduler": scheduler_name(pipe.scheduler),
@@ -173,8 +177,8 @@ def generate(args: argparse.Namespace, prompts: list[str], device: torch.device)
             negative_prompt=args.negative_prompt,
             height=args.height,
             width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
             guidance_rescale=args.guidance_rescale,
             num_images_per_prompt=args.num_images,
             eta=args.eta,
@@ -209,10 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generate(args, prompts, device)
     except (ValueError, OSError) as err:
-        logger.debug("generation failed", exc_info=True)
-        message = " ".join(str(err).split())  # library messages can span lines; keep the error on one
-        sys.stderr.write(f"error: {message}\n")
-        return 2
+        return report_error(err, "generation")
     return 0
 
 

@@ -168,5 +168,9 @@ def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    # The adapter's config (rank and alpha) goes into the file's metadata: without it, diffusers loads the LoRA
+    # with alpha = rank, the wrong strength for any LoRA trained with another --lora-alpha.
+    metadata = next(iter(unet.peft_config.values())).to_dict()
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=metadata)  # fmt: skip
     return Path(folder) / "pytorch_lora_weights.safetensors"

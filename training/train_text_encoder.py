@@ -4,7 +4,8 @@
     python -m training.train_text_to_image --preset tiny --text-encoder runs/clip --vae runs/vae --dataset DATA ...
 
 The model is transformers' ``CLIPModel``: its text tower has exactly the preset's text-encoder size (the
-``CLIPTextConfig`` that :func:`ldm.presets.build_text_encoder` builds: CLIP's 49,408-token vocabulary, 77 positions),
+``CLIPTextConfig`` that :func:`ldm.presets.build_text_encoder` builds: CLIP's 49,408-token vocabulary, or with
+``--vocabulary captions`` only the tokens the captions use, 77 positions),
 its vision tower is a small ViT for the training resolution (by default an 8x8 grid of patches and the text tower's
 width, depth and heads), and tokens come from :func:`ldm.tokenizer.build_clip_tokenizer`. The loss is CLIP's
 symmetric InfoNCE with the learnable temperature (clamped at ``--max-logit-scale``, as in CLIP), with one change:
@@ -43,7 +44,7 @@ from transformers import (
 )
 
 from ldm.presets import PRESETS, build_text_encoder, get_preset
-from ldm.tokenizer import CLIP_MAX_LENGTH, build_clip_tokenizer
+from ldm.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
 from training.checkpoint import resolve_resume
 from training.command import (
     LR_SCHEDULES,
@@ -77,6 +78,11 @@ class TextEncoderTrainConfig(LoopConfig):
     vision_layers: int | None = help_field(None, "ViT layers (default: the text tower's)")
     vision_heads: int | None = help_field(None, "ViT attention heads (default: the text tower's)")
     projection_dim: int | None = help_field(None, "shared embedding size (default: the preset's projection_dim)")
+    vocabulary: Literal["clip", "captions"] = help_field(
+        "clip",
+        "token vocabulary: CLIP's full 49,408 tokens, or only those the training and held-out captions use "
+        "(CLIP's byte symbols and the merges those captions need: a far smaller embedding table)",
+    )
     logit_scale_init: float = help_field(math.log(1 / 0.07), "initial log of the inverse temperature (CLIP's)")
     max_logit_scale: float = help_field(100.0, "the inverse temperature is clamped at this value (CLIP's)")
     # data
@@ -131,10 +137,22 @@ class TextEncoderTrainConfig(LoopConfig):
 # The model and its loss
 
 
-def build_clip(config: TextEncoderTrainConfig) -> CLIPModel:
-    """A ``CLIPModel`` whose text tower is the preset's text encoder, initialised from ``seed`` alone."""
+def build_tokenizer(config: TextEncoderTrainConfig, records: list[ImageCaptionRecords]) -> CLIPTokenizer:
+    """CLIP's tokenizer, or with ``vocabulary: captions`` one reduced to the tokens of every caption in ``records``."""
+    if config.vocabulary == "clip":
+        return build_clip_tokenizer()
+    captions = sorted({caption for rs in records for record in rs.records for caption in record.captions})
+    tokenizer = build_clip_tokenizer(texts=captions)
+    logger.info("vocabulary of the %d distinct captions: %d tokens (CLIP's has %d)", len(captions), len(tokenizer),
+                CLIP_VOCAB_SIZE)  # fmt: skip
+    return tokenizer
+
+
+def build_clip(config: TextEncoderTrainConfig, vocab_size: int = CLIP_VOCAB_SIZE) -> CLIPModel:
+    """A ``CLIPModel`` whose text tower is the preset's text encoder (with a vocabulary of ``vocab_size`` tokens),
+    initialised from ``seed`` alone."""
     with torch.device("meta"):  # the preset's exact CLIPTextConfig, from ldm.presets, without allocating weights
-        text_config = build_text_encoder(get_preset(config.preset)).config
+        text_config = build_text_encoder(get_preset(config.preset), vocab_size).config
     width = config.vision_width or text_config.hidden_size
     vision_config = CLIPVisionConfig(
         hidden_size=width,
@@ -279,8 +297,8 @@ def train(config: TextEncoderTrainConfig) -> Path:
         held_out = ImageCaptionDataset(held_out_records, resolution=config.resolution)
 
     # ---------------------------------------------------------------------------------------------------- models
-    tokenizer = build_clip_tokenizer()
-    clip = build_clip(config)
+    tokenizer = build_tokenizer(config, [r for r in (records, held_out_records) if r is not None])
+    clip = build_clip(config, len(tokenizer))
     if config.gradient_checkpointing:
         clip.gradient_checkpointing_enable()
     clip.train()

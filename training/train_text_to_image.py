@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel
 from ldm.diffusion import diffusion_loss, q_sample, training_target
 from ldm.text import encode_prompts
 from pipelines import LatentDiffusionPipeline
+from pipelines.generation_defaults import GenerationDefaults
 from pipelines.grid import sample_grid
 from pipelines.publish import PublishConfig, PublishError, check_repo_id, publish
 from training.cache import CachedLatentDataset, build_cache, cache_fingerprint, cache_is_current, collate_cached
@@ -219,7 +220,8 @@ def train(config: TrainConfig) -> Path:
             if loop.due(config.validation_steps):
                 validate()
     if accelerator.is_main_process:
-        metrics.update(**loop.summary(), cache=config.cache, processes=accelerator.num_processes)
+        metrics.update(**loop.summary(), cache=config.cache, processes=accelerator.num_processes,
+                       config=to_dict(config))  # fmt: skip
     if loop.stopped_early:
         accelerator.end_training()
         return checkpoints_dir
@@ -236,7 +238,12 @@ def train(config: TrainConfig) -> Path:
                 ema.copy_to(base_unet.parameters())
             if weight_dtype != torch.float32:  # save the frozen parts as they were, not their half-precision copies
                 models = reload_frozen(models)
-            _pipeline(base_unet, models).save_pretrained(final_dir)
+            pipe = _pipeline(base_unet, models)
+            # The settings its validation grids were sampled at become the model's defaults (a recipe that finds
+            # better ones, say by a guidance sweep, overwrites generation_defaults.json).
+            pipe.generation_defaults = GenerationDefaults(config.validation_inference_steps,
+                                                          config.validation_guidance_scale)  # fmt: skip
+            pipe.save_pretrained(final_dir)
         grid_name = None
         if config.validation_prompts:
             grid_name = "samples.png"

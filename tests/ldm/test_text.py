@@ -146,6 +146,44 @@ def test_tokenizer_round_trips_through_save_pretrained(tmp_path, pad_token: str)
     assert loaded.pad_token_id == tokenizer.pad_token_id
 
 
+CAPTIONS = ["a red circle on the left", "an orange triangle at the top", "a purple shape in the center"]
+
+
+def test_reduced_vocabulary_splits_its_texts_exactly_as_clip(tokenizer: CLIPTokenizer) -> None:
+    reduced = build_clip_tokenizer(texts=CAPTIONS)
+    # 512 byte symbols + the merges these words need (each merge one token) + BOS, EOS
+    words = {token for text in CAPTIONS for token in tokenizer.tokenize(text)}
+    assert 512 + len(words) < len(reduced) < 600
+    assert (reduced.bos_token_id, reduced.eos_token_id, reduced.pad_token_id) == (len(reduced) - 2,) + (
+        len(reduced) - 1,
+    ) * 2
+    for text in CAPTIONS + ["A Red CIRCLE, on the left!"]:
+        assert reduced.tokenize(text) == tokenizer.tokenize(text)
+        full_ids, ids = tokenizer(text).input_ids, reduced(text).input_ids
+        # the same tokens, renumbered: every id maps back to CLIP's token string
+        assert reduced.convert_ids_to_tokens(ids) == tokenizer.convert_ids_to_tokens(full_ids)
+    # byte symbols keep CLIP's ids (they come first in both)
+    assert reduced("a").input_ids[1] == tokenizer("a").input_ids[1] == 320
+
+
+@pytest.mark.parametrize("prompt", TOKENIZER_PROMPTS)
+def test_reduced_vocabulary_tokenizes_any_text_without_unknown_tokens(prompt: str) -> None:
+    reduced = build_clip_tokenizer(texts=CAPTIONS)
+    tokens = reduced.tokenize(prompt)
+    assert "".join(tokens).replace("</w>", "") == "".join(build_clip_tokenizer().tokenize(prompt)).replace("</w>", "")
+    assert reduced.unk_token_id not in reduced(prompt).input_ids[1:-1] or not prompt.strip()
+
+
+def test_reduced_vocabulary_round_trips_through_save_pretrained(tmp_path) -> None:
+    reduced = build_clip_tokenizer(texts=CAPTIONS)
+    reduced.save_pretrained(tmp_path)
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    prompts = CAPTIONS + TOKENIZER_PROMPTS
+    kwargs = {"padding": "max_length", "max_length": 77, "truncation": True}
+    assert len(loaded) == len(reduced)
+    assert loaded(prompts, **kwargs).input_ids == reduced(prompts, **kwargs).input_ids
+
+
 # --- parity with stock diffusers --------------------------------------------------------------------------------
 
 PARITY_PROMPTS = ["a photo of an astronaut riding a horse", "", "Hello, world! It's 3.14: no weights; café 東京"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from pipelines import LatentDiffusionPipeline
+from pipelines.generation_defaults import GenerationDefaults
+from training.recipes.shapes_model import choose_guidance, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,14 +25,38 @@ def test_toy_recipe_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     final = Path(result.stdout.strip().splitlines()[-1])
-    assert final == tmp_path / "unet" / "pipeline"
+    assert final == tmp_path / "model"
     ours = LatentDiffusionPipeline.from_pretrained(final)
     assert ours.scheduler.config.prediction_type == "v_prediction" and ours.scheduler.config.rescale_betas_zero_snr
     assert ours.vae.config.scaling_factor != 0.18215  # measured by the autoencoder stage, not the SD default
+    assert ours.tokenizer.vocab_size < 600  # the captions' vocabulary, not CLIP's 49,408 tokens
+    # the default guidance is the sweep's best scale
+    sweep = json.loads((tmp_path / "eval" / "sweep" / "sweep.json").read_text())
+    assert ours.generation_defaults == GenerationDefaults(sweep["steps"], choose_guidance(sweep["rows"]))
     image = ours("a red circle on the left", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert image[0].size == (64, 64)
     assert StableDiffusionPipeline.from_pretrained(final, safety_checker=None).unet is not None
+    # the model card carries the figures the evaluation stages measured, and its pictures are there
+    card = (final / "README.md").read_text()
+    adherence = json.loads((tmp_path / "eval" / "adherence" / "adherence.json").read_text())["summary"]
+    assert f"{adherence['all_correct_rate']:.1%} of images fully right" in card
+    assert "pipeline_tag: text-to-image" in card and "PSNR" in card and "FID" in card
+    for figure in ("samples.png", "guidance_sweep.png", "loss.png"):
+        assert f"]({figure})" in card and (final / figure).is_file()
     # a second run finds every stage done and only prints the model's folder again
     again = subprocess.run(["bash", "training/recipes/shapes.sh", str(tmp_path)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(final)
+
+
+def test_choose_guidance_takes_the_best_and_the_smallest_among_equals():
+    rows = [{"guidance_scale": g, "all_correct": a} for g, a in [(1, 0.2), (3, 0.9), (5, 0.9), (7.5, 0.8)]]
+    assert choose_guidance(rows) == 3
+    assert choose_guidance(rows[:1]) == 1
+    with pytest.raises(ValueError, match="no rows"):
+        choose_guidance([])
+
+
+def test_model_steps_name_the_missing_stage(tmp_path, capsys):
+    assert main(["folder", "--run", str(tmp_path)]) == 2
+    assert "sweep.json is missing; run training/recipes/shapes.sh" in capsys.readouterr().err

@@ -181,3 +181,27 @@ def test_resume_continues_exactly(shapes_dir, tmp_path):
     checkpoint = tmp_path / "cosine" / "checkpoints" / "step-000003"
     resumed = train(config(shapes_dir, tmp_path / "cosine-resumed", resume=str(checkpoint)))
     assert_same_weights(clip_weights(cosine), clip_weights(resumed))
+
+
+def test_caption_vocabulary_exports_a_small_embedding_table(shapes_dir, tmp_path):
+    out = train(config(shapes_dir, tmp_path, vocabulary="captions", max_train_steps=2, checkpointing_steps=2))
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(out / "text_encoder")
+    _, captions = shapes(shapes_dir)
+    assert encoder.config.vocab_size == len(tokenizer) < 600  # CLIP's byte symbols + the captions' merges + 2
+    assert encoder.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    specials = (encoder.config.bos_token_id, encoder.config.eos_token_id)
+    assert specials == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    full = build_clip_tokenizer()
+    assert [tokenizer.tokenize(c) for c in captions] == [full.tokenize(c) for c in captions]
+    # the pooled output reads the EOS position, which the reduced ids still mark
+    with torch.no_grad():
+        pooled = encoder(tokenize(tokenizer, captions)).pooler_output
+    assert pooled.shape == (len(captions), encoder.config.hidden_size) and torch.isfinite(pooled).all()
+
+
+def test_unknown_vocabulary_names_the_field_and_the_choices(shapes_dir):
+    from training.config import from_dict
+
+    with pytest.raises(ConfigError, match="vocabulary must be one of 'clip', 'captions'; got 'bpe'"):
+        from_dict(TextEncoderTrainConfig, {"dataset": shapes_dir, "vocabulary": "bpe"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from pipelines import LatentDiffusionPipeline
+from pipelines.generation_defaults import GenerationDefaults
 from training.checkpoint import latest_checkpoint
 from training.config import ConfigError
 from training.train_text_to_image import TrainConfig, main, train
@@ -143,6 +145,9 @@ def test_output_folder_loads_in_stock_diffusers_and_ours(tiny_sd_dir, shapes_dir
     card = (final / "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and f"base_model: {tiny_sd_dir}" in card and "samples.png" in card
     assert (final / "samples.png").is_file() and (tmp_path / "samples" / "step-000003.png").is_file()
+    # the settings the validation grids used are the model's defaults
+    assert ours.generation_defaults == GenerationDefaults(num_inference_steps=2, guidance_scale=7.5)
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["validation_inference_steps"] == 2
 
 
 def test_lora_weights_load_in_stock_diffusers(tiny_sd_dir, shapes_dir, tmp_path):

@@ -3,19 +3,21 @@
 # the CLIP text encoder (contrastive), then the U-Net (v-prediction, zero terminal SNR, caption dropout for
 # classifier-free guidance). Every stage checkpoints and resumes: run the script again to continue where it stopped.
 #
-#   bash training/recipes/shapes.sh [OUT]             # the full recipe (about 70 minutes on 2 idle CPU cores)
+#   bash training/recipes/shapes.sh [OUT]             # the full recipe (about 100 minutes on 2 CPU cores)
 #   SCALE=toy bash training/recipes/shapes.sh OUT      # the same chain at a toy size, in minutes
 #
-# Sizing (2 idle CPU cores, small preset, 64 px; measured with a 12-20 step run of each stage): autoencoder 0.76
-# steps/s at batch 32, CLIP 0.70 steps/s at batch 64, U-Net 1.61 steps/s at batch 32 with cached latents; so about
-# 13 + 12 + 41 minutes for the steps below, plus data and evaluation.
+# Measured for the shipped model (2 CPU cores, small preset, 64 px): data under a minute; autoencoder 1200 steps at
+# batch 32 in 20 min (1.0 steps/s); CLIP 500 steps at batch 64 in 10 min; U-Net 6000 steps at batch 32 with cached
+# latents in 61 min (1.7 steps/s); the guidance sweep, adherence, FID, benchmark and card in 5 min.
 set -euo pipefail
 OUT=${1:-runs/shapes}
 SCALE=${SCALE:-full}
 if [ "$SCALE" = toy ]; then
   N=256 N_TEST=64 VAE_STEPS=20 CLIP_STEPS=20 UNET_STEPS=30 BATCH=16 EVERY=10
+  SCALES="1 3" SWEEP_PROMPTS=8 EVAL_PROMPTS=8 REPEATS=1 SAMPLE_STEPS=4
 elif [ "$SCALE" = full ]; then
-  N=20000 N_TEST=1000 VAE_STEPS=600 CLIP_STEPS=500 UNET_STEPS=4000 BATCH=32 EVERY=200
+  N=20000 N_TEST=1000 VAE_STEPS=1200 CLIP_STEPS=500 UNET_STEPS=6000 BATCH=32 EVERY=200
+  SCALES="1 2 3 4 5 7.5" SWEEP_PROMPTS=90 EVAL_PROMPTS=300 REPEATS=5 SAMPLE_STEPS=25
 else
   echo "error: SCALE must be toy or full; got $SCALE" >&2; exit 2
 fi
@@ -41,7 +43,7 @@ stage "autoencoder"
 stage "text encoder"
 [ -d "$OUT/clip/text_encoder" ] || python -m training.train_text_encoder --dataset "$OUT/data/train" --preset small \
   --validation-dataset "$OUT/data/test" --validation-steps "$EVERY" --max-validation-images 256 \
-  --max-train-steps "$CLIP_STEPS" --learning-rate 5e-4 --lr-warmup-steps 100 --report-to none \
+  --vocabulary captions --vision-layers 4 --max-train-steps "$CLIP_STEPS" --learning-rate 5e-4 --lr-warmup-steps 100 --report-to none \
   --output-dir "$OUT/clip" "${COMMON[@]}" --train-batch-size "$((BATCH * 2))"
 
 stage "U-Net"
@@ -51,8 +53,42 @@ stage "U-Net"
   --caption-dropout 0.1 --cache --learning-rate 5e-4 --lr-scheduler cosine --lr-warmup-steps 200 \
   --ema-decay 0.999 --max-train-steps "$UNET_STEPS" --validation-steps "$((EVERY * 2))" \
   --validation-prompts "a red circle on the left" "a blue square at the top" "a green triangle in the center" \
-  "a purple circle at the bottom" --validation-inference-steps 25 --validation-guidance-scale 3 \
+  "a purple circle at the bottom" --validation-inference-steps "$SAMPLE_STEPS" --validation-guidance-scale 3 \
   --output-dir "$OUT/unet" "${COMMON[@]}"
 
+# Evaluation and the shipped folder. The sweep picks the default guidance scale on its own prompts and seeds; the
+# adherence, FID and speed figures of the card come from other prompts and seeds, at the chosen defaults.
+EVAL="$OUT/eval"
+CLIP_FEATURES="clip:$OUT/clip/clip"
+
+stage "guidance sweep"
+[ -f "$EVAL/sweep/sweep.json" ] || python -m eval.guidance_sweep --model "$OUT/unet/pipeline" --scales $SCALES \
+  --num-prompts "$SWEEP_PROMPTS" --real "$OUT/data/test" --features "$CLIP_FEATURES" --out "$EVAL/sweep" >/dev/null
+
+stage "model folder"
+[ -d "$OUT/model" ] || python -m training.recipes.shapes_model folder --run "$OUT" >/dev/null
+
+stage "prompt adherence"
+if [ ! -f "$EVAL/adherence/adherence.json" ]; then
+  python -m eval.adherence --write-prompts "$EVAL/prompts.txt" --num-prompts "$EVAL_PROMPTS" --seed 2 >/dev/null
+  rm -rf "$EVAL/images"
+  python -m pipelines.txt2img --model "$OUT/model" --prompt-file "$EVAL/prompts.txt" --seed 100000 \
+    --batch-size 16 --out "$EVAL/images" >/dev/null
+  python -m eval.adherence --images "$EVAL/images" --out "$EVAL/adherence" >/dev/null
+fi
+
+stage "FID"
+[ -f "$EVAL/fid.json" ] || python -m eval.fid --real "$OUT/data/test" --fake "$EVAL/images" \
+  --features "$CLIP_FEATURES" --max-images "$EVAL_PROMPTS" --out "$EVAL/fid.json" >/dev/null
+[ -f "$EVAL/fid_floor.json" ] || python -m eval.fid --real "$OUT/data/test" --fake "$OUT/data/train" \
+  --features "$CLIP_FEATURES" --max-images "$EVAL_PROMPTS" --out "$EVAL/fid_floor.json" >/dev/null
+
+stage "benchmark"
+[ -f "$EVAL/benchmark.json" ] || python -m eval.benchmark --model "$OUT/model" --batch-size 4 --repeats "$REPEATS" \
+  --out "$EVAL/benchmark.json" >/dev/null
+
+stage "model card"
+python -m training.recipes.shapes_model card --run "$OUT" >/dev/null
+
 stage "done"
-echo "$OUT/unet/pipeline"
+echo "$OUT/model"

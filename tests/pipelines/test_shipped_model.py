@@ -1,0 +1,205 @@
+"""The model that ships in ``models/shapes``: the default of the commands, loads in ours and in stock diffusers with
+the same images, keeps the zero-terminal-SNR schedule it was trained with, its images at the defaults follow the
+prompts (scored by ``eval.adherence``, which reads colour, shape and position from the pixels), and it edits images:
+inpainting, outpainting and img2img."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from eval.adherence import adherence_prompts, score_images
+from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline
+from pipelines.generation_defaults import GenerationDefaults
+from pipelines.txt2img import main as txt2img
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = Path(DEFAULT_MODEL)
+# On these 30 prompts and seeds the shipped model gets colour and shape right at least 0.97 of the time (300 prompts in
+# models/shapes/README.md: 0.99, 0.98); the floor leaves room for other CPUs' and torch releases' float differences.
+ADHERENCE_FLOOR = 0.85
+MAX_FOLDER_MB = 31
+
+
+@pytest.fixture(scope="module")
+def pipe() -> LatentDiffusionPipeline:
+    return LatentDiffusionPipeline.from_pretrained(MODEL)
+
+
+def test_default_model_is_the_shipped_folder() -> None:
+    assert MODEL == REPO / "models" / "shapes"
+    assert (MODEL / "model_index.json").is_file() and (MODEL / "README.md").is_file()
+
+
+def test_folder_is_small_and_holds_only_safetensors_weights() -> None:
+    files = [f for f in MODEL.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) / 1e6 <= MAX_FOLDER_MB
+    assert not [f for f in files if f.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl")]
+    for component in ("unet", "vae", "text_encoder"):
+        assert list((MODEL / component).glob("*.safetensors")), component
+
+
+def test_defaults_are_the_models_own(pipe: LatentDiffusionPipeline) -> None:
+    defaults = GenerationDefaults.load(MODEL)
+    assert pipe.generation_defaults == defaults != GenerationDefaults()  # not Stable Diffusion's 50 steps at 7.5
+    assert pipe.default_size == 64
+
+
+def test_schedule_reaches_zero_terminal_snr(pipe: LatentDiffusionPipeline) -> None:
+    # With Stable Diffusion's plain scaled_linear schedule x_T keeps sqrt(alpha_bar_T) ~ 6.8 % of the signal, and a
+    # model trained on it read the object's position from that leftover signal instead of the prompt (position
+    # right 19 % of the time). The shipped model is trained and sampled with zero terminal SNR and v-prediction.
+    config = pipe.scheduler.config
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert config.rescale_betas_zero_snr and config.prediction_type == "v_prediction"
+    assert config.timestep_spacing == "trailing"  # the first sampling step is t = T, where the SNR is zero
+    plain = DDIMScheduler.from_config({**config, "rescale_betas_zero_snr": False})
+    assert plain.alphas_cumprod[-1].sqrt() == pytest.approx(0.068, abs=0.002)
+    assert pipe.scheduler.alphas_cumprod[-1].sqrt() < 1e-3
+    pipe.scheduler.set_timesteps(pipe.generation_defaults.num_inference_steps)
+    assert int(pipe.scheduler.timesteps[0]) == config.num_train_timesteps - 1
+
+
+def test_loads_in_stock_diffusers_with_the_same_images(pipe: LatentDiffusionPipeline) -> None:
+    stock = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
+    defaults = pipe.generation_defaults
+    kwargs = {"num_inference_steps": defaults.num_inference_steps, "guidance_scale": defaults.guidance_scale,
+              "num_images_per_prompt": 2, "output_type": "np"}  # fmt: skip
+    ours = pipe("a blue square at the top", generator=torch.Generator().manual_seed(0), **kwargs).images
+    theirs = stock("a blue square at the top", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert ours.shape == (2, 64, 64, 3)
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def adherence(pipe: LatentDiffusionPipeline):
+    """The shipped model's images at its defaults for 30 prompts, scored by eval.adherence."""
+    prompts = adherence_prompts(30, seed=3)  # neither the sweep's prompts (seed 1) nor the card's (seed 2)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(prompts), 10):
+        batch = prompts[start : start + 10]
+        generators = [torch.Generator().manual_seed(start + k) for k in range(len(batch))]
+        images += pipe(batch, generator=generators).images
+    return score_images(images, prompts)
+
+
+def test_images_at_the_defaults_follow_the_prompts(adherence) -> None:
+    parts = adherence.part_accuracy()
+    assert parts["colour"] >= ADHERENCE_FLOOR and parts["shape"] >= ADHERENCE_FLOOR, adherence.summary()
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped U-Net does not follow position words yet (23 %, chance 20 %)")
+def test_images_at_the_defaults_put_the_object_where_the_prompt_says(adherence) -> None:
+    assert adherence.part_accuracy()["position"] >= ADHERENCE_FLOOR
+    assert adherence.all_correct_rate() >= ADHERENCE_FLOOR
+
+
+def test_txt2img_uses_it_when_no_model_is_given(capsys, tmp_path: Path, pipe: LatentDiffusionPipeline) -> None:
+    assert (
+        txt2img(["--prompt", "a red circle on the left", "--seed", "0", "--num-images", "2", "--out", str(tmp_path)])
+        == 0
+    )
+    paths = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(paths) == 2
+    defaults = pipe.generation_defaults
+    with Image.open(paths[0]) as image:
+        assert image.size == (64, 64)
+        assert image.text["model"] == DEFAULT_MODEL
+        assert image.text["steps"] == str(defaults.num_inference_steps)
+        assert image.text["guidance_scale"] == str(defaults.guidance_scale)
+        assert image.text["scheduler"] == "ddim"
+        generated = np.asarray(image.convert("RGB"))
+    direct = pipe("a red circle on the left", generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(generated, np.asarray(direct))
+
+
+# ------------------------------------------------------------------------------------- editing with the same model
+
+
+def scene(colour: str, shape: str, position: str) -> Image.Image:
+    """A 64x64 ground-truth render of one shape (the training data's renderer), on a light background."""
+    from training.shapes import ANCHORS, BASE_RGB, ShapeSpec, render
+
+    spec = ShapeSpec(colour=colour, shape=shape, position=position, rgb=BASE_RGB[colour],
+                     centre=ANCHORS[position], size=0.36, background=(225, 225, 220))  # fmt: skip
+    return render(spec, 64)
+
+
+def parts_right(image: Image.Image | np.ndarray, prompt: str) -> dict[str, bool]:
+    """Which attributes the prompt names are right in the image, as eval.adherence reads them."""
+    from eval.adherence import score_prompt
+    from eval.shape_analysis import analyze_image
+
+    return score_prompt(analyze_image(image), prompt).matched
+
+
+@pytest.fixture(scope="module")
+def edit_pipe(pipe: LatentDiffusionPipeline):
+    from pipelines import LatentDiffusionEditPipeline
+
+    edit = LatentDiffusionEditPipeline(**pipe.components)
+    edit.generation_defaults = pipe.generation_defaults
+    edit.set_progress_bar_config(disable=True)
+    return edit
+
+
+@pytest.fixture(scope="module")
+def inpainted(edit_pipe) -> tuple[Image.Image, list[Image.Image]]:
+    """A red circle on the left with the right half regenerated for "a blue square on the right", four seeds."""
+    original = scene("red", "circle", "left")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))  # regenerate the right half
+    seeds = range(4)
+    return original, edit_pipe(["a blue square on the right"] * len(seeds), image=original, mask_image=mask,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds]).images  # fmt: skip
+
+
+def test_inpainting_keeps_the_unmasked_pixels_and_the_original_object(inpainted) -> None:
+    original, results = inpainted
+    kept = np.asarray(original)[:, :32].astype(int)
+    for result in results:
+        pixels = np.asarray(result)
+        assert np.abs(pixels[:, :32].astype(int) - kept).max() <= 1  # unmasked pixels: the original's
+        assert all(parts_right(pixels[:, :32], "a red circle").values())
+        assert not np.array_equal(pixels[:, 32:], np.asarray(original)[:, 32:])  # the masked half was redrawn
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped U-Net does not place objects by position words yet")
+def test_inpainting_paints_the_prompt_into_the_mask(inpainted) -> None:
+    _, results = inpainted
+    found = [all(parts_right(np.asarray(r)[:, 32:], "a blue square").values()) for r in results]
+    assert sum(found) >= 3, found
+
+
+def test_outpainting_keeps_the_original_and_completes_the_scene(edit_pipe) -> None:
+    from pipelines import outpaint_canvas
+
+    original = scene("green", "triangle", "left").crop((0, 0, 32, 64))  # the left half: the triangle is in it
+    canvas, mask = outpaint_canvas(original, right=32)
+    assert canvas.size == (64, 64)
+    seeds = range(4)
+    results = edit_pipe(["a green triangle on the left"] * len(seeds), image=canvas, mask_image=mask,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds]).images  # fmt: skip
+    complete = []
+    for result in results:
+        pixels = np.asarray(result)
+        assert np.abs(pixels[:, :32].astype(int) - np.asarray(original).astype(int)).max() <= 1
+        # the new half is background, not a second object: the whole image reads as the one prompt
+        complete.append(all(parts_right(pixels, "a green triangle on the left").values()))
+    assert sum(complete) >= 3, complete
+
+
+def test_img2img_follows_a_new_prompt_at_high_strength_and_keeps_the_image_at_low(edit_pipe) -> None:
+    original = scene("red", "circle", "left")
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    changed = edit_pipe(["a blue circle on the left"] * 4, image=original, strength=0.8, generator=generators).images
+    assert sum(all(parts_right(im, "a blue circle").values()) for im in changed) >= 3  # the colour follows the prompt
+    kept = edit_pipe("a blue circle on the left", image=original, strength=0.2,
+                     generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert all(parts_right(kept, "a red circle on the left").values())  # too little noise to change the colour
