@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
         components, defaults = loaded.components, loaded.generation_defaults
     else:
         components = build_components(args.preset)
-    args.steps = args.steps or defaults.num_inference_steps
+    args.steps = defaults.num_inference_steps if args.steps is None else args.steps
     args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
     components["scheduler"] = make_scheduler("ddim", components["scheduler"].config)
     ours = LatentDiffusionPipeline(**components).to(dtype=dtype)
@@ -207,7 +207,7 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table and write the JSON file."""
     args = build_parser().parse_args(argv)
-    if min(args.steps or 1, args.repeats, args.batch_size, args.train_steps) < 1:
+    if min(1 if args.steps is None else args.steps, args.repeats, args.batch_size, args.train_steps) < 1:
         print("error: --steps, --repeats, --batch-size and --train-steps must be >= 1", file=sys.stderr)
         return 2
     try:
