@@ -6,12 +6,17 @@ duplicated), the sample grid (``samples.png``, or a small grid drawn now with fi
 training loss figure (``loss.png``) when the folder has one. Then it creates the repository (``exist_ok``) and
 uploads the folder. ``--dry-run OUT`` writes the staging folder to ``OUT`` and uploads nothing.
 
+``--space`` publishes a Gradio Space instead: the web demo (``pipelines/app.py`` as ``app.py``), the model beside it
+in ``model/`` (where the app looks first), the ``ldm`` and ``pipelines`` packages it imports, ``requirements.txt``
+and a ``README.md`` with the front matter a Space reads (``sdk: gradio``, ``app_file: app.py``).
+
 The token is huggingface_hub's business (``HF_TOKEN`` or ``hf auth login``): this module passes ``token=None`` and
 never reads, prints, logs or writes it.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import shutil
 import sys
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -36,6 +41,10 @@ SAMPLE_PROMPTS = ("a red circle on the left", "a blue square at the top")
 SAMPLE_SEED = 0
 SAMPLE_GUIDANCE_SCALE = 7.5
 FIGURES = ("loss.png",)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPACE_PACKAGES = ("ldm", "pipelines")
+"""The project's packages the Space's app imports (copied as they are, without caches)."""
+SPACE_MODEL_FOLDER = "model"
 
 
 class PublishError(Exception):
@@ -54,6 +63,7 @@ class PublishConfig:
     allow_pickle: bool = False
     samples: bool = True
     sample_steps: int = 25
+    space: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------- staging
@@ -164,6 +174,54 @@ def stage(config: PublishConfig, staging: Path) -> Path:
     return staging
 
 
+def space_requirements() -> str:
+    """The project's runtime requirements for the Space, less ``gradio``: the front matter's ``sdk_version`` pins
+    it and the Space installs that version itself."""
+    lines = (REPO_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    return "\n".join(line for line in lines if not line.lower().startswith("gradio")) + "\n"
+
+
+def space_card(config: PublishConfig) -> SpaceCard:
+    """The Space's ``README.md``: the front matter a Gradio Space needs and how to run the demo elsewhere.
+
+    Raises:
+        PublishError: gradio is not installed (the card names the version the Space runs).
+    """
+    try:
+        gradio_version = importlib.metadata.version("gradio")
+    except importlib.metadata.PackageNotFoundError:
+        raise PublishError("--space needs gradio installed (pip install -r requirements.txt)") from None
+    name = config.repo_id.split("/")[-1]
+    data = SpaceCardData(title=name, sdk="gradio", sdk_version=gradio_version, app_file="app.py",
+                         license=config.license or "other", tags=list(REQUIRED_TAGS))  # fmt: skip
+    body = (
+        f"# {name}\n\nA text-to-image demo: the model in `{SPACE_MODEL_FOLDER}/` served by `app.py` (text to image, "
+        "img2img, inpainting, outpainting). To run it elsewhere: `pip install -r requirements.txt gradio` and "
+        "`python app.py`.\n"
+    )
+    return SpaceCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def stage_space(config: PublishConfig, staging: Path) -> Path:
+    """Write a Gradio Space for ``config.model`` into ``staging``: ``app.py``, the model in ``model/``, the packages
+    the app imports, ``requirements.txt`` and ``README.md``; returns ``staging``.
+
+    Raises:
+        PublishError: the model folder cannot be published as it is.
+    """
+    card = space_card(config)
+    with loading_bars_hidden():
+        pipe = load_for_publishing(Path(config.model).expanduser(), config.allow_pickle)
+        staging.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(staging / SPACE_MODEL_FOLDER, safe_serialization=True)
+    shutil.copyfile(REPO_ROOT / "pipelines" / "app.py", staging / "app.py")
+    for package in SPACE_PACKAGES:
+        shutil.copytree(REPO_ROOT / package, staging / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (staging / "requirements.txt").write_text(space_requirements(), encoding="utf-8")
+    card.save(staging / "README.md")
+    return staging
+
+
 # ------------------------------------------------------------------------------------------------------- publish
 
 
@@ -174,10 +232,12 @@ def upload(staging: Path, config: PublishConfig) -> str:
         PublishError: the Hub refused or could not be reached (the message never holds the token).
     """
     api = HfApi()
+    kind = {"repo_type": "space"} if config.space else {}  # the Hub's default kind is a model repository
+    sdk = {"space_sdk": "gradio"} if config.space else {}
     try:
-        api.create_repo(config.repo_id, private=config.private, exist_ok=True, token=None)
+        api.create_repo(config.repo_id, private=config.private, exist_ok=True, token=None, **kind, **sdk)
         info = api.upload_folder(repo_id=config.repo_id, folder_path=staging, commit_message=config.commit_message,
-                                 token=None)  # fmt: skip
+                                 token=None, **kind)  # fmt: skip
     except (OSError, ValueError) as err:  # HfHubHTTPError and connection errors are OSErrors
         raise PublishError(f"could not upload to {config.repo_id}: {type(err).__name__}: {err}") from err
     return str(getattr(info, "commit_url", info))
@@ -191,13 +251,14 @@ def publish(config: PublishConfig, dry_run: str | Path | None = None) -> str:
         PublishError: naming what to change.
     """
     check_repo_id(config.repo_id)
+    stage_repo = stage_space if config.space else stage
     if dry_run is not None:
         out = Path(dry_run)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise PublishError(f"--dry-run {out} exists and is not an empty folder; pass a new folder")
-        return str(stage(config, out))
+        return str(stage_repo(config, out))
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
-        return upload(stage(config, Path(tmp)), config)
+        return upload(stage_repo(config, Path(tmp)), config)
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -217,6 +278,11 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (they can run code)")
     parser.add_argument("--no-samples", action="store_true", help="do not draw a sample grid when there is none")
     parser.add_argument(
+        "--space",
+        action="store_true",
+        help="publish a Gradio Space (the web demo with the model) instead of the model",
+    )
+    parser.add_argument(
         "--sample-steps", type=int_at_least(1), default=PublishConfig.sample_steps, metavar="N",
         help=f"sampling steps of a drawn sample grid (default {PublishConfig.sample_steps})",
     )  # fmt: skip
@@ -230,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return args
     config = PublishConfig(model=args.model, repo_id=args.repo_id, private=args.private, license=args.license,
                            commit_message=args.commit_message, allow_pickle=args.allow_pickle,
-                           samples=not args.no_samples, sample_steps=args.sample_steps)  # fmt: skip
+                           samples=not args.no_samples, sample_steps=args.sample_steps, space=args.space)  # fmt: skip
     try:
         result = publish(config, dry_run=args.dry_run)
     except PublishError as err:

@@ -5,8 +5,12 @@ the token never reaches a file or the output."""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -21,6 +25,7 @@ from pipelines import LatentDiffusionPipeline
 from pipelines.publish import main
 from training.validation import write_model_card
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hf_test_SECRET_123"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
@@ -254,3 +259,44 @@ def test_training_checks_the_hub_settings_before_training(tiny_sd_dir, overrides
     config = TrainConfig(pretrained_model=tiny_sd_dir, dataset="data", push_to_hub=True, **overrides)
     with pytest.raises(ConfigError, match=message):
         config.validate()
+
+
+@pytest.mark.slow
+def test_space_dry_run_is_a_self_contained_gradio_space(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "space"
+    assert main(["--model", tiny_sd_dir, "--repo-id", "me/tiny-demo", "--space", "--dry-run", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+
+    meta, body = front_matter(out / "README.md")
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["title"] == "tiny-demo"
+    assert meta["sdk_version"] == importlib.metadata.version("gradio")
+    assert (out / "app.py").read_bytes() == (REPO_ROOT / "pipelines" / "app.py").read_bytes()
+    requirements = (out / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    assert "safetensors>=0.4" in requirements and not any(line.startswith("gradio") for line in requirements)
+    weights = weight_files(out)
+    assert weights and all(p.suffix == ".safetensors" and p.is_relative_to(out / "model") for p in weights)
+    assert isinstance(
+        StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None), StableDiffusionPipeline
+    )
+    assert not list(out.rglob("__pycache__"))
+
+    # Run from the Space's folder alone, the app imports the Space's own packages and defaults to its model.
+    probe = "import app, pipelines; print(app.default_model()); print(pipelines.__file__)"
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=out, env=env, capture_output=True, text=True, check=True
+    )
+    model, package = (Path(line).resolve() for line in result.stdout.split())
+    assert model == (out / "model").resolve() and package == (out / "pipelines" / "__init__.py").resolve()
+
+
+def test_space_upload_creates_a_gradio_space(tiny_sd_dir, fake_hub, capsys):
+    assert main(["--model", tiny_sd_dir, "--repo-id", "me/demo", "--space", "--license", "mit"]) == 0
+    assert fake_hub["create_repo"] == {"repo_id": "me/demo", "private": False, "exist_ok": True, "token": None,
+                                       "repo_type": "space", "space_sdk": "gradio"}  # fmt: skip
+    assert fake_hub["upload_folder"]["repo_type"] == "space"
+    expected = {"app.py", "requirements.txt", "README.md", "model/model_index.json", "pipelines/studio.py",
+                "pipelines/cli.py", "ldm/presets.py"}  # fmt: skip
+    assert expected <= set(fake_hub["files"])
+    assert fake_hub["readme"][0]["license"] == "mit"
+    assert capsys.readouterr().out.strip() == "https://huggingface.co/me/demo/commit/abc"

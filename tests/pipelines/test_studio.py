@@ -1,0 +1,172 @@
+"""The web app's generation (``pipelines.studio``) without a browser: text-to-image gives ``txt2img``'s images and
+metadata, img2img the ``img2img`` command's, a reported seed reproduces its images, inpainting and outpainting keep
+the pixels they should, and a bad setting raises a ``ValueError`` that says what to change, before anything is
+written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pipelines.generation_defaults import GenerationDefaults
+from pipelines.img2img import main as img2img_main
+from pipelines.studio import MAX_IMAGES, Settings, Studio, fit_image
+from pipelines.txt2img import main as txt2img_main
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_sd_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Studio:
+    studio = Studio.load(tiny_sd_dir, tmp_path_factory.mktemp("app-out"), torch.device("cpu"))
+    for pipe in (studio.pipe, studio.edit_pipe):
+        pipe.set_progress_bar_config(disable=True)
+    return studio
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path).convert("RGB"))
+
+
+def metadata(path: Path) -> dict[str, str]:
+    return dict(PIL.Image.open(path).text)
+
+
+def random_image(width: int = 96, height: int = SIZE, seed: int = 0) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_text_to_image_gives_txt2img_images_and_metadata(studio, tiny_sd_dir, tmp_path, capsys) -> None:
+    settings = Settings(prompt="a red circle", seed=7, steps=3, guidance_scale=4.0, num_images=2, scheduler="ddim")
+    generation = studio.text_to_image(settings, width=SIZE, height=SIZE)
+    assert generation.seed == 7
+
+    argv = ["--model", tiny_sd_dir, "--prompt", "a red circle", "--seed", "7", "--steps", "3", "--guidance-scale", "4",
+            "--num-images", "2", "--scheduler", "ddim", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert txt2img_main(argv) == 0
+    cli_paths = [Path(line) for line in capsys.readouterr().out.split()]
+    assert len(cli_paths) == len(generation.paths) == 2
+    for app_path, cli_path in zip(generation.paths, cli_paths, strict=True):
+        assert metadata(app_path) == metadata(cli_path)
+        assert np.array_equal(pixels(app_path), pixels(cli_path))
+    assert [metadata(p)["seed"] for p in generation.paths] == ["7", "8"]
+    assert [p.name.split("-")[1] for p in generation.paths] == ["7", "8"]
+
+
+def test_a_random_seed_is_reported_and_reproduces_each_image(studio) -> None:
+    first = studio.text_to_image(Settings(prompt="a blue square", steps=2, num_images=2), SIZE, SIZE)
+    assert [metadata(p)["seed"] for p in first.paths] == [str(first.seed), str(first.seed + 1)]
+    again = studio.text_to_image(Settings(prompt="a blue square", steps=2, num_images=2, seed=first.seed), SIZE, SIZE)
+    for a, b in zip(first.paths, again.paths, strict=True):
+        assert np.array_equal(pixels(a), pixels(b))
+    alone = studio.text_to_image(Settings(prompt="a blue square", steps=2, seed=first.seed + 1), SIZE, SIZE)
+    assert alone.seed == first.seed + 1
+    # Alone, the image is computed in a batch of one: kernels round differently per batch size, so a pixel may land
+    # on the other side of a uint8 step.
+    difference = pixels(alone.paths[0]).astype(int) - pixels(first.paths[1])
+    assert np.abs(difference).max() <= 1
+
+
+def test_unset_steps_and_guidance_are_the_models(tiny_sd_dir, tmp_path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, model)
+    GenerationDefaults(num_inference_steps=3, guidance_scale=2.5).save(model)
+    studio = Studio.load(str(model), tmp_path / "out", torch.device("cpu"))
+    path = studio.text_to_image(Settings(prompt="a circle", seed=0), width=32, height=48).paths[0]
+    assert metadata(path).items() >= {"steps": "3", "guidance_scale": "2.5", "width": "32", "height": "48"}.items()
+    assert PIL.Image.open(path).size == (32, 48)
+
+
+def test_img2img_gives_the_img2img_commands_image(studio, tiny_sd_dir, tmp_path, capsys) -> None:
+    image = random_image()
+    image.save(tmp_path / "in.png")
+    generation = studio.image_to_image(Settings(prompt="a red circle", seed=3, steps=4), image, strength=0.5)
+    argv = ["--model", tiny_sd_dir, "--image", str(tmp_path / "in.png"), "--prompt", "a red circle", "--seed", "3",
+            "--steps", "4", "--strength", "0.5", "--device", "cpu", "--out", str(tmp_path / "cli")]  # fmt: skip
+    assert img2img_main(argv) == 0
+    cli_path = Path(capsys.readouterr().out.strip())
+    assert np.array_equal(pixels(generation.paths[0]), pixels(cli_path))
+    expected = {"mode": "img2img", "strength": "0.5", "width": "96", "height": "64", "seed": "3"}
+    assert metadata(generation.paths[0]).items() >= expected.items()
+
+
+def test_inpainting_keeps_every_unmasked_pixel(studio) -> None:
+    image = random_image()
+    mask = np.zeros((SIZE, 96), np.uint8)
+    mask[16:48, :40] = 255
+    # a mask drawn at another size (the editor's canvas) is scaled to the image
+    big_mask = PIL.Image.fromarray(mask, mode="L").resize((192, 128), PIL.Image.Resampling.NEAREST)
+    generation = studio.inpaint(Settings(prompt="a circle", seed=1, steps=2), image, big_mask)
+    result, original = pixels(generation.paths[0]), np.asarray(image)
+    assert np.array_equal(result[mask == 0], original[mask == 0])
+    assert (result[mask == 255] != original[mask == 255]).any()
+    assert metadata(generation.paths[0])["mode"] == "inpaint"
+
+
+def test_outpainting_extends_the_canvas_and_keeps_the_original(studio) -> None:
+    image = random_image()
+    sides = {"left": 16, "right": 0, "top": 0, "bottom": 5}
+    generation = studio.outpaint(Settings(prompt="a circle", seed=1, steps=2), image, sides)
+    result = pixels(generation.paths[0])
+    assert result.shape == (SIZE + 8, 96 + 16, 3)  # bottom 5 is rounded up to the VAE's multiple of 8
+    assert np.array_equal(result[:SIZE, 16:], np.asarray(image))
+    expected = {"mode": "outpaint", "outpaint": "left=16,bottom=5", "width": "112", "height": "72"}
+    assert metadata(generation.paths[0]).items() >= expected.items()
+
+
+def test_fit_image_scales_down_and_rounds_to_the_vae_multiple() -> None:
+    assert fit_image(random_image(1000, 500), max_side=128, multiple=8).size == (128, 64)
+    assert fit_image(random_image(100, 60), max_side=128, multiple=8).size == (96, 56)
+    small = random_image(64, 32)
+    assert np.array_equal(np.asarray(fit_image(small, max_side=128, multiple=8)), np.asarray(small))
+    assert fit_image(PIL.Image.new("RGBA", (3, 900)), max_side=128, multiple=8).size == (8, 128)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"prompt": "  "}, "the prompt is empty"),
+        ({"num_images": 0}, f"number of images must be 1 to {MAX_IMAGES}; got 0"),
+        ({"num_images": MAX_IMAGES + 1}, f"number of images must be 1 to {MAX_IMAGES}"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
+        ({"guidance_scale": float("nan")}, "guidance scale must be >= 0"),
+        ({"seed": -1}, "the seed must be a whole number from 0 to 2\\*\\*63 - 1"),
+        ({"seed": 2**63}, "the seed must be a whole number"),
+        ({"seed": 1.5}, "the seed must be a whole number"),
+        ({"scheduler": "fast"}, "unknown scheduler 'fast'; choose one of model's, ddpm, ddim"),
+    ],
+)
+def test_bad_settings_say_what_to_change_and_write_nothing(studio, settings, message) -> None:
+    before = sorted(studio.out.iterdir())
+    with pytest.raises(ValueError, match=message):
+        studio.text_to_image(Settings(**{"prompt": "a circle", **settings}), SIZE, SIZE)
+    assert sorted(studio.out.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        (
+            lambda s, settings: s.text_to_image(settings, 60, SIZE),
+            "width must be a multiple of 8 from 8 to 128; got 60",
+        ),
+        (lambda s, settings: s.text_to_image(settings, SIZE, 256), "height must be a multiple of 8 from 8 to 128"),
+        (lambda s, settings: s.image_to_image(settings, None, 0.5), "no image: upload the image to redraw"),
+        (lambda s, settings: s.image_to_image(settings, random_image(), 0.0), "strength must be in \\(0, 1\\]"),
+        (lambda s, settings: s.inpaint(settings, random_image(), None), "paint the area to regenerate"),
+        (lambda s, settings: s.inpaint(settings, random_image(), PIL.Image.new("L", (96, SIZE))), "all black"),
+        (lambda s, settings: s.outpaint(settings, None, {"left": 8}), "no image: upload the image to extend"),
+        (lambda s, settings: s.outpaint(settings, random_image(), {"left": 0}), "outpaint needs at least one"),
+    ],
+)
+def test_bad_mode_inputs_say_what_to_change(studio, mode, message) -> None:
+    before = sorted(studio.out.iterdir())
+    with pytest.raises(ValueError, match=message):
+        mode(studio, Settings(prompt="a circle", steps=2))
+    assert sorted(studio.out.iterdir()) == before
