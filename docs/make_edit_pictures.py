@@ -18,16 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines import img2img, inpaint  # noqa: E402
-from training.shapes import ANCHORS, BASE_RGB, ShapeSpec, render  # noqa: E402
+from training.shapes import canonical_scene  # noqa: E402
 
 OUT = REPO / "docs" / "edit"
 SCALE = 4
-
-
-def scene(colour: str, shape: str, position: str) -> Image.Image:
-    spec = ShapeSpec(colour=colour, shape=shape, position=position, rgb=BASE_RGB[colour], centre=ANCHORS[position],
-                     size=0.36, background=(225, 225, 220))  # fmt: skip
-    return render(spec, 64)
 
 
 def run(main, argv: list[str]) -> Path:
@@ -54,13 +48,13 @@ def strip(images: list[Image.Image], path: Path) -> Path:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     circle = OUT / "red_circle_left.png"
-    scene("red", "circle", "left").save(circle)
+    canonical_scene("red", "circle", "left").save(circle)
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 0, 64, 64))
     mask_path = OUT / "mask_right_half.png"
     mask.save(mask_path)
     half = OUT / "green_triangle_half.png"
-    scene("green", "triangle", "left").crop((0, 0, 32, 64)).save(half)
+    canonical_scene("green", "triangle", "left").crop((0, 0, 32, 64)).save(half)
     work = OUT / "outputs"
 
     changed = run(img2img.main, ["--image", str(circle), "--prompt", "a blue circle on the left", "--strength", "0.8",

@@ -124,9 +124,7 @@ def edit(
     ``inputs(pipe)`` returns the image, the mask (``None`` for img2img) and extra metadata.
     """
     pipe = load_pipeline(args.model, resolve_dtype(args.dtype, device))
-    defaults = pipe.generation_defaults
-    pipe = LatentDiffusionEditPipeline(**pipe.components)
-    pipe.generation_defaults = defaults
+    pipe = LatentDiffusionEditPipeline.sharing(pipe)
     steps, guidance_scale = pipe.sampling_settings(args.steps, args.guidance_scale)
     pipe.set_attention_backend(args.attention)
     if args.scheduler is not None:

@@ -115,8 +115,15 @@ def _image_size(image: PipelineImageInput) -> tuple[int, int]:
 class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
     """img2img, inpainting and outpainting with the components of a :class:`LatentDiffusionPipeline`.
 
-    ``LatentDiffusionEditPipeline(**LatentDiffusionPipeline.from_pretrained(...).components)`` shares the weights.
+    :meth:`sharing` makes one from a loaded text-to-image pipeline, sharing its weights and defaults.
     """
+
+    @classmethod
+    def sharing(cls, pipe: LatentDiffusionPipeline) -> LatentDiffusionEditPipeline:
+        """An edit pipeline on ``pipe``'s components (the same modules, no copy) with its ``generation_defaults``."""
+        edit = cls(**pipe.components)
+        edit.generation_defaults = pipe.generation_defaults
+        return edit
 
     def __init__(
         self,

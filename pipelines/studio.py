@@ -87,8 +87,7 @@ class Studio:
 
     def __init__(self, pipe: LatentDiffusionPipeline, model: str, out: Path):
         self.pipe = pipe
-        self.edit_pipe = LatentDiffusionEditPipeline(**pipe.components)
-        self.edit_pipe.generation_defaults = pipe.generation_defaults
+        self.edit_pipe = LatentDiffusionEditPipeline.sharing(pipe)
         self.model_scheduler = pipe.scheduler
         self.model = model
         self.out = out

@@ -17,6 +17,7 @@ from eval.adherence import adherence_prompts, score_images
 from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.txt2img import main as txt2img
+from training.shapes import canonical_scene
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = Path(DEFAULT_MODEL)
@@ -122,15 +123,6 @@ def test_txt2img_uses_it_when_no_model_is_given(capsys, tmp_path: Path, pipe: La
 # ------------------------------------------------------------------------------------- editing with the same model
 
 
-def scene(colour: str, shape: str, position: str) -> Image.Image:
-    """A 64x64 ground-truth render of one shape (the training data's renderer), on a light background."""
-    from training.shapes import ANCHORS, BASE_RGB, ShapeSpec, render
-
-    spec = ShapeSpec(colour=colour, shape=shape, position=position, rgb=BASE_RGB[colour],
-                     centre=ANCHORS[position], size=0.36, background=(225, 225, 220))  # fmt: skip
-    return render(spec, 64)
-
-
 def parts_right(image: Image.Image | np.ndarray, prompt: str) -> dict[str, bool]:
     """Which attributes the prompt names are right in the image, as eval.adherence reads them."""
     from eval.adherence import score_prompt
@@ -143,8 +135,7 @@ def parts_right(image: Image.Image | np.ndarray, prompt: str) -> dict[str, bool]
 def edit_pipe(pipe: LatentDiffusionPipeline):
     from pipelines import LatentDiffusionEditPipeline
 
-    edit = LatentDiffusionEditPipeline(**pipe.components)
-    edit.generation_defaults = pipe.generation_defaults
+    edit = LatentDiffusionEditPipeline.sharing(pipe)
     edit.set_progress_bar_config(disable=True)
     return edit
 
@@ -152,7 +143,7 @@ def edit_pipe(pipe: LatentDiffusionPipeline):
 @pytest.fixture(scope="module")
 def inpainted(edit_pipe) -> tuple[Image.Image, list[Image.Image]]:
     """A red circle on the left with the right half regenerated for "a blue square on the right", four seeds."""
-    original = scene("red", "circle", "left")
+    original = canonical_scene("red", "circle", "left")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 0, 64, 64))  # regenerate the right half
     seeds = range(4)
@@ -180,7 +171,9 @@ def test_inpainting_paints_the_prompt_into_the_mask(inpainted) -> None:
 def test_outpainting_keeps_the_original_and_completes_the_scene(edit_pipe) -> None:
     from pipelines import outpaint_canvas
 
-    original = scene("green", "triangle", "left").crop((0, 0, 32, 64))  # the left half: the triangle is in it
+    original = canonical_scene("green", "triangle", "left").crop(
+        (0, 0, 32, 64)
+    )  # the left half: the triangle is in it
     canvas, mask = outpaint_canvas(original, right=32)
     assert canvas.size == (64, 64)
     seeds = range(4)
@@ -196,7 +189,7 @@ def test_outpainting_keeps_the_original_and_completes_the_scene(edit_pipe) -> No
 
 
 def test_img2img_follows_a_new_prompt_at_high_strength_and_keeps_the_image_at_low(edit_pipe) -> None:
-    original = scene("red", "circle", "left")
+    original = canonical_scene("red", "circle", "left")
     generators = [torch.Generator().manual_seed(s) for s in range(4)]
     changed = edit_pipe(["a blue circle on the left"] * 4, image=original, strength=0.8, generator=generators).images
     assert sum(all(parts_right(im, "a blue circle").values()) for im in changed) >= 3  # the colour follows the prompt
