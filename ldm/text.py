@@ -170,14 +170,17 @@ def encode_prompts(
         raise ValueError("prompts is empty; pass at least one prompt (use [''] for the unconditional embedding)")
     if num_chunks is not None and num_chunks < 1:
         raise ValueError(f"num_chunks must be at least 1 (or None for as many as the prompts need); got {num_chunks}")
+    # A text encoder being trained may come wrapped (DistributedDataParallel): it runs wrapped, so gradients sync,
+    # and its config and layers are read from the model inside.
+    model = getattr(text_encoder, "module", text_encoder)
     if clip_skip is not None:
-        num_layers = getattr(text_encoder.config, "num_hidden_layers", None)
+        num_layers = getattr(model.config, "num_hidden_layers", None)
         if clip_skip < 0 or (num_layers is not None and clip_skip >= num_layers):
             raise ValueError(
                 f"clip_skip must be between 0 and the text encoder's number of layers minus one ({num_layers} layers)"
                 f" or None for the last layer; got {clip_skip}"
             )
-    final_layer_norm = _final_layer_norm(text_encoder) if clip_skip is not None else None
+    final_layer_norm = _final_layer_norm(model) if clip_skip is not None else None
     if tokenizer.pad_token_id is None or tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs bos, eos and pad tokens (a CLIPTokenizer from ldm.tokenizer has them)")
 
@@ -186,7 +189,7 @@ def encode_prompts(
     input_ids, weights, attention_mask = _chunk_inputs(tokenizer, tokenized, n)
     run_device = torch.device(device) if device is not None else _module_device(text_encoder)
     input_ids = input_ids.to(run_device)
-    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    use_mask = getattr(model.config, "use_attention_mask", False)
     mask = attention_mask.to(run_device) if use_mask else None
 
     if clip_skip is None:
@@ -196,7 +199,7 @@ def encode_prompts(
         embeds = final_layer_norm(hidden_states[-(clip_skip + 1)])
 
     embeds = _apply_weights(embeds, weights.to(embeds.device))
-    out_dtype = dtype if dtype is not None else getattr(text_encoder, "dtype", embeds.dtype)
+    out_dtype = dtype if dtype is not None else getattr(model, "dtype", embeds.dtype)
     embeds = embeds.to(dtype=out_dtype, device=run_device)
     return embeds.reshape(len(prompts), n * CLIP_MAX_LENGTH, embeds.shape[-1])
 

@@ -111,11 +111,14 @@ def load_training_models(
     return TrainingModels(vae_model, text_model, tokenizer, unet, noise_scheduler, sampler, vae_source, text_source)
 
 
-def reload_frozen(models: TrainingModels) -> TrainingModels:
-    """The same models with the VAE and text encoder loaded afresh (full precision) from their sources."""
+def reload_frozen(models: TrainingModels, *, text_encoder: bool = True) -> TrainingModels:
+    """The same models with the VAE (and the text encoder, unless ``text_encoder=False``: it was trained) loaded
+    afresh (full precision) from their sources."""
     vae = load_component(AutoencoderKL, models.vae_source, "vae")
-    text_encoder = load_component(CLIPTextModel, models.text_encoder_source, "text_encoder")
-    return dataclasses.replace(models, vae=vae, text_encoder=text_encoder)
+    if not text_encoder:
+        return dataclasses.replace(models, vae=vae)
+    encoder = load_component(CLIPTextModel, models.text_encoder_source, "text_encoder")
+    return dataclasses.replace(models, vae=vae, text_encoder=encoder)
 
 
 def _sampler_class(pretrained_model: str) -> type[SchedulerMixin]:

@@ -11,6 +11,7 @@ exiting, and a NaN loss skips the step instead of poisoning the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
-from ldm.diffusion import diffusion_loss, q_sample, training_target
+from ldm.diffusion import diffusion_loss, loss_weights, q_sample, snr, training_target
 from ldm.text import encode_prompts
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
@@ -79,6 +80,15 @@ class TrainConfig(LoopConfig):
     ema_decay: float | None = help_field(None, "keep an EMA of the U-Net with this decay (0.9999 is usual)")
     lora_rank: int | None = help_field(None, "train LoRA layers of this rank instead of the whole U-Net")
     lora_alpha: float | None = help_field(None, "LoRA alpha (default: the rank)")
+    train_text_encoder: bool = help_field(
+        False, "train the whole text encoder with the U-Net (with --cache, only the latents are read from the cache)"
+    )
+    text_encoder_lr: float | None = help_field(None, "peak learning rate of the text encoder (default: the U-Net's)")
+    text_encoder_init: Literal["pretrained", "random"] = help_field(
+        "pretrained",
+        "with --train-text-encoder: start from the given text encoder's weights, or from a fresh initialisation of "
+        "its architecture (its tokenizer is kept)",
+    )
     output_dir: str = help_field("runs/text-to-image", "where checkpoints, samples, logs and the model go")
     # validation: a sample grid, and the denoising loss on held-out images when there are any
     validation_prompts: list[str] = help_field([], "prompts of the sample grid")
@@ -107,6 +117,14 @@ class TrainConfig(LoopConfig):
             raise ConfigError(f"lora_rank must be >= 1; got {self.lora_rank}")
         if self.lora_rank is not None and self.ema_decay is not None:
             raise ConfigError("ema_decay is for full fine-tuning; drop it with --lora-rank")
+        if self.text_encoder_lr is not None and not (self.train_text_encoder and self.text_encoder_lr > 0):
+            raise ConfigError(
+                f"text_encoder_lr must be > 0 and needs --train-text-encoder; got {self.text_encoder_lr}"
+            )
+        if self.text_encoder_init != "pretrained" and not self.train_text_encoder:
+            raise ConfigError("text_encoder_init random means training the text encoder: add --train-text-encoder")
+        if self.train_text_encoder and self.lora_rank is not None:
+            raise ConfigError("train_text_encoder trains the full text encoder; drop it with --lora-rank")
         if self.cache and (self.crop != "center" or self.flip):
             raise ConfigError("cache needs the same pixels every epoch: use --crop center without --flip")
         if self.push_to_hub:
@@ -144,10 +162,12 @@ def train(config: TrainConfig) -> Path:
     )  # fmt: skip
     vae, text_encoder, tokenizer, unet = models.vae, models.text_encoder, models.tokenizer, models.unet
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    for frozen in (vae, text_encoder):
+    for frozen in (vae,) if config.train_text_encoder else (vae, text_encoder):
         frozen.requires_grad_(False).eval().to(accelerator.device)
         if weight_dtype != torch.float32:
             frozen.to(dtype=weight_dtype)
+    if config.train_text_encoder:  # full precision weights, like the U-Net's; autocast runs them in mixed precision
+        text_encoder.requires_grad_(True).train()
     if config.lora_rank is not None:
         add_lora(unet, config.lora_rank, config.lora_alpha)
     if config.gradient_checkpointing:
@@ -157,6 +177,7 @@ def train(config: TrainConfig) -> Path:
                                 snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
                                 caption_dropout=config.caption_dropout)  # fmt: skip
     alphas_cumprod = models.noise_scheduler.alphas_cumprod
+    _warn_if_min_snr_ignores_the_last_steps(objective, alphas_cumprod)
 
     # The data as the loop reads it: images (encoded every step) or the encoders' cached outputs.
     if config.cache:
@@ -166,9 +187,6 @@ def train(config: TrainConfig) -> Path:
             if not cache_is_current(cache_dir, cache_fingerprint(dataset, vae, text_encoder)):
                 build_cache(dataset, vae, text_encoder, tokenizer, cache_dir, batch_size=config.train_batch_size)
         dataset = CachedLatentDataset(dataset, cache_dir)
-        embed = dataset.embeddings
-    else:
-        embed = partial(encode_prompts, text_encoder, tokenizer, device=accelerator.device)
     dataloader, batch_sampler = make_train_dataloader(dataset, config, accelerator,
                                                       collate_cached if config.cache else collate)  # fmt: skip
 
@@ -176,16 +194,38 @@ def train(config: TrainConfig) -> Path:
     ema = None
     if config.ema_decay is not None:
         ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
+    if config.train_text_encoder and config.text_encoder_init == "random":
+        with torch.random.fork_rng(devices=[]):  # the same fresh weights on every process, for a given seed
+            torch.manual_seed(config.seed)
+            text_encoder = type(text_encoder)(text_encoder.config).to(accelerator.device).train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
+    param_groups = [{"params": params}]
+    trained = [unet]  # the models the optimizer updates
+    if config.train_text_encoder:
+        param_groups.append({"params": list(text_encoder.parameters()),
+                             "lr": config.text_encoder_lr or config.learning_rate})  # fmt: skip
+        params = params + param_groups[1]["params"]
+        trained.append(text_encoder)
+    optimizer = make_optimizer(param_groups, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, accelerator)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
+    unet = trained[0]
     base_unet = accelerator.unwrap_model(unet)
+    if config.train_text_encoder:
+        text_encoder = accelerator.unwrap_model(trained[1])
+        models = dataclasses.replace(models, text_encoder=text_encoder)  # the grids and the saved pipeline use it
+    if config.cache and not config.train_text_encoder:
+        embed = dataset.embeddings
+    else:
+        embed = partial(encode_prompts, trained[-1] if config.train_text_encoder else text_encoder, tokenizer,
+                        device=accelerator.device)  # fmt: skip
     if ema is not None:
         ema.to(accelerator.device)
     # Everything a checkpoint holds. A LoRA run saves only the adapter weights.
     stateful = {"unet": LoraState(base_unet) if config.lora_rank else base_unet, "optimizer": optimizer,
                 "lr_scheduler": lr_scheduler} | ({"ema": ema} if ema is not None else {})  # fmt: skip
+    if config.train_text_encoder:
+        stateful["text_encoder"] = text_encoder
     loop = TrainLoop(accelerator, dataloader, config, checkpoints_dir=checkpoints_dir, stateful=stateful,
                      generators={"train": generator}, epoch_setters=(batch_sampler, dataset))  # fmt: skip
     resumed = loop.resume(resume_from) is not None
@@ -196,19 +236,24 @@ def train(config: TrainConfig) -> Path:
     def validate() -> None:
         if not accelerator.is_main_process:
             return
-        if held_out is not None:
-            value = held_out_loss(base_unet, vae, text_encoder, tokenizer, held_out, alphas_cumprod, objective,
-                                  batch_size=config.train_batch_size, limit=config.max_validation_images)  # fmt: skip
-            metrics.add(loop.step, {"held_out_loss": value})
-            accelerator.log({"held_out_loss": value}, step=loop.step)
-        if config.validation_prompts:
-            _sample_grid(accelerator, base_unet, ema, models, config, loop.step, output_dir)
+        text_encoder.eval()
+        try:
+            if held_out is not None:
+                value = held_out_loss(base_unet, vae, text_encoder, tokenizer, held_out, alphas_cumprod,
+                                      objective, batch_size=config.train_batch_size,
+                                      limit=config.max_validation_images)  # fmt: skip
+                metrics.add(loop.step, {"held_out_loss": value})
+                accelerator.log({"held_out_loss": value}, step=loop.step)
+            if config.validation_prompts:
+                _sample_grid(accelerator, base_unet, ema, models, config, loop.step, output_dir)
+        finally:
+            text_encoder.train(config.train_text_encoder)
 
     # ------------------------------------------------------------------------------------------------- the loop
     logger.info("%s; %d batches an epoch, %d steps", dataset.summary(), len(dataloader), config.max_train_steps)
     with loop:
         for batch in loop.batches():
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(*trained):
                 loss = _batch_loss(batch, unet, vae, embed, alphas_cumprod, objective, generator, weight_dtype)
                 grad_norm = loop.backward_and_step(loss, optimizer, lr_scheduler, params)
             if not accelerator.sync_gradients:
@@ -237,7 +282,7 @@ def train(config: TrainConfig) -> Path:
                 base_unet.save_pretrained(output_dir / "unet-raw")  # the non-EMA weights, for further training
                 ema.copy_to(base_unet.parameters())
             if weight_dtype != torch.float32:  # save the frozen parts as they were, not their half-precision copies
-                models = reload_frozen(models)
+                models = reload_frozen(models, text_encoder=not config.train_text_encoder)
             pipe = _pipeline(base_unet, models)
             # The settings its validation grids were sampled at become the model's defaults (a recipe that finds
             # better ones, say by a guidance sweep, overwrites generation_defaults.json).
@@ -285,8 +330,25 @@ def held_out_loss(unet, vae, text_encoder, tokenizer, dataset, alphas_cumprod, o
     return float(sum(losses) / max(len(losses), 1))
 
 
+def _warn_if_min_snr_ignores_the_last_steps(objective: ObjectiveConfig, alphas_cumprod: torch.Tensor) -> None:
+    """min-SNR-gamma on v-prediction weighs a timestep by min(SNR, gamma) / (SNR + 1): about SNR near the end of the
+    chain. Those steps are where only the prompt can say where things go; a model trained from scratch with zero
+    terminal SNR then hardly learns them. Logged, not refused (fine-tuning a model that knows layouts is fine)."""
+    if objective.snr_gamma is None or objective.prediction_type != "v_prediction":
+        return
+    last = float(loss_weights(snr(alphas_cumprod, len(alphas_cumprod) - 1).reshape(1), "v_prediction",
+                              objective.snr_gamma)[0])  # fmt: skip
+    if last < 0.01:
+        logger.warning(
+            "snr_gamma %g with v-prediction gives the last timestep a loss weight of %.2g: the noisiest steps, where "
+            "the layout comes from the prompt alone, are hardly trained; drop --snr-gamma when training from scratch",
+            objective.snr_gamma, last,
+        )  # fmt: skip
+
+
 def _batch_loss(batch, unet, vae, embed, alphas_cumprod, objective, generator, weight_dtype) -> torch.Tensor:
-    """Latents from the frozen VAE (or the cache), text embeddings, then the diffusion loss of the U-Net."""
+    """Latents from the frozen VAE (or the cache), text embeddings (with gradients when the text encoder is
+    trained), then the diffusion loss of the U-Net."""
     with torch.no_grad():
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
@@ -296,8 +358,8 @@ def _batch_loss(batch, unet, vae, embed, alphas_cumprod, objective, generator, w
             mean, std = posterior.mean, posterior.std
         noise = torch.randn(mean.shape, generator=generator)
         latents = (mean.float() + std.float() * noise.to(mean.device)) * vae.config.scaling_factor
-        embeds = embed(drop_captions(batch["captions"], objective.caption_dropout, generator))
-        embeds = embeds.to(latents.device, weight_dtype)
+    embeds = embed(drop_captions(batch["captions"], objective.caption_dropout, generator))
+    embeds = embeds.to(latents.device, weight_dtype)
     return diffusion_training_loss(unet, latents, embeds, alphas_cumprod, objective, generator)
 
 

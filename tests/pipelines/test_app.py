@@ -1,7 +1,7 @@
 """``python -m pipelines.app`` in a real headless Chromium: the page generates, shows the seed it used, downloads the
 saved PNG with its metadata, inpaints with a mask painted with the mouse, and shows a bad input's message (no stack
-trace). It also writes the screenshot the README shows (``docs/app.png``). Plus the app's plain pieces and its command
-line without a browser.
+trace), all on the shipped model. It takes a screenshot of the page; ``LDM_UPDATE_SCREENSHOT=1`` writes it to
+``docs/app.png``, the one the README shows. Plus the app's plain pieces and its command line without a browser.
 
 The browser test needs Chromium (``apt-get install chromium``, or ``CHROMIUM=/path/to/chrome``) and playwright's
 Python package (requirements-dev.txt; its own browser download is not used); it is skipped, saying which is missing,
@@ -25,17 +25,18 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from pipelines import DEFAULT_MODEL
 from pipelines.app import SettingsInputs, build_app, editor_image_and_mask, main
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.studio import Studio
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT = REPO_ROOT / "docs" / "app.png"
+README_SCREENSHOT = REPO_ROOT / "docs" / "app.png"
 # Without the background-networking switches Chromium keeps calling home, which a machine without a network refuses.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 STARTUP_SECONDS = 600  # minutes only on a machine busy with other work; seconds otherwise
-WAIT_MS = 300_000  # a generation of two tiny steps takes a second; minutes only on a busy machine
+WAIT_MS = 300_000  # four images of the shipped model take about two seconds; minutes only on a busy machine
 PROMPT = "a red circle on the left"
 THUMBNAILS_LOADED = """() => {
     const images = [...document.querySelectorAll('button[aria-label^="Thumbnail"] img')];
@@ -75,12 +76,10 @@ def wait_until_serving(url: str, port: int, process: subprocess.Popen, log: Path
 
 
 @pytest.fixture
-def app(tiny_sd_dir: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """The app's URL and output folder: ``python -m pipelines.app`` on the tiny model, whose saved defaults are two
-    steps at guidance 3, on a free local port."""
-    model = tmp_path / "tiny-sd"
-    shutil.copytree(tiny_sd_dir, model)
-    GenerationDefaults(num_inference_steps=2, guidance_scale=3.0).save(model)
+def app(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """The app's URL, output folder and log: ``python -m pipelines.app`` on the shipped model (its defaults), on a
+    free local port."""
+    model = DEFAULT_MODEL
     port, out, log = free_port(), tmp_path / "out", tmp_path / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}  # fmt: skip
@@ -90,7 +89,7 @@ def app(tiny_sd_dir: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/", port, process, log)
-        yield f"http://127.0.0.1:{port}/", out
+        yield f"http://127.0.0.1:{port}/", out, log
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -118,6 +117,29 @@ def set_number(page, label: str, value: int) -> None:
     field.press("Enter")
 
 
+def wait_for_images(page, thumbnail, log: Path) -> None:
+    """Wait for ``thumbnail``, failing at once, with the page's message and the app's log, if an error shows."""
+    toast = page.get_by_test_id("toast-body")
+    thumbnail.or_(toast).first.wait_for(timeout=WAIT_MS)
+    if toast.count():
+        pytest.fail(f"the page showed an error instead of images: {toast.first.inner_text()!r}\n{log.read_text()}")
+
+
+def canvas_pixels(canvas) -> np.ndarray:
+    return np.asarray(PIL.Image.open(io.BytesIO(canvas.screenshot())).convert("L"), dtype=np.float32)
+
+
+def wait_for_canvas(canvas, ready, what: str) -> np.ndarray:
+    """Poll screenshots of the editor's canvas until ``ready(pixels)``; the editor draws asynchronously (WebGL), and
+    a stroke painted before it has drawn the upload is lost."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while time.monotonic() < deadline:
+        if ready(pixels := canvas_pixels(canvas)):
+            return pixels
+        time.sleep(0.2)
+    pytest.fail(f"the image editor never showed {what}")
+
+
 def save_screenshot(page, path: Path) -> None:
     """The top of the page, once the gallery's images have loaded, as a small PNG (64 colours) for the README."""
     page.wait_for_function(THUMBNAILS_LOADED, timeout=WAIT_MS)
@@ -129,7 +151,8 @@ def save_screenshot(page, path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_page_generates_downloads_inpaints_and_shows_errors(app, page, tmp_path) -> None:
-    url, out = app
+    url, out, log = app
+    defaults = GenerationDefaults.load(DEFAULT_MODEL)
     page.goto(url)
     prompt = page.get_by_label("Prompt", exact=True)
     prompt.fill(PROMPT)
@@ -137,9 +160,9 @@ def test_the_page_generates_downloads_inpaints_and_shows_errors(app, page, tmp_p
     set_number(page, "Images", 4)
     page.get_by_label("Seed", exact=True).fill("42")
     page.get_by_role("button", name="Generate").click()
-    page.get_by_role("button", name="Thumbnail 4 of 4").wait_for(timeout=WAIT_MS)
+    wait_for_images(page, page.get_by_role("button", name="Thumbnail 4 of 4"), log)
     assert page.get_by_label("Seed used").input_value() == "42"
-    save_screenshot(page, SCREENSHOT)
+    save_screenshot(page, README_SCREENSHOT if os.environ.get("LDM_UPDATE_SCREENSHOT") else tmp_path / "app.png")
 
     # The download is the PNG the app saved, byte for byte: size, prompt, seed and the model's default settings.
     page.get_by_role("button", name="Thumbnail 2 of 4").first.click()
@@ -148,7 +171,9 @@ def test_the_page_generates_downloads_inpaints_and_shows_errors(app, page, tmp_p
     downloaded = Path(download.value.path()).read_bytes()
     png = PIL.Image.open(io.BytesIO(downloaded))
     assert png.size == (64, 64)
-    assert png.text.items() >= {"prompt": PROMPT, "seed": "43", "steps": "2", "guidance_scale": "3.0"}.items()
+    expected = {"prompt": PROMPT, "seed": "43", "steps": str(defaults.num_inference_steps),
+                "guidance_scale": str(float(defaults.guidance_scale))}  # fmt: skip
+    assert png.text.items() >= expected.items()
     saved = [p for p in out.glob("*.png") if p.name == download.value.suggested_filename]
     assert len(saved) == 1 and saved[0].read_bytes() == downloaded
 
@@ -162,15 +187,18 @@ def test_the_page_generates_downloads_inpaints_and_shows_errors(app, page, tmp_p
     editor = page.locator("#inpaint-editor")
     editor.locator("input[type=file]").set_input_files(tmp_path / "upload.png")
     editor.get_by_role("button", name="Brush", exact=True).wait_for()
-    canvas = editor.locator("canvas").first.bounding_box()
-    x, y = canvas["x"] + canvas["width"] * 0.3, canvas["y"] + canvas["height"] * 0.5
+    canvas = editor.locator("canvas").first
+    loaded = wait_for_canvas(canvas, lambda pixels: pixels.std() > 30, "the uploaded noise image")
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
     page.mouse.move(x, y)
     page.mouse.down()
     page.mouse.move(x + 40, y + 20, steps=8)
     page.mouse.up()
+    wait_for_canvas(canvas, lambda pixels: pixels.shape != loaded.shape or (pixels != loaded).any(), "the stroke")
     page.get_by_role("button", name="Inpaint", exact=True).click()
     thumbnail = page.get_by_role("button", name="Thumbnail 1 of 1").first
-    thumbnail.wait_for(timeout=WAIT_MS)
+    wait_for_images(page, thumbnail, log)
     png = PIL.Image.open(io.BytesIO(page.request.get(thumbnail.locator("img").get_attribute("src")).body()))
     assert png.size == upload.size and png.text["mode"] == "inpaint"
     assert png.text["seed"] == page.get_by_label("Seed used").input_value()

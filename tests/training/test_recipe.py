@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_toy_recipe_end_to_end(tmp_path):
-    env = {**os.environ, "SCALE": "toy", "PYTHONPATH": str(REPO)}
+    # the recipe's `python` is this interpreter, even where its environment is not activated
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "SCALE": "toy", "PYTHONPATH": str(REPO), "PATH": path}
     result = subprocess.run(["bash", "training/recipes/shapes.sh", str(tmp_path)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,3 +63,26 @@ def test_choose_guidance_takes_the_best_and_the_smallest_among_equals():
 def test_model_steps_name_the_missing_stage(tmp_path, capsys):
     assert main(["folder", "--run", str(tmp_path)]) == 2
     assert "sweep.json is missing; run training/recipes/shapes.sh" in capsys.readouterr().err
+
+
+def test_attribute_similarity_is_one_for_words_the_text_encoder_cannot_tell_apart(tmp_path):
+    """The card's measure of what the text encoder separates: with every word of the position phrases given one
+    embedding, captions differing only in position encode identically (1.0), while colour and shape stay apart."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipelines import DEFAULT_MODEL
+    from training.recipes.shapes_model import attribute_similarity
+
+    tokenizer = CLIPTokenizer.from_pretrained(Path(DEFAULT_MODEL) / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(Path(DEFAULT_MODEL) / "text_encoder")
+    words = ["on", "at", "in", "the", "left", "right", "top", "bottom", "center"]
+    ids = [tokenizer(word, add_special_tokens=False).input_ids for word in words]
+    assert all(len(i) == 1 for i in ids)  # one token each, so every position phrase is three tokens
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[[i[0] for i in ids]] = table[ids[0][0]].clone()
+    text_encoder.save_pretrained(tmp_path / "text_encoder")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    similarity = attribute_similarity(tmp_path)
+    assert similarity["position"] == pytest.approx(1.0, abs=1e-6)
+    assert similarity["colour"] < 0.9 and similarity["shape"] < 0.9, similarity

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -86,6 +87,46 @@ def test_resume_continues_exactly(tiny_sd_dir, shapes_dir, tmp_path):
     # the comparison is not vacuous: training changed the weights
     base = load_file(Path(tiny_sd_dir) / "unet" / "diffusion_pytorch_model.safetensors")
     assert not torch.equal(base["conv_in.weight"], unet_weights(straight)["conv_in.weight"])
+
+
+def text_encoder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "text_encoder" / "model.safetensors")
+
+
+def test_text_encoder_trained_with_the_unet_is_saved_and_resumes_exactly(tiny_sd_dir, shapes_dir, tmp_path):
+    settings = dict(train_text_encoder=True, text_encoder_lr=5e-4, cache=True)
+    straight = train(config(tiny_sd_dir, shapes_dir, tmp_path / "straight", **settings))
+    train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", max_train_steps=3, **settings))
+    checkpoint = latest_checkpoint(tmp_path / "parts" / "checkpoints")
+    assert "text_encoder.safetensors" in {p.name for p in checkpoint.iterdir()}
+    resumed = train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", resume="latest", **settings))
+    assert_same_weights(text_encoder_weights(straight), text_encoder_weights(resumed))
+    assert_same_weights(unet_weights(straight), unet_weights(resumed))
+    # the saved text encoder is the trained one, not the one the run started from (whose cached embeddings the
+    # loop must not have used)
+    base = load_file(Path(tiny_sd_dir) / "text_encoder" / "model.safetensors")
+    trained = text_encoder_weights(straight)
+    assert base.keys() == trained.keys()
+    assert [k for k in base if not torch.equal(base[k], trained[k])]
+    frozen = train(config(tiny_sd_dir, shapes_dir, tmp_path / "frozen", cache=True))
+    assert_same_weights(base, text_encoder_weights(frozen))
+
+
+def test_text_encoder_from_a_fresh_initialisation(tiny_sd_dir, shapes_dir, tmp_path):
+    from transformers import CLIPTextModel
+
+    settings = dict(train_text_encoder=True, text_encoder_init="random", max_train_steps=2, learning_rate=1e-6)
+    first = text_encoder_weights(train(config(tiny_sd_dir, shapes_dir, tmp_path / "a", **settings)))
+    again = text_encoder_weights(train(config(tiny_sd_dir, shapes_dir, tmp_path / "b", **settings)))
+    assert_same_weights(first, again)  # the fresh weights come from the run's seed
+    # two steps at a tiny learning rate stay next to the fresh initialisation, far from the pretrained weights
+    pretrained = load_file(Path(tiny_sd_dir) / "text_encoder" / "model.safetensors")
+    fresh = CLIPTextModel(CLIPTextModel.config_class.from_pretrained(Path(tiny_sd_dir) / "text_encoder"))
+    key = next(k for k in first if k.endswith("token_embedding.weight"))
+    trained_table = first[key]
+    fresh_std = dict(fresh.named_parameters())[key].std()
+    assert torch.allclose(trained_table.std(), fresh_std, rtol=0.1)
+    assert (trained_table - pretrained[key]).norm() > 0.5 * pretrained[key].norm()
 
 
 def test_resume_latest_skips_a_checkpoint_broken_mid_write(tiny_sd_dir, shapes_dir, tmp_path):
@@ -192,6 +233,18 @@ def test_train_from_a_preset_with_frozen_parts(frozen_parts_dir, shapes_dir, tmp
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
 
 
+def test_min_snr_with_zero_terminal_snr_warns_that_the_last_steps_get_no_weight(tiny_sd_dir, shapes_dir, tmp_path,
+                                                                                caplog):  # fmt: skip
+    settings = dict(max_train_steps=1, prediction_type="v_prediction", zero_terminal_snr=True)
+    with caplog.at_level("WARNING", logger="training"):
+        train(config(tiny_sd_dir, shapes_dir, tmp_path / "plain", **settings))
+    assert "snr_gamma" not in caplog.text
+    with caplog.at_level("WARNING", logger="training"):
+        train(config(tiny_sd_dir, shapes_dir, tmp_path / "min-snr", snr_gamma=5.0, **settings))
+    weight = re.search(r"gives the last timestep a loss weight of (\S+):", caplog.text)
+    assert weight and float(weight.group(1)) < 1e-3
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_sd_dir, shapes_dir, tmp_path, monkeypatch, caplog):
     import training.train_text_to_image as script
 
@@ -218,6 +271,10 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_sd_dir, shapes_dir
     ({"resolution": 60}, "multiple of 8"),
     ({"caption_dropout": 1.0}, "caption_dropout"),
     ({"lora_rank": 4, "ema_decay": 0.99}, "ema_decay is for full fine-tuning"),
+    ({"lora_rank": 4, "train_text_encoder": True}, "train_text_encoder trains the full text encoder"),
+    ({"text_encoder_lr": 1e-4}, "needs --train-text-encoder"),
+    ({"train_text_encoder": True, "text_encoder_lr": 0.0}, "text_encoder_lr must be > 0"),
+    ({"text_encoder_init": "random"}, "add --train-text-encoder"),
 ])  # fmt: skip
 def test_bad_configs_name_the_field(tiny_sd_dir, shapes_dir, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -235,12 +292,13 @@ def test_command_line_errors_are_one_line(tiny_sd_dir, shapes_dir, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_two_process_run_and_its_exact_resume(tiny_sd_dir, shapes_dir, tmp_path):
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["frozen-text-encoder", "trained-text-encoder"])
+def test_two_process_run_and_its_exact_resume(tiny_sd_dir, shapes_dir, tmp_path, train_text_encoder):
     """torchrun --nproc_per_node 2 (gloo on CPU): each process keeps its own RNG stream, and a resumed 2-process run
-    ends with the same weights as an uninterrupted one."""
+    ends with the same weights as an uninterrupted one; also with the text encoder trained (wrapped for DDP too)."""
     args = ["--pretrained-model", tiny_sd_dir, "--dataset", shapes_dir, "--resolution", "64",
             "--train-batch-size", "2", "--max-train-steps", "4", "--checkpointing-steps", "2", "--report-to", "none",
-            "--output-dir"]  # fmt: skip
+            *(["--train-text-encoder"] if train_text_encoder else []), "--output-dir"]  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "training.train_text_to_image", *args]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -263,6 +321,9 @@ def test_two_process_run_and_its_exact_resume(tiny_sd_dir, shapes_dir, tmp_path)
     assert_same_weights(
         unet_weights(tmp_path / "straight" / "pipeline"), unet_weights(tmp_path / "resumed" / "pipeline")
     )
+    if train_text_encoder:
+        assert_same_weights(text_encoder_weights(tmp_path / "straight" / "pipeline"),
+                            text_encoder_weights(tmp_path / "resumed" / "pipeline"))  # fmt: skip
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tiny_sd_dir, shapes_dir, tmp_path):
