@@ -198,27 +198,25 @@ def train(config: TrainConfig) -> Path:
         with torch.random.fork_rng(devices=[]):  # the same fresh weights on every process, for a given seed
             torch.manual_seed(config.seed)
             text_encoder = type(text_encoder)(text_encoder.config).to(accelerator.device).train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    param_groups = [{"params": params}]
-    trained = [unet]  # the models the optimizer updates
+    trained = [unet, text_encoder] if config.train_text_encoder else [unet]  # the models the optimizer updates
+    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
     if config.train_text_encoder:
         param_groups.append({"params": list(text_encoder.parameters()),
                              "lr": config.text_encoder_lr or config.learning_rate})  # fmt: skip
-        params = params + param_groups[1]["params"]
-        trained.append(text_encoder)
+    params = [p for group in param_groups for p in group["params"]]
     optimizer = make_optimizer(param_groups, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, accelerator)
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
-    unet = trained[0]
+    # text_runner is what encodes the captions: the prepared (maybe DDP-wrapped) encoder when it is trained
+    unet, text_runner = trained if config.train_text_encoder else (trained[0], text_encoder)
     base_unet = accelerator.unwrap_model(unet)
     if config.train_text_encoder:
-        text_encoder = accelerator.unwrap_model(trained[1])
+        text_encoder = accelerator.unwrap_model(text_runner)
         models = dataclasses.replace(models, text_encoder=text_encoder)  # the grids and the saved pipeline use it
     if config.cache and not config.train_text_encoder:
         embed = dataset.embeddings
     else:
-        embed = partial(encode_prompts, trained[-1] if config.train_text_encoder else text_encoder, tokenizer,
-                        device=accelerator.device)  # fmt: skip
+        embed = partial(encode_prompts, text_runner, tokenizer, device=accelerator.device)
     if ema is not None:
         ema.to(accelerator.device)
     # Everything a checkpoint holds. A LoRA run saves only the adapter weights.

@@ -155,7 +155,8 @@ def card_text(run: Path, folder: Path) -> str:
     joint = bool(ucfg.get("train_text_encoder"))
     fresh = joint and ucfg.get("text_encoder_init") == "random"
     joint_flags = (" --train-text-encoder" + (" --text-encoder-init random" if fresh else "")) if joint else ""
-    before, after = attribute_similarity(run / "clip"), attribute_similarity(folder)
+    before = attribute_similarity(run / "clip")
+    after = attribute_similarity(folder) if joint else before  # a frozen text encoder is the contrastive one
 
     sweep_rows = ["| guidance | all parts | colour | shape | position | FID |", "|---:|---:|---:|---:|---:|---:|"]
     for row in sweep["rows"]:
