@@ -86,8 +86,8 @@ class TrainConfig(LoopConfig):
     text_encoder_lr: float | None = help_field(None, "peak learning rate of the text encoder (default: the U-Net's)")
     text_encoder_init: Literal["pretrained", "random"] = help_field(
         "pretrained",
-        "with --train-text-encoder: start from the given text encoder's weights, or from a fresh initialisation of "
-        "its architecture (its tokenizer is kept)",
+        "the given text encoder's weights, or a fresh seeded initialisation of its architecture (its tokenizer is "
+        "kept), trained with --train-text-encoder or else frozen: a fixed random encoding that keeps every word apart",
     )
     output_dir: str = help_field("runs/text-to-image", "where checkpoints, samples, logs and the model go")
     # validation: a sample grid, and the denoising loss on held-out images when there are any
@@ -121,8 +121,6 @@ class TrainConfig(LoopConfig):
             raise ConfigError(
                 f"text_encoder_lr must be > 0 and needs --train-text-encoder; got {self.text_encoder_lr}"
             )
-        if self.text_encoder_init != "pretrained" and not self.train_text_encoder:
-            raise ConfigError("text_encoder_init random means training the text encoder: add --train-text-encoder")
         if self.train_text_encoder and self.lora_rank is not None:
             raise ConfigError("train_text_encoder trains the full text encoder; drop it with --lora-rank")
         if self.cache and (self.crop != "center" or self.flip):
@@ -160,14 +158,22 @@ def train(config: TrainConfig) -> Path:
         text_encoder=config.text_encoder, prediction_type=config.prediction_type,
         zero_terminal_snr=config.zero_terminal_snr,
     )  # fmt: skip
+    if config.text_encoder_init == "random":
+        with torch.random.fork_rng(devices=[]):  # the same fresh weights on every process, for a given seed
+            torch.manual_seed(config.seed)
+            models = dataclasses.replace(models, text_encoder=type(models.text_encoder)(models.text_encoder.config))
     vae, text_encoder, tokenizer, unet = models.vae, models.text_encoder, models.tokenizer, models.unet
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    for frozen in (vae,) if config.train_text_encoder else (vae, text_encoder):
+    # A text encoder made here (not loaded) stays in full precision: the saved pipeline cannot reload it.
+    reloadable = config.text_encoder_init == "pretrained" and not config.train_text_encoder
+    for frozen in (vae, text_encoder) if reloadable else (vae,):
         frozen.requires_grad_(False).eval().to(accelerator.device)
         if weight_dtype != torch.float32:
             frozen.to(dtype=weight_dtype)
     if config.train_text_encoder:  # full precision weights, like the U-Net's; autocast runs them in mixed precision
         text_encoder.requires_grad_(True).train()
+    elif not reloadable:  # a fresh frozen encoder: a fixed random encoding of the captions
+        text_encoder.requires_grad_(False).eval().to(accelerator.device)
     if config.lora_rank is not None:
         add_lora(unet, config.lora_rank, config.lora_alpha)
     if config.gradient_checkpointing:
@@ -194,10 +200,6 @@ def train(config: TrainConfig) -> Path:
     ema = None
     if config.ema_decay is not None:
         ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
-    if config.train_text_encoder and config.text_encoder_init == "random":
-        with torch.random.fork_rng(devices=[]):  # the same fresh weights on every process, for a given seed
-            torch.manual_seed(config.seed)
-            text_encoder = type(text_encoder)(text_encoder.config).to(accelerator.device).train()
     trained = [unet, text_encoder] if config.train_text_encoder else [unet]  # the models the optimizer updates
     param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
     if config.train_text_encoder:
@@ -280,7 +282,7 @@ def train(config: TrainConfig) -> Path:
                 base_unet.save_pretrained(output_dir / "unet-raw")  # the non-EMA weights, for further training
                 ema.copy_to(base_unet.parameters())
             if weight_dtype != torch.float32:  # save the frozen parts as they were, not their half-precision copies
-                models = reload_frozen(models, text_encoder=not config.train_text_encoder)
+                models = reload_frozen(models, text_encoder=reloadable)
             pipe = _pipeline(base_unet, models)
             # The settings its validation grids were sampled at become the model's defaults (a recipe that finds
             # better ones, say by a guidance sweep, overwrites generation_defaults.json).

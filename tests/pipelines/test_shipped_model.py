@@ -5,6 +5,7 @@ inpainting, outpainting and img2img."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ MODEL = Path(DEFAULT_MODEL)
 # On these 30 prompts and seeds the shipped model gets colour and shape right at least 0.97 of the time (300 prompts in
 # models/shapes/README.md: 0.99, 0.98); the floor leaves room for other CPUs' and torch releases' float differences.
 ADHERENCE_FLOOR = 0.85
+# The card's figure: where the first sampling step puts the object, right for 90 prompts (chance 0.2).
+FIRST_STEP_FLOOR = 0.8
 MAX_FOLDER_MB = 31
 
 
@@ -95,10 +98,30 @@ def test_images_at_the_defaults_follow_the_prompts(adherence) -> None:
     assert parts["colour"] >= ADHERENCE_FLOOR and parts["shape"] >= ADHERENCE_FLOOR, adherence.summary()
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped U-Net does not follow position words yet (23 %, chance 20 %)")
 def test_images_at_the_defaults_put_the_object_where_the_prompt_says(adherence) -> None:
-    assert adherence.part_accuracy()["position"] >= ADHERENCE_FLOOR
-    assert adherence.all_correct_rate() >= ADHERENCE_FLOOR
+    assert adherence.part_accuracy()["position"] >= ADHERENCE_FLOOR, adherence.summary()
+    assert adherence.all_correct_rate() >= ADHERENCE_FLOOR, adherence.summary()
+
+
+def test_the_first_step_places_the_object_by_the_prompt_and_only_by_its_position_words(tmp_path: Path) -> None:
+    """At t = T (zero SNR) the U-Net's x_0 prediction is its mean image for the prompt: the object already sits where
+    the prompt says. With the position phrases' words given one embedding, the same U-Net
+    can only guess (chance 0.2)."""
+    from transformers import CLIPTextModel
+
+    from training.recipes.shapes_model import first_step_positions
+
+    assert first_step_positions(MODEL) >= FIRST_STEP_FLOOR
+    shutil.copytree(MODEL, tmp_path / "model")
+    text_encoder = CLIPTextModel.from_pretrained(MODEL / "text_encoder")
+    tokenizer = LatentDiffusionPipeline.from_pretrained(MODEL).tokenizer
+    words = ("on", "at", "in", "the", "left", "right", "top", "bottom", "center")  # every position phrase's words
+    ids = [tokenizer(word, add_special_tokens=False).input_ids[0] for word in words]
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[ids] = table[ids].mean(0)  # so "on the left" and "at the top" encode alike
+    text_encoder.save_pretrained(tmp_path / "model" / "text_encoder")
+    assert first_step_positions(tmp_path / "model") <= 0.4
 
 
 def test_txt2img_uses_it_when_no_model_is_given(capsys, tmp_path: Path, pipe: LatentDiffusionPipeline) -> None:
@@ -117,7 +140,8 @@ def test_txt2img_uses_it_when_no_model_is_given(capsys, tmp_path: Path, pipe: La
         assert image.text["scheduler"] == "ddim"
         generated = np.asarray(image.convert("RGB"))
     direct = pipe("a red circle on the left", generator=torch.Generator().manual_seed(0)).images[0]
-    np.testing.assert_array_equal(generated, np.asarray(direct))
+    # the command ran both images in one batch, this one alone: float sums in another order may round a pixel apart
+    assert np.abs(generated.astype(int) - np.asarray(direct).astype(int)).max() <= 1
 
 
 # ------------------------------------------------------------------------------------- editing with the same model
@@ -161,7 +185,11 @@ def test_inpainting_keeps_the_unmasked_pixels_and_the_original_object(inpainted)
         assert not np.array_equal(pixels[:, 32:], np.asarray(original)[:, 32:])  # the masked half was redrawn
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped U-Net does not place objects by position words yet")
+@pytest.mark.xfail(
+    strict=True,
+    reason="two objects in one image are outside the shipped model's training data: "
+    "it draws a blue square on the right for 2 of these 4 seeds, on a background unlike the original's",
+)
 def test_inpainting_paints_the_prompt_into_the_mask(inpainted) -> None:
     _, results = inpainted
     found = [all(parts_right(np.asarray(r)[:, 32:], "a blue square").values()) for r in results]

@@ -129,6 +129,34 @@ def test_text_encoder_from_a_fresh_initialisation(tiny_sd_dir, shapes_dir, tmp_p
     assert (trained_table - pretrained[key]).norm() > 0.5 * pretrained[key].norm()
 
 
+def test_a_fresh_frozen_text_encoder_is_the_one_cached_and_saved(tiny_sd_dir, shapes_dir, tmp_path):
+    """--text-encoder-init random without --train-text-encoder: a fixed random encoder, seeded, used for the cached
+    caption embeddings and saved with the pipeline unchanged (also from a mixed-precision run, which cannot reload
+    it from anywhere)."""
+    from transformers import CLIPTextModel
+
+    from training.cache import CachedLatentDataset
+    from training.data import ImageCaptionDataset, load_image_caption_records
+
+    out = train(config(tiny_sd_dir, shapes_dir, tmp_path / "run", text_encoder_init="random", cache=True,
+                       mixed_precision="bf16", max_train_steps=2))  # fmt: skip
+    saved = text_encoder_weights(out)
+    torch.manual_seed(0)  # the run's seed
+    fresh = CLIPTextModel(CLIPTextModel.config_class.from_pretrained(Path(tiny_sd_dir) / "text_encoder"))
+    assert_same_weights({k: v.float() for k, v in fresh.state_dict().items() if k in saved}, saved)
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    pretrained = load_file(Path(tiny_sd_dir) / "text_encoder" / "model.safetensors")
+    key = next(k for k in saved if k.endswith("token_embedding.weight"))
+    assert not torch.allclose(saved[key], pretrained[key])
+    # the cached embeddings are the fresh encoder's, as the saved pipeline computes them
+    pipe = LatentDiffusionPipeline.from_pretrained(out)
+    images = ImageCaptionDataset(load_image_caption_records(shapes_dir), resolution=64)
+    cache = CachedLatentDataset(images, tmp_path / "run" / "cache")
+    captions = [c for c in cache.captions if c][:2]
+    expected, _ = pipe.encode_prompt(captions, "cpu", 1, False)
+    torch.testing.assert_close(cache.embeddings(captions), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_resume_latest_skips_a_checkpoint_broken_mid_write(tiny_sd_dir, shapes_dir, tmp_path):
     straight = train(config(tiny_sd_dir, shapes_dir, tmp_path / "straight", max_train_steps=9))
     run = tmp_path / "crashed"
@@ -274,7 +302,6 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_sd_dir, shapes_dir
     ({"lora_rank": 4, "train_text_encoder": True}, "train_text_encoder trains the full text encoder"),
     ({"text_encoder_lr": 1e-4}, "needs --train-text-encoder"),
     ({"train_text_encoder": True, "text_encoder_lr": 0.0}, "text_encoder_lr must be > 0"),
-    ({"text_encoder_init": "random"}, "add --train-text-encoder"),
 ])  # fmt: skip
 def test_bad_configs_name_the_field(tiny_sd_dir, shapes_dir, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
