@@ -103,10 +103,12 @@ def test_images_at_the_defaults_put_the_object_where_the_prompt_says(adherence) 
     assert adherence.all_correct_rate() >= ADHERENCE_FLOOR, adherence.summary()
 
 
-def test_the_first_step_places_the_object_by_the_prompt_and_only_by_its_position_words(tmp_path: Path) -> None:
+def test_the_first_step_places_the_object_by_the_prompt_and_only_by_its_position_words(
+    tmp_path: Path, pipe: LatentDiffusionPipeline
+) -> None:
     """At t = T (zero SNR) the U-Net's x_0 prediction is its mean image for the prompt: the object already sits where
-    the prompt says. With the position phrases' words given one embedding, the same U-Net
-    can only guess (chance 0.2)."""
+    the prompt says. With the position phrases' words given one embedding, the same U-Net can only guess (chance 0.2).
+    """
     from transformers import CLIPTextModel
 
     from training.recipes.shapes_model import first_step_positions
@@ -114,7 +116,7 @@ def test_the_first_step_places_the_object_by_the_prompt_and_only_by_its_position
     assert first_step_positions(MODEL) >= FIRST_STEP_FLOOR
     shutil.copytree(MODEL, tmp_path / "model")
     text_encoder = CLIPTextModel.from_pretrained(MODEL / "text_encoder")
-    tokenizer = LatentDiffusionPipeline.from_pretrained(MODEL).tokenizer
+    tokenizer = pipe.tokenizer
     words = ("on", "at", "in", "the", "left", "right", "top", "bottom", "center")  # every position phrase's words
     ids = [tokenizer(word, add_special_tokens=False).input_ids[0] for word in words]
     table = text_encoder.get_input_embeddings().weight
