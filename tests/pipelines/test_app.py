@@ -120,7 +120,13 @@ def set_number(page, label: str, value: int) -> None:
 def wait_for_images(page, thumbnail, log: Path) -> None:
     """Wait for ``thumbnail``, failing at once, with the page's message and the app's log, if an error shows."""
     toast = page.get_by_test_id("toast-body")
-    thumbnail.or_(toast).first.wait_for(timeout=WAIT_MS)
+    try:
+        thumbnail.or_(toast).first.wait_for(timeout=WAIT_MS)
+    except Exception as err:  # playwright's TimeoutError: say what the page and the app were doing instead
+        shot = log.with_name("timeout.png")
+        page.screenshot(path=shot, full_page=True)
+        pytest.fail(f"no images after {WAIT_MS // 1000} s ({type(err).__name__}); page screenshot {shot}\n"
+                    f"page text:\n{page.inner_text('body')[-2000:]}\napp log:\n{log.read_text()[-4000:]}")  # fmt: skip
     if toast.count():
         pytest.fail(f"the page showed an error instead of images: {toast.first.inner_text()!r}\n{log.read_text()}")
 

@@ -95,3 +95,21 @@ def test_first_step_positions_needs_a_v_prediction_model_with_zero_terminal_snr(
 
     with pytest.raises(ValueError, match="v-prediction model with a zero-terminal-SNR schedule"):
         first_step_positions(Path(tiny_sd_dir))
+
+
+def test_square_fill_tells_a_rounded_square_from_the_autoencoders_round_trip(tmp_path):
+    # the card's reading of a weak shape score: the generated squares' median fill of their bounding box (from the
+    # adherence records), against real held-out squares (about 1) and their round trip through the shipped VAE
+    from pipelines import DEFAULT_MODEL
+    from training.make_shapes_dataset import make_dataset
+    from training.recipes.shapes_model import square_fill
+
+    make_dataset(tmp_path / "data", n=48, size=64, seed=1, progress=False)
+    records = [{"asked": {"shape": shape}, "diagnostics": {"fill_ratio": fill}}
+               for shape, fill in [("square", 0.8), ("square", 0.95), ("circle", 0.5), ("square", 0.9)]]  # fmt: skip
+    fill = square_fill(records, tmp_path / "data", Path(DEFAULT_MODEL), count=8)
+    assert fill["generated"] == pytest.approx(0.9)  # the squares' median; the circle is not counted
+    assert fill["real"] > 0.97
+    assert 0.89 < fill["round_trip"] < fill["real"]  # corners survive the autoencoder, slightly softened
+    with pytest.raises(ValueError, match="no squares to measure: 0 generated"):
+        square_fill(records[2:3], tmp_path / "data", Path(DEFAULT_MODEL))

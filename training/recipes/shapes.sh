@@ -3,7 +3,7 @@
 # the CLIP text encoder (contrastive), then the U-Net (v-prediction, zero terminal SNR, caption dropout for
 # classifier-free guidance). Every stage checkpoints and resumes: run the script again to continue where it stopped.
 #
-#   bash training/recipes/shapes.sh [OUT]             # the full recipe (about 110 minutes on 2 CPU cores)
+#   bash training/recipes/shapes.sh [OUT]             # the full recipe (about 150 minutes on 2 CPU cores)
 #   SCALE=toy bash training/recipes/shapes.sh OUT      # the same chain at a toy size, in minutes
 #
 # The U-Net reads the captions through a fresh, frozen text encoder (--text-encoder-init random), not the contrastive
@@ -13,8 +13,8 @@
 #
 # Measured for the shipped model (2 CPU cores, small preset, 64 px): data under a minute; autoencoder 1200 steps at
 # batch 32 in 31 min (0.65 steps/s); CLIP 500 steps at batch 64 in 12 min (0.70 steps/s); U-Net 3000 steps at batch
-# 32 with cached latents and caption embeddings in 53 min (1.0 steps/s, 3 min of it the cache); the guidance sweep,
-# adherence, FID, benchmark and card in 9 min.
+# 32 with cached latents and caption embeddings in 96 min (1.05 steps/s), plus 3 min to build the cache; the guidance
+# sweep, adherence, FID, benchmark and card in 10 min. The stages resume across sessions: run the script again.
 set -euo pipefail
 OUT=${1:-runs/shapes}
 SCALE=${SCALE:-full}
@@ -22,7 +22,7 @@ if [ "$SCALE" = toy ]; then
   N=256 N_TEST=64 VAE_STEPS=20 CLIP_STEPS=20 UNET_STEPS=30 BATCH=16 EVERY=10
   SCALES="1 3" SWEEP_PROMPTS=8 EVAL_PROMPTS=8 REPEATS=1 SAMPLE_STEPS=4
 elif [ "$SCALE" = full ]; then
-  N=20000 N_TEST=1000 VAE_STEPS=1200 CLIP_STEPS=500 UNET_STEPS=3000 BATCH=32 EVERY=200
+  N=20000 N_TEST=1000 VAE_STEPS=1200 CLIP_STEPS=500 UNET_STEPS=6000 BATCH=32 EVERY=200
   SCALES="1 2 3 4 5 7.5" SWEEP_PROMPTS=90 EVAL_PROMPTS=300 REPEATS=5 SAMPLE_STEPS=25
 else
   echo "error: SCALE must be toy or full; got $SCALE" >&2; exit 2
