@@ -104,26 +104,16 @@ def test_images_at_the_defaults_put_the_object_where_the_prompt_says(adherence) 
     assert adherence.all_correct_rate() >= ADHERENCE_FLOOR, adherence.summary()
 
 
-def test_the_first_step_places_the_object_by_the_prompt_and_only_by_its_position_words(
-    tmp_path: Path, pipe: LatentDiffusionPipeline
-) -> None:
+def test_the_first_step_places_the_object_by_the_prompt_and_only_by_its_position_words(tmp_path: Path) -> None:
     """At t = T (zero SNR) the U-Net's x_0 prediction is its mean image for the prompt: the object already sits where
     the prompt says. With the position phrases' words given one embedding, the same U-Net can only guess (chance 0.2).
     """
-    from transformers import CLIPTextModel
-
-    from training.recipes.shapes_model import first_step_positions
+    from tests.training.test_recipe import save_encoder_blind_to_position
+    from training.recipes.shapes_measures import first_step_positions
 
     assert first_step_positions(MODEL) >= FIRST_STEP_FLOOR
     shutil.copytree(MODEL, tmp_path / "model")
-    text_encoder = CLIPTextModel.from_pretrained(MODEL / "text_encoder")
-    tokenizer = pipe.tokenizer
-    words = ("on", "at", "in", "the", "left", "right", "top", "bottom", "center")  # every position phrase's words
-    ids = [tokenizer(word, add_special_tokens=False).input_ids[0] for word in words]
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        table[ids] = table[ids].mean(0)  # so "on the left" and "at the top" encode alike
-    text_encoder.save_pretrained(tmp_path / "model" / "text_encoder")
+    save_encoder_blind_to_position(tmp_path / "model")
     assert first_step_positions(tmp_path / "model") <= 0.4
 
 

@@ -65,24 +65,34 @@ def test_model_steps_name_the_missing_stage(tmp_path, capsys):
     assert "sweep.json is missing; run training/recipes/shapes.sh" in capsys.readouterr().err
 
 
-def test_attribute_similarity_is_one_for_words_the_text_encoder_cannot_tell_apart(tmp_path):
-    """The card's measure of what the text encoder separates: with every word of the position phrases given one
-    embedding, captions differing only in position encode identically (1.0), while colour and shape stay apart."""
+POSITION_WORDS = ("on", "at", "in", "the", "left", "right", "top", "bottom", "center")  # every position phrase's words
+
+
+def save_encoder_blind_to_position(out: Path) -> None:
+    """The shipped text encoder and tokenizer, saved to ``out/text_encoder`` and ``out/tokenizer`` with every word of
+    the position phrases given one embedding (their mean): "on the left" and "at the top" then encode alike."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from pipelines import DEFAULT_MODEL
-    from training.recipes.shapes_model import attribute_similarity
 
     tokenizer = CLIPTokenizer.from_pretrained(Path(DEFAULT_MODEL) / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(Path(DEFAULT_MODEL) / "text_encoder")
-    words = ["on", "at", "in", "the", "left", "right", "top", "bottom", "center"]
-    ids = [tokenizer(word, add_special_tokens=False).input_ids for word in words]
+    ids = [tokenizer(word, add_special_tokens=False).input_ids for word in POSITION_WORDS]
     assert all(len(i) == 1 for i in ids)  # one token each, so every position phrase is three tokens
+    ids = [i[0] for i in ids]
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        table[[i[0] for i in ids]] = table[ids[0][0]].clone()
-    text_encoder.save_pretrained(tmp_path / "text_encoder")
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
+        table[ids] = table[ids].mean(0)
+    text_encoder.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+
+
+def test_attribute_similarity_is_one_for_words_the_text_encoder_cannot_tell_apart(tmp_path):
+    """The card's measure of what the text encoder separates: with every word of the position phrases given one
+    embedding, captions differing only in position encode identically (1.0), while colour and shape stay apart."""
+    from training.recipes.shapes_measures import attribute_similarity
+
+    save_encoder_blind_to_position(tmp_path)
     similarity = attribute_similarity(tmp_path)
     assert similarity["position"] == pytest.approx(1.0, abs=1e-6)
     assert similarity["colour"] < 0.999 and similarity["shape"] < 0.999, similarity  # still told apart
@@ -91,7 +101,7 @@ def test_attribute_similarity_is_one_for_words_the_text_encoder_cannot_tell_apar
 def test_first_step_positions_needs_a_v_prediction_model_with_zero_terminal_snr(tiny_sd_dir):
     # an epsilon model's x_0 at t = T is undefined (alpha_T = 0 would divide by zero), and a schedule that keeps
     # signal at t = T does not make the first step decide the layout
-    from training.recipes.shapes_model import first_step_positions
+    from training.recipes.shapes_measures import first_step_positions
 
     with pytest.raises(ValueError, match="v-prediction model with a zero-terminal-SNR schedule"):
         first_step_positions(Path(tiny_sd_dir))
@@ -102,7 +112,7 @@ def test_square_fill_tells_a_rounded_square_from_the_autoencoders_round_trip(tmp
     # adherence records), against real held-out squares (about 1) and their round trip through the shipped VAE
     from pipelines import DEFAULT_MODEL
     from training.make_shapes_dataset import make_dataset
-    from training.recipes.shapes_model import square_fill
+    from training.recipes.shapes_measures import square_fill
 
     make_dataset(tmp_path / "data", n=48, size=64, seed=1, progress=False)
     records = [{"asked": {"shape": shape}, "diagnostics": {"fill_ratio": fill}}

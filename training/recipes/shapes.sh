@@ -12,7 +12,7 @@
 # weight. The model card has the measurements behind both choices.
 #
 # Measured for the shipped model (2 CPU cores, small preset, 64 px): data under a minute; autoencoder 1200 steps at
-# batch 32 in 31 min (0.65 steps/s); CLIP 500 steps at batch 64 in 12 min (0.70 steps/s); U-Net 3000 steps at batch
+# batch 32 in 31 min (0.65 steps/s); CLIP 500 steps at batch 64 in 12 min (0.70 steps/s); U-Net 6000 steps at batch
 # 32 with cached latents and caption embeddings in 96 min (1.05 steps/s), plus 3 min to build the cache; the guidance
 # sweep, adherence, FID, benchmark and card in 10 min. The stages resume across sessions: run the script again.
 set -euo pipefail

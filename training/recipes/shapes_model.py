@@ -25,6 +25,7 @@ import torch
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.grid import sample_grid
+from training.recipes.shapes_measures import attribute_similarity, first_step_positions, square_fill
 
 logger = logging.getLogger(__name__)
 
@@ -104,93 +105,28 @@ def _parameters(folder: Path) -> dict[str, float]:
     return counts
 
 
-@torch.no_grad()
-def attribute_similarity(folder: Path) -> dict[str, float]:
-    """How much the text encoder in ``folder`` (``text_encoder/`` and ``tokenizer/``) tells captions apart: for each
-    attribute, the mean cosine similarity of the embeddings (77 x width, flattened) of full captions that differ in
-    that attribute only. 1.0 means the U-Net cannot read that attribute from the prompt at all."""
-    from itertools import combinations, product
-
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from ldm.text import encode_prompts
-    from training.shapes import COLOURS, POSITIONS, SHAPES, caption_from_attributes
-
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    scenes = list(product(COLOURS, SHAPES, POSITIONS))
-    captions = [caption_from_attributes(dict(zip(("colour", "shape", "position"), scene))) for scene in scenes]
-    embeds = torch.nn.functional.normalize(encode_prompts(text_encoder, tokenizer, captions).flatten(1), dim=1)
-    similarity = embeds @ embeds.T
-    result = {}
-    for k, attribute in enumerate(("colour", "shape", "position")):
-        pairs = [(i, j) for i, j in combinations(range(len(scenes)), 2)
-                 if [a != b for a, b in zip(scenes[i], scenes[j])] == [m == k for m in range(3)]]  # fmt: skip
-        result[attribute] = float(torch.stack([similarity[i, j] for i, j in pairs]).mean())
-    return result
-
-
-@torch.no_grad()
-def first_step_positions(folder: Path, num_prompts: int = 90, seed: int = 0) -> float:
-    """How often the first sampling step already puts the object where the prompt says.
-
-    At t = T the zero-terminal-SNR schedule leaves no signal in x_T, so the (guided) U-Net's x_0 prediction there is
-    its estimate of E[x_0 | prompt]: a blurred object where the prompt puts it, if the model reads the position word.
-    Returns the fraction of ``num_prompts`` full prompts (``eval.adherence``'s) whose decoded first-step x_0 reads
-    back (``eval.shape_analysis``) at the prompt's position. About 0.2 (chance) means the layout is left to the noise.
-    """
-    from eval.adherence import adherence_prompts
-    from eval.shape_analysis import analyze_image
-    from ldm.diffusion import v_to_x0
-    from ldm.guidance import guide
-    from training.shapes import parse_prompt
-
-    pipe = LatentDiffusionPipeline.from_pretrained(folder)
-    if pipe.scheduler.config.prediction_type != "v_prediction" or pipe.scheduler.alphas_cumprod[-1] > 1e-6:
-        raise ValueError("first_step_positions needs a v-prediction model with a zero-terminal-SNR schedule")
-    prompts = adherence_prompts(num_prompts, seed=seed)
-    embeds, negative = pipe.encode_prompt(prompts, "cpu", 1, True)
-    last = pipe.scheduler.config.num_train_timesteps - 1
-    size = pipe.default_size // pipe.vae_scale_factor
-    x_T = torch.randn((len(prompts), pipe.unet.config.in_channels, size, size),
-                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    v = pipe.unet(torch.cat([x_T, x_T]), last, encoder_hidden_states=torch.cat([negative, embeds])).sample
-    x0 = v_to_x0(guide(v, pipe.generation_defaults.guidance_scale), x_T, last, pipe.scheduler.alphas_cumprod)
-    images = pipe.image_processor.postprocess(pipe.decode_latents(x0), output_type="pil")
-    found = [analyze_image(image).position == parse_prompt(p)["position"] for image, p in zip(images, prompts)]
-    return sum(found) / len(found)
-
-
-@torch.no_grad()
-def square_fill(records: list[dict[str, Any]], data: Path, folder: Path, count: int = 40) -> dict[str, float]:
-    """How square the squares are: the median share of its bounding box that the object fills
-    (``eval.shape_analysis``'s ``fill_ratio``: 1 for a square, pi/4 for a circle; the analyser reads more than 0.89 as
-    a square) in the generated images asked for a square (``eval.adherence`` records), in ``count`` held-out squares
-    of the imagefolder ``data``, and in those after a round trip through ``folder``'s autoencoder."""
-    import statistics
-
-    import numpy as np
-    import PIL.Image
-    from diffusers import AutoencoderKL
-
-    from eval.shape_analysis import analyze_image
-
-    drawn = [r["diagnostics"]["fill_ratio"] for r in records
-             if r["asked"].get("shape") == "square" and r["diagnostics"].get("fill_ratio") is not None]  # fmt: skip
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    files = [data / row["file_name"] for row in rows if " square" in row["text"]][:count]
-    if not drawn or not files:
-        raise ValueError(f"no squares to measure: {len(drawn)} generated, {len(files)} held-out in {data}")
-    real = np.stack([np.asarray(PIL.Image.open(file).convert("RGB")) for file in files])
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-    pixels = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1
-    decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
-    round_trip = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-    def median_fill(images) -> float:
-        return statistics.median(analyze_image(PIL.Image.fromarray(image)).fill_ratio for image in images)
-
-    return {"generated": statistics.median(drawn), "real": median_fill(real), "round_trip": median_fill(round_trip)}
+def _weak_parts_bullet(parts: dict[str, float], steps: int, records: list[dict[str, Any]], run: Path,
+                       folder: Path) -> list[str]:  # fmt: skip
+    """The card's Limits bullet for colour or shape below 95 % (none when both reach it); for shape, what
+    :func:`square_fill` measured of the squares."""
+    weak = [name for name in ("colour", "shape") if parts[name] < 0.95]
+    if not weak:
+        return []
+    bullet = (f"- **Below 95 %**: {', '.join(f'{name} {parts[name]:.1%}' for name in weak)} of images right at the "
+              f"defaults after {steps} U-Net steps.")  # fmt: skip
+    if "shape" in weak:
+        fill = square_fill(records, run / "data" / "test", folder)
+        bullet += (
+            f" The squares it draws have rounded corners: they fill {fill['generated']:.2f} of their bounding box "
+            f"(median), where held-out squares fill {fill['real']:.2f}, and {fill['round_trip']:.2f} after the "
+            "autoencoder's round trip, so the U-Net, not the autoencoder, rounds them; higher guidance rounds them "
+            "further (the sweep's shape column), and guidance rescale did not help (90 prompts at guidance 2: shape "
+            "0.90 with phi 0.7, 0.92 without)."
+        )
+        if steps > 3000:
+            bullet += (" Training length helps: the first run of this recipe stopped at 3000 U-Net steps with shape "
+                       "80.7 % and all three right 80.0 % (squares filling 0.88).")  # fmt: skip
+    return [bullet]
 
 
 def _psnr_at(vae: dict[str, Any], step: int) -> str:
@@ -297,24 +233,24 @@ def card_text(run: Path, folder: Path) -> str:
         "terminal SNR, position was right every time. `tests/ldm/test_diffusion.py` checks that the schedule "
         "reaches zero.", "",
         "How far apart the text encoder puts captions that differ in one word (the mean cosine similarity of their "
-        "embeddings, `training.recipes.shapes_model.attribute_similarity`; 1.0: the U-Net cannot tell them apart): "
+        "embeddings, `training.recipes.shapes_measures.attribute_similarity`; 1.0: the U-Net cannot tell them apart): "
         f"after contrastive training, position {before['position']:.3f}, colour {before['colour']:.3f}, shape "
         f"{before['shape']:.3f}"
         + (f"; the shipped text encoder, {encoder_name}: position {after['position']:.3f}, colour "
            f"{after['colour']:.3f}, shape {after['shape']:.3f}" if encoder_name else "")
         + ".",
         "",
-        "Position is decided at the first sampling step. At t = T the schedule leaves no signal, so the U-Net's "
-        "x_0 prediction there is its estimate of the mean image for the prompt; "
-        "`training.recipes.shapes_model.first_step_positions` decodes it for 90 prompts and reads where the blurred "
-        f"object sits: at the prompt's position **{first_step:.0%}** of the time for this model (chance 20 %). The "
-        "model shipped before it used the contrastive text encoder, frozen, and min-SNR-gamma 5 weighting, and "
-        "scored 20 % there (23 % position in the final images): the contrastive encoder hardly separates the "
-        "position words (similarity 0.996 above), and with v-prediction min-SNR-gamma weighs a step "
-        "min(SNR, gamma) / (SNR + 1), which is 0 at t = T. A 400-step probe trained only at t = T, with everything "
-        "else equal, put the object at the right position 76 % of the time with a frozen random text encoder and "
-        "19 % with the frozen contrastive one; so this recipe drops min-SNR and conditions on a fixed random "
-        "encoding of the caption.",
+        "Position is decided at the first sampling step. At t = T the schedule leaves no signal, so the U-Net's x_0 "
+        "prediction there is its estimate of the mean image for the prompt; "
+        "`training.recipes.shapes_measures.first_step_positions` decodes it for 90 prompts and reads where the "
+        f"blurred object sits: at the prompt's position **{first_step:.0%}** of the time for this model (chance 20 "
+        "%). The model shipped before it used the contrastive text encoder, frozen, and min-SNR-gamma 5 weighting, "
+        "and scored 20 % there (23 % position in the final images): the contrastive encoder hardly separates the "
+        "position words (similarity 0.996 above), and with v-prediction min-SNR-gamma weighs a step min(SNR, gamma) "
+        "/ (SNR + 1), which is 0 at t = T. A 400-step probe trained only at t = T, with everything else equal, put "
+        "the object at the right position 76 % of the time with a frozen random text encoder and 19 % with the "
+        "frozen contrastive one; so this recipe drops min-SNR and conditions on a fixed random encoding of the "
+        "caption.",
         "",
         "GroupNorm matters too: with Stable Diffusion's 32 groups, the 32-channel layers normalise each channel on "
         "its own (instance normalisation), which erases each feature map's mean; a first autoencoder trained that "
@@ -353,18 +289,7 @@ def card_text(run: Path, folder: Path) -> str:
               if ucfg.get("snr_gamma") else "the U-Net has not learned to combine the position words with where "
               "it is in the image.")]
           if parts["position"] < 0.95 else []),
-        *([f"- **Below 95 %**: {', '.join(f'{name} {parts[name]:.1%}' for name in weak)} of images right at the "
-           f"defaults after {unet['steps']} U-Net steps."
-           + (f" The squares it draws have rounded corners: they fill {fill['generated']:.2f} of their bounding box "
-              f"(median), where held-out squares fill {fill['real']:.2f}, and {fill['round_trip']:.2f} after the "
-              "autoencoder's round trip, so the U-Net, not the autoencoder, rounds them; higher guidance rounds "
-              "them further (the sweep's shape column), and guidance rescale did not help (90 prompts at guidance 2: "
-              "shape 0.90 with phi 0.7, 0.92 without)."
-              + (" Training length helps: the first run of this recipe stopped at 3000 U-Net steps with shape "
-                 "80.7 % and all three right 80.0 % (squares filling 0.88)." if unet["steps"] > 3000 else "")
-              if "shape" in weak and (fill := square_fill(adherence_file["records"], run / "data" / "test", folder))
-              else "")]
-          if (weak := [name for name in ("colour", "shape") if parts[name] < 0.95]) else []),
+        *_weak_parts_bullet(parts, unet["steps"], adherence_file["records"], run, folder),
         "- It knows one world: a single shape of six colours, three kinds and five positions at 64x64. Other words "
         "still tokenize (into byte pieces) but mean nothing to it; two objects, sizes or textures are out of reach.",
         "- Editing (img2img, inpainting) works with it, within the same world.",
