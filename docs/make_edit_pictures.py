@@ -1,8 +1,9 @@
 """Make the README's editing pictures with the shipped model: ``python docs/make_edit_pictures.py``.
 
 Renders the inputs with the training data's renderer, runs the ``img2img`` and ``inpaint`` commands exactly as the
-README shows them, and writes ``docs/edit/*.png``: the inputs, and one before / (mask) / after strip per command,
-enlarged 4x with nearest-neighbour so the 64x64 pixels stay visible.
+README shows them, and writes ``docs/edit/*.png``: the inputs, and one before / (mask) / after strip per command
+(inpainting: after without and with ``--resamples 2``), enlarged 4x with nearest-neighbour so the 64x64 pixels stay
+visible.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     circle = OUT / "red_circle_left.png"
     canonical_scene("red", "circle", "left").save(circle)
+    square = OUT / "red_square_left.png"
+    canonical_scene("red", "square", "left").save(square)
     mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (32, 0, 64, 64))
-    mask_path = OUT / "mask_right_half.png"
+    mask.paste(255, (0, 0, 32, 64))
+    mask_path = OUT / "mask_left_half.png"
     mask.save(mask_path)
     half = OUT / "green_triangle_half.png"
     canonical_scene("green", "triangle", "left").crop((0, 0, 32, 64)).save(half)
@@ -59,12 +62,13 @@ def main() -> None:
 
     changed = run(img2img.main, ["--image", str(circle), "--prompt", "a blue circle on the left", "--strength", "0.8",
                                  "--seed", "0", "--out", str(work)])  # fmt: skip
-    painted = run(inpaint.main, ["--image", str(circle), "--mask", str(mask_path), "--prompt",
-                                 "a blue square on the right", "--seed", "0", "--out", str(work)])  # fmt: skip
+    painted = [run(inpaint.main, ["--image", str(square), "--mask", str(mask_path), "--prompt",
+                                  "a blue triangle on the left", "--seed", "0", "--out", str(work), *resampling])
+               for resampling in ([], ["--resamples", "2"])]  # fmt: skip
     extended = run(inpaint.main, ["--image", str(half), "--outpaint", "right=32", "--prompt",
                                   "a green triangle on the left", "--seed", "0", "--out", str(work)])  # fmt: skip
     print(strip([Image.open(circle), Image.open(changed)], OUT / "img2img.png"))
-    print(strip([Image.open(circle), Image.open(mask_path), Image.open(painted)], OUT / "inpaint.png"))
+    print(strip([Image.open(path) for path in (square, mask_path, *painted)], OUT / "inpaint.png"))
     print(strip([Image.open(half), Image.open(extended)], OUT / "outpaint.png"))
     for path in work.iterdir():
         path.unlink()

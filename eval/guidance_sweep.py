@@ -24,6 +24,7 @@ from eval.adherence import adherence_prompts, score_images
 from eval.features import extract_features, load_feature_extractor
 from eval.fid import fid_from_features, open_image_set
 from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline
+from pipelines.cli import add_guidance_interval_argument
 from pipelines.schedulers import SCHEDULERS, make_scheduler
 from training.plots import line_chart
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="image i gets seed + i at every scale")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own default)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's")
+    add_guidance_interval_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--real", default=None, help="real images (folder or dataset) for FID")
     parser.add_argument("--features", default=None, help="feature extractor spec for FID (see eval.fid)")
@@ -50,13 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(pipe: LatentDiffusionPipeline, prompts: list[str], *, scale: float, seed: int, steps: int,
-             batch_size: int) -> list:  # fmt: skip
-    """Images of ``prompts`` at guidance ``scale``; prompt i always uses seed ``seed + i``."""
+             batch_size: int, interval: tuple[float, float] | None = None) -> list:  # fmt: skip
+    """Images of ``prompts`` at guidance ``scale`` (within ``interval``, default the model's); prompt i always uses
+    seed ``seed + i``."""
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(batch))]
-        images += pipe(batch, guidance_scale=scale, num_inference_steps=steps, generator=generators).images
+        images += pipe(batch, guidance_scale=scale, num_inference_steps=steps, guidance_interval=interval,
+                       generator=generators).images  # fmt: skip
     return images
 
 
@@ -66,7 +70,7 @@ def sweep(args: argparse.Namespace) -> dict:
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    steps = args.steps or pipe.generation_defaults.num_inference_steps
+    steps, _, interval = pipe.sampling_settings(args.steps, None, args.guidance_interval)
     prompts = adherence_prompts(args.num_prompts, args.prompt_seed)
     extractor = real_features = None
     if args.real and args.features:
@@ -75,7 +79,8 @@ def sweep(args: argparse.Namespace) -> dict:
         real_features = extract_features(extractor, real.images(), total=len(real), desc="real features")
     rows, grid_rows = [], []
     for scale in tqdm(args.scales, desc="guidance scales"):
-        images = generate(pipe, prompts, scale=scale, seed=args.seed, steps=steps, batch_size=args.batch_size)
+        images = generate(pipe, prompts, scale=scale, seed=args.seed, steps=steps, batch_size=args.batch_size,
+                          interval=interval)  # fmt: skip
         report = score_images(images, prompts)
         row = {"guidance_scale": scale, "all_correct": report.all_correct_rate(), **report.part_accuracy()}
         if extractor is not None:
@@ -84,7 +89,8 @@ def sweep(args: argparse.Namespace) -> dict:
         rows.append(row)
         grid_rows.append(images[: min(8, len(images))])
         logger.info("g=%s: %s", scale, row)
-    return {"model": args.model, "steps": steps, "scheduler": type(pipe.scheduler).__name__, "seed": args.seed,
+    return {"model": args.model, "steps": steps, "guidance_interval": list(interval),
+            "scheduler": type(pipe.scheduler).__name__, "seed": args.seed,
             "num_prompts": len(prompts), "features": args.features, "rows": rows,
             "grid_prompts": prompts[:8], "_grid": grid_rows}  # fmt: skip
 

@@ -139,6 +139,24 @@ def q_sample(x0: Tensor, t: Tensor | int, noise: Tensor, alphas_cumprod: Tensor)
     return (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).to(x0.dtype)
 
 
+def q_sample_from(x_s: Tensor, s: Tensor | int, t: Tensor | int, noise: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Sample x_t ~ q(x_t | x_s) for an earlier step ``s`` < ``t``: the forward process continued from x_s,
+    ``x_t = sqrt(alpha_bar_t / alpha_bar_s) * x_s + sqrt(1 - alpha_bar_t / alpha_bar_s) * eps`` (the product of
+    DDPM eq. 2 from s + 1 to t). ``s`` = -1 is the data (alpha_bar = 1), where this is :func:`q_sample`. RePaint
+    (Lugmayr et al. 2022) re-noises a sample this way to redo a denoising step.
+
+    Raises:
+        ValueError: ``s`` is not earlier than ``t``.
+    """
+    s_index, t_index = torch.as_tensor(s, device=x_s.device), torch.as_tensor(t, device=x_s.device)
+    if (s_index >= t_index).any():
+        raise ValueError(f"q(x_t | x_s) needs s < t (noise is only added going forward); got s={s}, t={t}")
+    ab_s = _at(_prev(alphas_cumprod), s_index + 1, x_s.ndim, x_s.device)
+    ab_t = _at(alphas_cumprod, t_index, x_s.ndim, x_s.device)
+    ratio = ab_t / ab_s
+    return (ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise).to(x_s.dtype)
+
+
 def q_mean_variance(x0: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, variance and log variance of q(x_t | x_0) (DDPM eq. 4), each expanded to ``x0.shape``."""
     ab = _at(alphas_cumprod, t, x0.ndim, x0.device)

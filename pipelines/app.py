@@ -39,6 +39,8 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "model"
 """Where ``publish --space`` puts the model, beside the Space's ``app.py``."""
 OUTPAINT_SIDES = ("left", "right", "top", "bottom")
 MAX_PORT = 65535
+MAX_RESAMPLES = 8
+RESAMPLES_LABEL = "Resamples (redo each step N more times so the new area matches; DDIM/DDPM)"
 
 
 def port(text: str) -> int:
@@ -188,6 +190,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                         )
                         inpaint_strength = gr.Slider(0.05, 1.0, 1.0, step=0.05, label="Strength")
                         inpaint_blur = gr.Slider(0, 16, 0, step=0.5, label="Mask blur (px)")
+                        inpaint_resamples = gr.Slider(0, MAX_RESAMPLES, 0, step=1, precision=0, label=RESAMPLES_LABEL)
                         inpaint = gr.Button("Inpaint", variant="primary")
                     with gr.Tab("Outpaint"):
                         outpaint_image = gr.Image(label="Image to extend", **upload)
@@ -197,24 +200,29 @@ def build_app(studio: Studio) -> gr.Blocks:
                                 for side in OUTPAINT_SIDES
                             ]
                         outpaint_blur = gr.Slider(0, 16, 0, step=0.5, label="Mask blur (px)")
+                        outpaint_resamples = gr.Slider(0, MAX_RESAMPLES, 0, step=1, precision=0, label=RESAMPLES_LABEL)
                         outpaint = gr.Button("Outpaint", variant="primary")
                 shared = settings_panel(studio, prompt, negative_prompt)
             with gr.Column():
                 results = gr.Gallery(label="Results", columns=2, buttons=["download", "fullscreen"])
                 seed_used = gr.Textbox(label="Seed used", interactive=False)
 
-        def run_inpaint(settings: Settings, value: dict | None, strength: float, blur: float) -> Generation:
-            return studio.inpaint(settings, *editor_image_and_mask(value), strength=strength, mask_blur=blur)
+        def run_inpaint(
+            settings: Settings, value: dict | None, strength: float, blur: float, resamples: float
+        ) -> Generation:
+            image, mask = editor_image_and_mask(value)
+            return studio.inpaint(settings, image, mask, strength=strength, mask_blur=blur, resamples=int(resamples))
 
         def run_outpaint(settings: Settings, image: PIL.Image.Image | None, *values: float) -> Generation:
-            *pixels, blur = values
-            return studio.outpaint(settings, image, dict(zip(OUTPAINT_SIDES, map(int, pixels))), mask_blur=blur)
+            *pixels, blur, resamples = values
+            sides = dict(zip(OUTPAINT_SIDES, map(int, pixels)))
+            return studio.outpaint(settings, image, sides, mask_blur=blur, resamples=int(resamples))
 
         outputs = [results, seed_used]
         connect(txt2img, studio.text_to_image, shared, [width, height], outputs)
         connect(img2img, studio.image_to_image, shared, [img2img_image, img2img_strength], outputs)
-        connect(inpaint, run_inpaint, shared, [editor, inpaint_strength, inpaint_blur], outputs)
-        connect(outpaint, run_outpaint, shared, [outpaint_image, *sides, outpaint_blur], outputs)
+        connect(inpaint, run_inpaint, shared, [editor, inpaint_strength, inpaint_blur, inpaint_resamples], outputs)
+        connect(outpaint, run_outpaint, shared, [outpaint_image, *sides, outpaint_blur, outpaint_resamples], outputs)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -22,6 +22,7 @@ from packaging.version import Version
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.attention import available_attention_backends
+from pipelines.generation_defaults import check_guidance_interval
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,32 @@ def float_in(low: float, high: float | None = None) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def interval_arg(text: str) -> tuple[float, float]:
+    """An ``argparse`` type: ``LO,HI`` -> ``(lo, hi)`` with 0 <= lo < hi <= 1 (a guidance interval)."""
+    try:
+        return check_guidance_interval(tuple(float(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LO,HI with 0 <= LO < HI <= 1 (0,1: guide every step; 0.5,1: the noisier half); got {text!r}"
+        ) from None
+
+
+def add_guidance_interval_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--guidance-interval LO,HI`` (default ``None``: the model's), as the generation commands take it."""
+    parser.add_argument(
+        "--guidance-interval",
+        type=interval_arg,
+        metavar="LO,HI",
+        help="guide only at timesteps t with LO <= t/T <= HI, e.g. 0.5,1 (default: the model's; 0,1 for Stable "
+        "Diffusion)",
+    )
+
+
+def format_interval(interval: tuple[float, float]) -> str:
+    """``(0.5, 1.0)`` -> ``"0.5,1"``, the form ``interval_arg`` reads (for image metadata)."""
+    return ",".join(f"{bound:g}" for bound in interval)
 
 
 def seed_arg(text: str) -> int:

@@ -23,8 +23,10 @@ from pipelines.cli import (
     DEFAULT_MODEL,
     DTYPES,
     OneLineParser,
+    add_guidance_interval_argument,
     check_args,
     float_in,
+    format_interval,
     generators_for,
     image_seeds,
     int_at_least,
@@ -81,6 +83,7 @@ def build_parser(prog: str, description: str, default_strength: float) -> argpar
     sampling.add_argument(
         "--guidance-scale", type=float_in(0.0), metavar="G", help="guidance (default: the model's; SD: 7.5)"
     )
+    add_guidance_interval_argument(sampling)
     sampling.add_argument("--eta", type=float_in(0.0), default=0.0, metavar="ETA", help="DDIM eta (0)")
     sampling.add_argument("--seed", type=seed_arg, metavar="N", help="seed of the first image; image i gets seed + i")
     sampling.add_argument("--num-images", type=int_at_least(1), default=1, metavar="N", help="images (default 1)")
@@ -125,7 +128,7 @@ def edit(
     """
     pipe = load_pipeline(args.model, resolve_dtype(args.dtype, device))
     pipe = LatentDiffusionEditPipeline.sharing(pipe)
-    steps, guidance_scale = pipe.sampling_settings(args.steps, args.guidance_scale)
+    steps, guidance_scale, interval = pipe.sampling_settings(args.steps, args.guidance_scale, args.guidance_interval)
     pipe.set_attention_backend(args.attention)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
@@ -142,11 +145,13 @@ def edit(
         negative_prompt=args.negative_prompt,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
+        guidance_interval=interval,
         num_images_per_prompt=args.num_images,
         eta=args.eta,
         generator=generators_for(seeds),
         output_type="pil",
         mask_blur=getattr(args, "mask_blur", 0.0),
+        resamples=getattr(args, "resamples", 0),
     ).images
     metadata = {
         "prompt": args.prompt,
@@ -155,6 +160,7 @@ def edit(
         "strength": str(args.strength),
         "steps": str(steps),
         "guidance_scale": str(guidance_scale),
+        "guidance_interval": format_interval(interval),
         "eta": str(args.eta),
         "scheduler": scheduler_name(pipe.scheduler),
         "height": str(image.height),

@@ -3,7 +3,8 @@
 ``python -m pipelines.inpaint --model FOLDER --image in.png --mask mask.png --prompt "..."`` regenerates the white
 area of the mask (same size as the image) and keeps the rest; ``--outpaint left=64,right=32`` instead extends the
 image by that many pixels per side (``left``, ``right``, ``top``, ``bottom``) and fills the new area. Works with a
-plain text-to-image model and with a 9-channel inpainting model. Output conventions as ``txt2img`` / ``img2img``.
+plain text-to-image model and with a 9-channel inpainting model; with a plain one ``--resamples 2`` makes the new
+area agree with the kept one (RePaint's resampling, 3x the time). Output conventions as ``txt2img`` / ``img2img``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.cli import float_in
+from pipelines.cli import float_in, int_at_least
 from pipelines.img2img import build_parser, load_image, run_edit_command
 from pipelines.pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline, outpaint_canvas
 
@@ -54,6 +55,14 @@ def build_inpaint_parser() -> argparse.ArgumentParser:
     area.add_argument(
         "--mask-blur", type=float_in(0.0), default=0.0, metavar="PX", help="feather the final blend (px, default 0)"
     )
+    area.add_argument(
+        "--resamples",
+        type=int_at_least(0),
+        default=0,
+        metavar="N",
+        help="redo each step N more times from its re-noised result (RePaint) so the new area matches the kept one; "
+        "costs (1 + N) x the time; text-to-image models with DDIM or DDPM (default 0)",
+    )
     return parser
 
 
@@ -64,17 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     def inputs(args: argparse.Namespace) -> Callable:
         if (args.mask is None) == (args.outpaint is None):
             parser.error("pass exactly one of --mask FILE or --outpaint SIDE=PX,...")
+        common = {"mask_blur": str(args.mask_blur), "resamples": str(args.resamples)}
         if args.mask is not None:
             try:
                 mask = load_image(args.mask, mode="L", what="mask (white = regenerate)")
             except ValueError as err:
                 parser.error(str(err))
-            return lambda pipe: (args.input_image, mask, {"mask": str(args.mask), "mask_blur": str(args.mask_blur)})
+            return lambda pipe: (args.input_image, mask, {"mask": str(args.mask), **common})
 
         def outpaint(pipe: LatentDiffusionEditPipeline) -> tuple:
             canvas, mask = outpaint_canvas(args.input_image, **args.outpaint, multiple=pipe.vae_scale_factor)
             spec = ",".join(f"{side}={px}" for side, px in args.outpaint.items())
-            return canvas, mask, {"outpaint": spec, "mask_blur": str(args.mask_blur)}
+            return canvas, mask, {"outpaint": spec, **common}
 
         return outpaint
 

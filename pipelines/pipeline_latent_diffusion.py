@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from ldm.attention import set_attention_backend
 from ldm.guidance import guide, uses_classifier_free_guidance
 from ldm.text import encode_prompts, prompt_chunk_count
 from pipelines.generation_defaults import FILENAME as GENERATION_DEFAULTS_FILE
-from pipelines.generation_defaults import GenerationDefaults
+from pipelines.generation_defaults import FULL_INTERVAL, GenerationDefaults, check_guidance_interval
 from pipelines.single_file import check_checkpoint_format
 
 logger = logging.getLogger(__name__)
@@ -188,11 +188,23 @@ class LatentDiffusionPipeline(
         sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
         return sample_size * self.vae_scale_factor
 
-    def sampling_settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
-        """The steps and guidance scale a call uses: the ones given, else the model's ``generation_defaults``."""
+    def sampling_settings(
+        self,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        guidance_interval: tuple[float, float] | None = None,
+    ) -> tuple[int, float, tuple[float, float]]:
+        """The steps, guidance scale and guidance interval a call uses: the ones given, else the model's
+        ``generation_defaults``.
+
+        Raises:
+            ValueError: a guidance interval that is not (lo, hi) with 0 <= lo < hi <= 1.
+        """
         defaults = self.generation_defaults
         return (defaults.num_inference_steps if num_inference_steps is None else num_inference_steps,
-                defaults.guidance_scale if guidance_scale is None else guidance_scale)  # fmt: skip
+                defaults.guidance_scale if guidance_scale is None else guidance_scale,
+                check_guidance_interval(defaults.guidance_interval if guidance_interval is None
+                                        else guidance_interval))  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------- 1. inputs
 
@@ -234,6 +246,18 @@ class LatentDiffusionPipeline(
             raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like); got {eta}")
+        if "eta" in inspect.signature(self.scheduler.step).parameters:
+            if eta > 1:
+                raise ValueError(
+                    f"eta must be in [0, 1] (0 is deterministic DDIM, 1 is DDPM-like; above 1 the step's noise "
+                    f"exceeds its variance and the images come out NaN); got {eta}"
+                )
+            if eta == 1 and float(self.scheduler.alphas_cumprod[-1]) == 0:
+                raise ValueError(
+                    "eta 1 on this zero-terminal-SNR schedule gives NaN images: DDIM's first step takes the square "
+                    "root of 1 - a - (1 - a), which can round below 0; use eta 0.99 or less, or the DDPM scheduler "
+                    "for ancestral sampling"
+                )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
 
@@ -426,42 +450,58 @@ class LatentDiffusionPipeline(
         guidance_scale: float,
         guidance_rescale: float,
         step_kwargs: dict[str, Any],
+        guidance_interval: tuple[float, float] = FULL_INTERVAL,
         cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         extra_channels: torch.Tensor | None = None,
         after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        resamples: Sequence[int] | None = None,
+        renoise: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The sampling loop: at each timestep the U-Net's guided prediction, then the scheduler's step x_t -> x_{t-1}.
 
-        With guidance the unconditional and conditional passes go through the U-Net as one batch ``[neg; pos]``.
-        ``extra_channels`` are concatenated to the U-Net input (an inpainting U-Net's mask and masked image);
+        With guidance the unconditional and conditional passes go through the U-Net as one batch ``[neg; pos]``, at
+        the timesteps t with ``lo <= t / T <= hi`` for ``guidance_interval`` (lo, hi) (Kynkaanniemi et al. 2024);
+        at the others the conditional pass alone. ``extra_channels`` (one copy per image) are concatenated to the
+        U-Net input (an inpainting U-Net's mask and masked image);
         ``after_step(i, latents)`` may replace the latents after each step (inpainting puts the known region back).
-        ``negative_prompt_embeds`` None means no guidance (a single conditional pass).
+        ``resamples[i]`` > 0 redoes step ``i`` that many more times, each time from ``renoise(i, latents)``: the
+        step's result noised back to its timestep (RePaint's resampling; it needs a scheduler whose ``step`` keeps no
+        state between calls). ``negative_prompt_embeds`` None means no guidance (a single conditional pass).
         """
         do_cfg = negative_prompt_embeds is not None
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        lo, hi = (bound * num_train_timesteps for bound in guidance_interval)
+
+        def step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            guided = do_cfg and lo <= float(t) <= hi
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            if extra_channels is not None:
+                channels = torch.cat([extra_channels] * 2) if guided else extra_channels
+                model_input = torch.cat([model_input, channels], dim=1)
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=embeds if guided else prompt_embeds,
+                cross_attention_kwargs=cross_attention_kwargs,
+                return_dict=False,
+            )[0]
+            if guided:
+                noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            return after_step(i, latents) if after_step is not None else latents
+
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                if extra_channels is not None:
-                    model_input = torch.cat([model_input, extra_channels], dim=1)
-                noise_pred = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=embeds,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    return_dict=False,
-                )[0]
-                if do_cfg:
-                    noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-                if after_step is not None:
-                    latents = after_step(i, latents)
+                latents = step(i, t, latents)
+                for _ in range(resamples[i] if resamples is not None else 0):
+                    latents = step(i, t, renoise(i, latents))
 
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
@@ -499,6 +539,7 @@ class LatentDiffusionPipeline(
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
@@ -523,6 +564,9 @@ class LatentDiffusionPipeline(
             return_dict: return a :class:`LatentDiffusionPipelineOutput` instead of a tuple.
             cross_attention_kwargs: passed to the attention processors (``{"scale": s}`` scales LoRA layers).
             guidance_rescale: phi of Lin et al. 2024 in [0, 1]; counters over-exposure at high guidance.
+            guidance_interval: ``(lo, hi)``: guide only at the timesteps t with ``lo <= t / T <= hi`` (Kynkaanniemi
+                et al. 2024), the others take the conditional pass alone (faster); default: the model's
+                ``generation_defaults`` ((0, 1), every step, for a Stable Diffusion folder).
             clip_skip: use the hidden states this many layers before the text encoder's last.
             callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` called after each step; the tensors
                 named in ``callback_on_step_end_tensor_inputs`` are passed and may be replaced.
@@ -532,7 +576,9 @@ class LatentDiffusionPipeline(
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         height = height or self.default_size
         width = width or self.default_size
-        num_inference_steps, guidance_scale = self.sampling_settings(num_inference_steps, guidance_scale)
+        num_inference_steps, guidance_scale, guidance_interval = self.sampling_settings(
+            num_inference_steps, guidance_scale, guidance_interval
+        )
 
         # 1. Check inputs.
         self.check_inputs(
@@ -562,6 +608,7 @@ class LatentDiffusionPipeline(
         latents = self.denoise(
             latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds if do_cfg else None,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, step_kwargs=step_kwargs,
+            guidance_interval=guidance_interval,
             cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip

@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
@@ -31,6 +31,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.diffusion import q_sample_from
 from ldm.guidance import uses_classifier_free_guidance
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
 
@@ -184,6 +185,24 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
                 "mask_image is all white: nothing is kept; use text-to-image, or img2img (no mask) with strength 1"
             )
 
+    def check_resamples(self, resamples: int, replacement_inpainting: bool) -> None:
+        """``resamples`` is a whole number >= 0; > 0 needs replacement inpainting and a scheduler without memory."""
+        if not isinstance(resamples, int) or resamples < 0:
+            raise ValueError(f"resamples must be a whole number >= 0 (extra passes per step); got {resamples!r}")
+        if resamples == 0:
+            return
+        if not replacement_inpainting:
+            raise ValueError(
+                "resamples is for inpainting with a text-to-image (4-channel) U-Net: pass a mask_image, or leave "
+                "resamples at 0 (img2img has no kept region to agree with; an inpainting U-Net sees it directly)"
+            )
+        if not isinstance(self.scheduler, (DDIMScheduler, DDPMScheduler)):
+            raise ValueError(
+                f"resamples redoes steps, which needs a scheduler whose step keeps no state (DDIM or DDPM); this "
+                f"pipeline has {type(self.scheduler).__name__}. Set pipe.scheduler = "
+                "DDIMScheduler.from_config(pipe.scheduler.config), or leave resamples at 0"
+            )
+
     # --------------------------------------------------------------------------------------------------- 3. latents
 
     def get_timesteps(self, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
@@ -243,10 +262,12 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         mask_blur: float = 0.0,
+        resamples: int = 0,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
@@ -262,6 +283,11 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
                 stock). Low keeps the image's layout; 1 starts the regenerated area from pure noise.
             mask_blur: standard deviation in pixels of the Gaussian feathering of the final pixel-space blend (0:
                 hard edge; unmasked pixels farther than 3 * mask_blur from the mask are exactly the original's).
+            resamples: inpainting with a plain U-Net: redo every denoising step this many more times, each time from
+                its result noised back to the step's timestep with fresh noise (RePaint's resampling, Lugmayr et al.
+                2022, jump length 1), so the new area agrees with the kept one instead of only sitting next to it.
+                Costs ``1 + resamples`` times the U-Net passes; needs DDIM or DDPM (schedulers whose step keeps no
+                state). 0 (default): plain replacement.
             Everything else as :meth:`LatentDiffusionPipeline.__call__`. With ``output_type="latent"`` the final
             latents are returned, before the pixel-space blend.
         """
@@ -271,7 +297,9 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
         inpainting = mask_image is not None
         if strength is None:
             strength = INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
-        num_inference_steps, guidance_scale = self.sampling_settings(num_inference_steps, guidance_scale)
+        num_inference_steps, guidance_scale, guidance_interval = self.sampling_settings(
+            num_inference_steps, guidance_scale, guidance_interval
+        )
 
         # 1. Check inputs.
         height, width = self.check_edit_inputs(image, mask_image, strength, mask_blur)
@@ -290,6 +318,7 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
         inpainting_unet = in_channels == 2 * latent_channels + 1
         if inpainting_unet and not inpainting:
             raise ValueError("this U-Net is an inpainting model (9 input channels); pass a mask_image")
+        self.check_resamples(resamples, inpainting and not inpainting_unet)
         device = self._execution_device
         do_cfg = uses_classifier_free_guidance(guidance_scale)
         batch_size = self._batch_size(prompt, prompt_embeds)
@@ -347,7 +376,6 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
         if inpainting_unet:
             model_mask = F.interpolate(mask, size=shape[-2:])
             conditioning = torch.cat([model_mask, masked_image_latents], dim=1)
-            conditioning = torch.cat([conditioning] * 2) if do_cfg else conditioning
 
         # 7. The denoising loop; with a plain U-Net the known region is put back after every step.
         def put_back_known_region(i: int, latents: torch.Tensor) -> torch.Tensor:
@@ -357,14 +385,21 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
                 known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
             return (1 - latent_mask) * known + latent_mask * latents
 
+        def renoise(i: int, latents: torch.Tensor) -> torch.Tensor:
+            # x_{t'} -> x_t, q(x_t | x_{t'}) with fresh noise: undo step i to redo it (t' = -1 after the last: data).
+            after = int(timesteps[i + 1]) if i < len(timesteps) - 1 else -1
+            fresh = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+            return q_sample_from(latents, after, int(timesteps[i]), fresh, self.scheduler.alphas_cumprod)
+
         latents = self.denoise(
             latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds if do_cfg else None,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
             step_kwargs=self._scheduler_step_kwargs(generator, eta), cross_attention_kwargs=cross_attention_kwargs,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             extra_channels=conditioning if inpainting_unet else None,
             after_step=put_back_known_region if inpainting and not inpainting_unet else None,
+            resamples=[resamples] * len(timesteps), renoise=renoise,
         )  # fmt: skip
 
         # 8. Decode; when inpainting, keep the original's pixels outside the (feathered) mask.

@@ -19,7 +19,16 @@ from typing import Any, NamedTuple
 import PIL.Image
 import torch
 
-from pipelines.cli import MAX_SEED, generators_for, image_seeds, load_pipeline, next_index, resolve_dtype, save_png
+from pipelines.cli import (
+    MAX_SEED,
+    format_interval,
+    generators_for,
+    image_seeds,
+    load_pipeline,
+    next_index,
+    resolve_dtype,
+    save_png,
+)
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 from pipelines.pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline, outpaint_canvas
 from pipelines.schedulers import SCHEDULERS, make_scheduler, scheduler_name
@@ -144,29 +153,39 @@ class Studio:
         mask: PIL.Image.Image | None,
         strength: float = 1.0,
         mask_blur: float = 0.0,
+        resamples: int = 0,
     ) -> Generation:
-        """Regenerate the white area of ``mask`` (any size: it is scaled to the image) and keep the rest."""
+        """Regenerate the white area of ``mask`` (any size: it is scaled to the image) and keep the rest;
+        ``resamples`` > 0 redoes each step that many more times so the new area agrees with the kept one."""
         image = self._fit(image, "upload an image and paint the area to regenerate")
         if mask is None:
             raise ValueError("paint the area to regenerate on the image")
         mask = mask.convert("L").resize(image.size, PIL.Image.Resampling.NEAREST)
-        inputs = {"image": image, "mask_image": mask, "strength": strength, "mask_blur": mask_blur}
-        metadata = {"mode": "inpaint", "strength": str(float(strength)), "mask_blur": str(float(mask_blur))}
-        return self._edit(settings, image, inputs, metadata)
+        inputs = {"image": image, "mask_image": mask, "strength": strength}
+        metadata = {"mode": "inpaint", "strength": str(float(strength))}
+        return self._edit(settings, image, {**inputs, **self._blend(mask_blur, resamples)}, metadata)
 
     def outpaint(
-        self, settings: Settings, image: PIL.Image.Image | None, sides: dict[str, int], mask_blur: float = 0.0
+        self,
+        settings: Settings,
+        image: PIL.Image.Image | None,
+        sides: dict[str, int],
+        mask_blur: float = 0.0,
+        resamples: int = 0,
     ) -> Generation:
         """Extend ``image`` by ``sides`` pixels (``left``, ``right``, ``top``, ``bottom``) and fill the new area."""
         image = self._fit(image, "upload the image to extend")
         canvas, mask = outpaint_canvas(image, **sides, multiple=self.size_step)
-        inputs = {"image": canvas, "mask_image": mask, "strength": 1.0, "mask_blur": mask_blur}
+        inputs = {"image": canvas, "mask_image": mask, "strength": 1.0, **self._blend(mask_blur, resamples)}
         spec = ",".join(f"{side}={px}" for side, px in sides.items() if px)
-        return self._edit(
-            settings, canvas, inputs, {"mode": "outpaint", "outpaint": spec, "mask_blur": str(float(mask_blur))}
-        )
+        return self._edit(settings, canvas, inputs, {"mode": "outpaint", "outpaint": spec})
 
     # ------------------------------------------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _blend(mask_blur: float, resamples: int) -> dict[str, Any]:
+        """How a masked edit joins the new area to the kept one: the pipeline's ``mask_blur`` and ``resamples``."""
+        return {"mask_blur": float(mask_blur), "resamples": int(resamples)}
 
     def _fit(self, image: PIL.Image.Image | None, missing: str) -> PIL.Image.Image:
         if image is None:
@@ -177,7 +196,8 @@ class Studio:
         self, settings: Settings, image: PIL.Image.Image, inputs: dict[str, Any], metadata: dict[str, str]
     ) -> Generation:
         size = {"height": str(image.height), "width": str(image.width)}
-        return self._generate(self.edit_pipe, settings, inputs, {**metadata, **size})
+        blend = {key: str(inputs[key]) for key in ("mask_blur", "resamples") if key in inputs}
+        return self._generate(self.edit_pipe, settings, inputs, {**metadata, **blend, **size})
 
     def _generate(
         self,
@@ -192,7 +212,7 @@ class Studio:
         if settings.scheduler != MODEL_SCHEDULER:
             scheduler = make_scheduler(settings.scheduler, self.model_scheduler.config)
         self.pipe.scheduler = self.edit_pipe.scheduler = scheduler
-        steps, guidance_scale = pipe.sampling_settings(settings.steps, settings.guidance_scale)
+        steps, guidance_scale, interval = pipe.sampling_settings(settings.steps, settings.guidance_scale)
         seed = settings.seed if settings.seed is not None else secrets.randbelow(RANDOM_SEEDS)
         seeds = image_seeds(seed, settings.num_images)
         images = pipe(
@@ -200,6 +220,7 @@ class Studio:
             negative_prompt=settings.negative_prompt or None,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
+            guidance_interval=interval,
             num_images_per_prompt=settings.num_images,
             generator=generators_for(seeds),
             output_type="pil",
@@ -210,6 +231,7 @@ class Studio:
             "negative_prompt": settings.negative_prompt,
             "steps": str(steps),
             "guidance_scale": str(guidance_scale),
+            "guidance_interval": format_interval(interval),
             "eta": "0.0",
             "scheduler": scheduler_name(scheduler),
             "model": self.model,

@@ -22,9 +22,11 @@ from pipelines.cli import (
     DEFAULT_MODEL,
     DTYPES,
     OneLineParser,
+    add_guidance_interval_argument,
     batches,
     check_args,
     float_in,
+    format_interval,
     generators_for,
     image_seeds,
     int_at_least,
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="G",
         help="classifier-free guidance; <= 1 disables it (default: the model's; 7.5 for Stable Diffusion)",
     )
+    add_guidance_interval_argument(sampling)
     sampling.add_argument(
         "--guidance-rescale",
         type=float_in(0.0, 1.0),
@@ -149,12 +152,13 @@ def generate(args: argparse.Namespace, prompts: list[str], device: torch.device)
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(device)
 
-    steps, guidance_scale = pipe.sampling_settings(args.steps, args.guidance_scale)
+    steps, guidance_scale, interval = pipe.sampling_settings(args.steps, args.guidance_scale, args.guidance_interval)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     metadata = {
         "negative_prompt": args.negative_prompt or "",
         "steps": str(steps),
         "guidance_scale": str(guidance_scale),
+        "guidance_interval": format_interval(interval),
         "guidance_rescale": str(args.guidance_rescale),
         "eta": str(args.eta),
         "scheduler": scheduler_name(pipe.scheduler),
@@ -180,6 +184,7 @@ def generate(args: argparse.Namespace, prompts: list[str], device: torch.device)
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             guidance_rescale=args.guidance_rescale,
+            guidance_interval=interval,
             num_images_per_prompt=args.num_images,
             eta=args.eta,
             generator=generators_for(seeds),

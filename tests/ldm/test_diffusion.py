@@ -27,6 +27,7 @@ from ldm.diffusion import (
     posterior_variance,
     q_mean_variance,
     q_sample,
+    q_sample_from,
     rescale_zero_terminal_snr,
     score_to_eps,
     snr,
@@ -178,6 +179,33 @@ def test_q_sample_statistics_match_ddpm_eq4() -> None:
     for row, value in zip(x_t, (0.7, -1.3)):
         assert row.mean().item() == pytest.approx(math.sqrt(ab) * value, abs=5 * math.sqrt((1 - ab) / n))
         assert row.var().item() == pytest.approx(1 - ab, abs=5 * math.sqrt(2 / n) * (1 - ab))
+
+
+def test_q_sample_from_continues_the_forward_process() -> None:
+    # q(x_t | x_s) is DDPM eq. 2 applied from step s + 1 to t: mean and variance from a loop over the single steps.
+    n, s, t = 200_000, 200, 450
+    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
+    ratio = _linear_alpha_bar(t) / _linear_alpha_bar(s)
+    x_s = torch.tensor([[0.7], [-1.3]], dtype=torch.float64).repeat_interleave(n, dim=0)
+    x_t = q_sample_from(x_s, s, t, _randn(2 * n, 1, seed=4, dtype=torch.float64), alphas_cumprod).view(2, n)
+    for row, value in zip(x_t, (0.7, -1.3)):
+        assert row.mean().item() == pytest.approx(math.sqrt(ratio) * value, abs=5 * math.sqrt((1 - ratio) / n))
+        assert row.var().item() == pytest.approx(1 - ratio, abs=5 * math.sqrt(2 / n) * (1 - ratio))
+
+
+def test_q_sample_from_the_data_is_q_sample_and_composes_to_it() -> None:
+    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("scaled_linear"))
+    x0, e1, e2 = (_randn(3, 4, 8, 8, seed=k, dtype=torch.float64) for k in (5, 6, 7))
+    t = torch.tensor([0, 300, 999])
+    torch.testing.assert_close(q_sample_from(x0, -1, t, e1, alphas_cumprod), q_sample(x0, t, e1, alphas_cumprod))
+    # Markov: noising to s then from s to t is q(x_t | x_0) with the noise sqrt(a_t/a_s (1 - a_s)) e1 + ... e2.
+    s, t = 100, 600
+    a_s, a_t = alphas_cumprod[s].double(), alphas_cumprod[t].double()
+    two_hops = q_sample_from(q_sample(x0, s, e1, alphas_cumprod), s, t, e2, alphas_cumprod)
+    noise = ((a_t / a_s * (1 - a_s)).sqrt() * e1 + (1 - a_t / a_s).sqrt() * e2) / (1 - a_t).sqrt()
+    torch.testing.assert_close(two_hops, q_sample(x0, t, noise, alphas_cumprod))
+    with pytest.raises(ValueError, match="needs s < t"):
+        q_sample_from(x0, 600, 600, e1, alphas_cumprod)
 
 
 def test_q_mean_variance_closed_form() -> None:

@@ -9,8 +9,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import (
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -134,6 +136,55 @@ def test_inpainting_unet_matches_stock(ddim_components, strength) -> None:
     assert np.abs(actual[0][~masked] - original[~masked]).max() < 1e-6
 
 
+def resampled_inpainting_reference(components: dict, image, mask, *, steps: int, resamples: int, seed: int):
+    """RePaint's loop written out with the components (no guidance): every DDIM step redone ``resamples`` more times
+    from its result noised back by q(x_t | x_t') = N(sqrt(a_t / a_t') x_t', (1 - a_t / a_t') I), the known region put
+    back after every pass. The random draws in the pipeline's order: VAE posterior, initial noise, re-noising."""
+    pipe, generator = ours(components), torch.Generator().manual_seed(seed)
+    scheduler = DDIMScheduler.from_config(components["scheduler"].config)
+    scheduler.set_timesteps(steps)
+    vae, factor = components["vae"], pipe.vae_scale_factor
+    pixels = torch.from_numpy(np.asarray(image) / 127.5 - 1).permute(2, 0, 1)[None].float()
+    known = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+    noise = torch.randn(known.shape, generator=generator)
+    regenerate = F.max_pool2d(torch.from_numpy(np.asarray(mask) / 255.0)[None, None].float(), factor)
+    embeds = pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
+    alphas_cumprod, timesteps = scheduler.alphas_cumprod, scheduler.timesteps
+    latents = noise * scheduler.init_noise_sigma
+    for i, t in enumerate(timesteps):
+        after = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        for attempt in range(resamples + 1):
+            if attempt:
+                ratio = alphas_cumprod[t] / (alphas_cumprod[after] if after is not None else 1.0)
+                latents = ratio.sqrt() * latents + (1 - ratio).sqrt() * torch.randn(known.shape, generator=generator)
+            eps = components["unet"](latents, t, encoder_hidden_states=embeds).sample
+            latents = scheduler.step(eps, t, latents).prev_sample
+            at_next = known if after is None else scheduler.add_noise(known, noise, after[None])
+            latents = regenerate * latents + (1 - regenerate) * at_next
+    return latents
+
+
+def test_resampling_matches_repaint_written_out(ddim_components) -> None:
+    kwargs = {"image": random_image(), "mask_image": box_mask(), "guidance_scale": 1.0, "output_type": "latent"}
+    expected = resampled_inpainting_reference(ddim_components, kwargs["image"], kwargs["mask_image"], steps=4,
+                                              resamples=2, seed=0)  # fmt: skip
+    actual = run(ours(ddim_components), resamples=2, **kwargs)
+    assert (actual - expected).abs().max() < PARITY_TOLERANCE
+    assert (actual - run(ours(ddim_components), **kwargs)).abs().max() > 0.1  # resampling changed the result
+
+
+def test_resampling_runs_the_unet_once_more_per_step_per_resample_and_keeps_the_unmasked_pixels(
+    ddim_components,
+) -> None:
+    pipe, calls = ours(ddim_components), []
+    pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+    image, mask = random_image(), box_mask()
+    result = run(pipe, image=image, mask_image=mask, resamples=3, num_inference_steps=5, output_type="pil")[0]
+    assert len(calls) == 5 * (1 + 3)
+    masked = np.asarray(mask) > 127
+    np.testing.assert_array_equal(np.asarray(result)[~masked], np.asarray(image)[~masked])
+
+
 def test_mask_blur_feathers_only_near_the_mask(ddim_components) -> None:
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., 16:48, 16:48] = 1
@@ -194,11 +245,20 @@ def test_outpainting_preserves_the_original(ddim_components) -> None:
         ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
         ({"image": random_image((60, 64))}, "not a multiple of 8.*resize or crop it to 56x64"),
         ({"strength": 0.1, "num_inference_steps": 5}, "leaves no denoising step"),
+        ({"mask_image": box_mask(), "resamples": -1}, "resamples must be a whole number >= 0"),
+        ({"resamples": 2}, "resamples is for inpainting.*pass a mask_image"),
+        (
+            {"mask_image": box_mask(), "resamples": 2, "scheduler": DPMSolverMultistepScheduler},
+            "keeps no state \\(DDIM or DDPM\\); this pipeline has DPMSolverMultistepScheduler",
+        ),
     ],
 )
 def test_errors_name_the_fix(ddim_components, kwargs, message) -> None:
+    pipe = ours(ddim_components)
+    if "scheduler" in kwargs:
+        pipe.scheduler = kwargs.pop("scheduler").from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match=message):
-        run(ours(ddim_components), **{"image": random_image(), **kwargs})
+        run(pipe, **{"image": random_image(), **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------ command lines
@@ -236,10 +296,12 @@ def test_inpaint_cli_mask_and_outpaint(capsys, tiny_sd_dir: str, tmp_path: Path)
         kept = np.asarray(box_mask()) < 128
         np.testing.assert_array_equal(np.asarray(image.convert("RGB"))[kept], np.asarray(random_image())[kept])
 
-    code, paths, err = cli(capsys, inpaint_main, *args, "--outpaint", "left=16,bottom=8")
+    code, paths, err = cli(capsys, inpaint_main, *args, "--outpaint", "left=16,bottom=8", "--resamples", "1",
+                           "--scheduler", "ddim")  # fmt: skip
     assert code == 0, err
     with PIL.Image.open(paths[0]) as image:
         assert image.size == (SIZE + 16, SIZE + 8) and image.text["outpaint"] == "left=16,bottom=8"
+        assert image.text["resamples"] == "1" and image.text["scheduler"] == "ddim"
 
 
 @pytest.mark.parametrize(
@@ -250,6 +312,8 @@ def test_inpaint_cli_mask_and_outpaint(capsys, tiny_sd_dir: str, tmp_path: Path)
         (inpaint_main, [], "exactly one of --mask FILE or --outpaint"),
         (inpaint_main, ["--outpaint", "middle=3"], "SIDE in left, right, top, bottom"),
         (inpaint_main, ["--mask", "IN"], "mask_image is all black"),  # the input image as its own mask: too dark
+        (inpaint_main, ["--outpaint", "left=8", "--resamples", "-1"], "--resamples: must be"),
+        (inpaint_main, ["--outpaint", "left=8", "--resamples", "2"], "needs a scheduler whose step keeps no state"),
     ],
 )
 def test_clis_bad_arguments_exit_2_with_one_line(capsys, tiny_sd_dir, tmp_path, main, extra, message) -> None:

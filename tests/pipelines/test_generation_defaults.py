@@ -56,6 +56,15 @@ def test_round_trip_through_save_and_from_pretrained(model_dir) -> None:
     assert LatentDiffusionPipeline.from_pretrained(model_dir).generation_defaults == DEFAULTS
 
 
+def test_a_guidance_interval_round_trips_and_the_full_one_is_not_written(tmp_path) -> None:
+    interval = GenerationDefaults(num_inference_steps=3, guidance_scale=2.0, guidance_interval=(0.5, 1.0))
+    interval.save(tmp_path)
+    assert json.loads((tmp_path / FILENAME).read_text())["guidance_interval"] == [0.5, 1.0]
+    assert GenerationDefaults.load(tmp_path) == interval
+    DEFAULTS.save(tmp_path)  # (0, 1), every step: files from before the setting existed read the same
+    assert "guidance_interval" not in json.loads((tmp_path / FILENAME).read_text())
+
+
 def test_stock_defaults_are_not_written(tmp_path, tiny_components) -> None:
     LatentDiffusionPipeline(**tiny_components).save_pretrained(tmp_path)
     assert not (tmp_path / FILENAME).exists()
@@ -87,6 +96,7 @@ def test_txt2img_uses_and_records_the_models_defaults(capsys, model_dir, tmp_pat
     (path,) = [Path(line) for line in capsys.readouterr().out.splitlines()]
     with Image.open(path) as image:
         assert (image.text["steps"], image.text["guidance_scale"]) == ("3", "2.0")
+        assert image.text["guidance_interval"] == "0,1"
         generated = np.asarray(image.convert("RGB"))
     pipe = LatentDiffusionPipeline.from_pretrained(model_dir)
     direct = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
@@ -108,6 +118,8 @@ def test_an_unreachable_hub_repository_gives_stock_defaults() -> None:
         ('{"num_inference_steps": 2.5}', "num_inference_steps must be an integer"),
         ('{"guidance_scale": -1}', "guidance_scale must be a finite number >= 0; got -1"),
         ('{"guidance_scale": "high"}', "guidance_scale must be a number"),
+        ('{"guidance_interval": [0.6, 0.5]}', r"guidance_interval must be \(lo, hi\) with 0 <= lo < hi <= 1"),
+        ('{"guidance_interval": 0.5}', "guidance_interval must be"),
     ],
 )
 def test_bad_files_are_refused_naming_the_file(tmp_path, content: str, message: str) -> None:

@@ -158,6 +158,38 @@ def test_guidance_formula_on_the_unet_outputs(pipes):
     assert (out - expected).abs().max() < 1e-4
 
 
+def test_guidance_interval_guides_only_the_timesteps_inside_it(pipes):
+    """With guidance_interval (0.5, 1) the steps at t >= 500 take eps_u + g (eps_c - eps_u) from a [neg; pos] batch,
+    the others the conditional pass alone: the same latents as that loop written out with stock DDIM steps."""
+    ours, _ = pipes
+    ours.scheduler = DDIMScheduler.from_config(ours.scheduler.config, timestep_spacing="trailing", clip_sample=False)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    batch_sizes = []
+    hook = ours.unet.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+    out = ours("a cat", latents=latents, guidance_scale=3.0, num_inference_steps=4, guidance_interval=(0.5, 1.0),
+               output_type="latent").images  # fmt: skip
+    hook.remove()
+
+    cond, uncond = ours.encode_prompt("a cat", "cpu", 1, True)
+    scheduler = DDIMScheduler.from_config(ours.scheduler.config)
+    scheduler.set_timesteps(4)
+    assert [int(t) for t in scheduler.timesteps] == [999, 749, 499, 249]
+    assert batch_sizes == [2, 2, 1, 1]
+    expected = latents
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = ours.unet(expected, t, encoder_hidden_states=cond).sample
+            if t >= 500:
+                eps_u = ours.unet(expected, t, encoder_hidden_states=uncond).sample
+                eps = eps_u + 3.0 * (eps - eps_u)
+            expected = scheduler.step(eps, t, expected).prev_sample
+    assert (out - expected).abs().max() < 1e-4
+    full = ours("a cat", latents=latents, guidance_scale=3.0, num_inference_steps=4, output_type="latent").images
+    assert (full - out).abs().max() > 1e-3  # the default interval guides every step
+    with pytest.raises(ValueError, match=r"guidance_interval must be \(lo, hi\) with 0 <= lo < hi <= 1"):
+        ours("a cat", guidance_interval=(0.6, 0.5))
+
+
 def test_legacy_scheduler_configs_are_fixed_as_stock_does(tiny_components):
     legacy = DDIMScheduler.from_config(tiny_components["scheduler"].config, steps_offset=0, clip_sample=True)
     ours = LatentDiffusionPipeline(**{**tiny_components, "scheduler": legacy})
@@ -269,6 +301,22 @@ def test_half_precision_vae_overflow_is_redone_in_float32(tiny_components, caplo
     # a full half-precision generation gives a finite image
     out = pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert np.isfinite(out).all()
+
+
+def test_ddim_eta_that_would_give_nan_images_is_refused_with_the_fix(tiny_components):
+    ddim = DDIMScheduler.from_config(tiny_components["scheduler"].config)
+    pipe = LatentDiffusionPipeline(**{**tiny_components, "scheduler": ddim})
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        pipe("a cat", num_inference_steps=2, eta=1.5)
+    pipe.scheduler = DDIMScheduler.from_config(ddim.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe.scheduler.set_timesteps(25)
+    step = pipe.scheduler.step(torch.ones(1, 4, 8, 8), pipe.scheduler.timesteps[0], torch.ones(1, 4, 8, 8), eta=1.0)
+    assert step.prev_sample.isnan().all()  # what the check prevents: stock DDIM's first step at zero terminal SNR
+    with pytest.raises(ValueError, match="eta 1 on this zero-terminal-SNR schedule.*eta 0.99 or less"):
+        pipe("a cat", num_inference_steps=25, eta=1.0)
+    out = pipe("a cat", num_inference_steps=3, eta=0.99, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(out.images).all()
 
 
 @pytest.mark.parametrize(

@@ -111,12 +111,15 @@ def test_inpainting_keeps_every_unmasked_pixel(studio) -> None:
 def test_outpainting_extends_the_canvas_and_keeps_the_original(studio) -> None:
     image = random_image()
     sides = {"left": 16, "right": 0, "top": 0, "bottom": 5}
-    generation = studio.outpaint(Settings(prompt="a circle", seed=1, steps=2), image, sides)
+    settings = Settings(prompt="a circle", seed=1, steps=2, scheduler="ddim")
+    generation = studio.outpaint(settings, image, sides, resamples=1)
     result = pixels(generation.paths[0])
     assert result.shape == (SIZE + 8, 96 + 16, 3)  # bottom 5 is rounded up to the VAE's multiple of 8
     assert np.array_equal(result[:SIZE, 16:], np.asarray(image))
-    expected = {"mode": "outpaint", "outpaint": "left=16,bottom=5", "width": "112", "height": "72"}
+    expected = {"mode": "outpaint", "outpaint": "left=16,bottom=5", "width": "112", "height": "72", "resamples": "1"}
     assert metadata(generation.paths[0]).items() >= expected.items()
+    plain = pixels(studio.outpaint(settings, image, sides).paths[0])
+    assert not np.array_equal(plain, result)  # the resamples reached the pipeline
 
 
 def test_fit_image_scales_down_and_rounds_to_the_vae_multiple() -> None:

@@ -40,6 +40,7 @@ def test_writes_pngs_with_metadata_and_prints_their_paths(capsys, tiny_sd_dir: s
     out = tmp_path / "out"
     args = fast_args(tiny_sd_dir, out, "--prompt", "A red fox, (snow:1.2)!", "--negative-prompt", "blurry")
     args += ["--num-images", "2", "--seed", "7", "--scheduler", "ddim", "--guidance-scale", "5", "--eta", "0.5"]
+    args += ["--guidance-interval", "0.25,1"]
     code, paths, _ = run(capsys, *args)
 
     assert code == 0
@@ -54,6 +55,7 @@ def test_writes_pngs_with_metadata_and_prints_their_paths(capsys, tiny_sd_dir: s
                 "seed": str(seed),
                 "steps": "2",
                 "guidance_scale": "5.0",
+                "guidance_interval": "0.25,1",
                 "guidance_rescale": "0.0",
                 "eta": "0.5",
                 "scheduler": "ddim",
@@ -74,7 +76,10 @@ def test_same_seed_same_images_and_each_image_alone(capsys, tiny_sd_dir: str, tm
     assert [p.name[:6] for p in first + again + alone] == [f"{i:05d}-" for i in range(7)]
     for a, b in zip(first, again):
         np.testing.assert_array_equal(pixels(a), pixels(b))
-    np.testing.assert_array_equal(pixels(alone[0]), pixels(first[2]))
+    # image 2 of the run, drawn alone: the same seed gives the same image, up to a pixel's rounding where the CPU's
+    # batched and single float sums differ (on an AMD EPYC one channel of one pixel came out 169 instead of 170)
+    assert np.abs(pixels(alone[0]).astype(int) - pixels(first[2]).astype(int)).max() <= 1
+    assert (pixels(alone[0]) != pixels(first[2])).mean() < 0.001
     assert not np.array_equal(pixels(first[0]), pixels(first[1]))  # the seeds do differ per image
 
 
@@ -150,6 +155,8 @@ def test_random_seed_is_recorded(capsys, tiny_sd_dir: str, tmp_path: Path) -> No
         (["--prompt", "x", "--prompt-file", "p.txt"], "pass exactly one of --prompt TEXT or --prompt-file FILE"),
         (["--prompt", "x", "--attention", "xformers"], "use --attention sdpa"),
         (["--prompt", "x", "--guidance-rescale", "2"], "--guidance-rescale: must be a number in [0.0, 1.0]"),
+        (["--prompt", "x", "--guidance-interval", "0.5"], "--guidance-interval: expected LO,HI with 0 <= LO < HI"),
+        (["--prompt", "x", "--guidance-interval", "1,0"], "--guidance-interval: expected LO,HI with 0 <= LO < HI"),
     ],
 )
 def test_bad_arguments_fail_with_one_line(capsys, tiny_sd_dir: str, tmp_path: Path, extra, expected) -> None:

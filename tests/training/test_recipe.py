@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
-from training.recipes.shapes_model import choose_guidance, main
+from training.recipes.shapes_model import GUIDANCE_INTERVAL, choose_guidance, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,9 +33,10 @@ def test_toy_recipe_end_to_end(tmp_path):
     assert ours.scheduler.config.prediction_type == "v_prediction" and ours.scheduler.config.rescale_betas_zero_snr
     assert ours.vae.config.scaling_factor != 0.18215  # measured by the autoencoder stage, not the SD default
     assert ours.tokenizer.vocab_size < 600  # the captions' vocabulary, not CLIP's 49,408 tokens
-    # the default guidance is the sweep's best scale
+    # the default guidance is the sweep's best scale, applied in the noisier half of the steps
     sweep = json.loads((tmp_path / "eval" / "sweep" / "sweep.json").read_text())
-    assert ours.generation_defaults == GenerationDefaults(sweep["steps"], choose_guidance(sweep["rows"]))
+    expected = GenerationDefaults(sweep["steps"], choose_guidance(sweep["rows"]), GUIDANCE_INTERVAL)
+    assert ours.generation_defaults == expected and GUIDANCE_INTERVAL == (0.5, 1.0)
     image = ours("a red circle on the left", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert image[0].size == (64, 64)
     assert StableDiffusionPipeline.from_pretrained(final, safety_checker=None).unet is not None
@@ -44,6 +45,7 @@ def test_toy_recipe_end_to_end(tmp_path):
     adherence = json.loads((tmp_path / "eval" / "adherence" / "adherence.json").read_text())["summary"]
     assert f"{adherence['all_correct_rate']:.1%} of images fully right" in card
     assert "pipeline_tag: text-to-image" in card and "PSNR" in card and "FID" in card
+    assert "guidance interval (0.5, 1)" in card and "steps, guided at every step;" in card  # the sweep: every step
     for figure in ("samples.png", "guidance_sweep.png", "loss.png"):
         assert f"]({figure})" in card and (final / figure).is_file()
     # a second run finds every stage done and only prints the model's folder again

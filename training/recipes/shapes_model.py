@@ -40,6 +40,10 @@ SAMPLE_PROMPTS = [
     "a circle on the right",
 ]
 SAMPLE_SEED = 0
+# Guidance only at t >= T/2: at the low-noise steps it rounds the squares' corners (the sweep's shape column falls as
+# the scale rises), while colour and position are settled in the noisier half. On the card's 300 prompts at guidance 2
+# this took all three right from 89.7 % to 94.7 % and shape from 90.0 % to 95.0 % (colour 99.7 %, position 100 %).
+GUIDANCE_INTERVAL = (0.5, 1.0)
 FIGURES = ("samples.png", "guidance_sweep.png", "loss.png")
 
 
@@ -64,7 +68,8 @@ def make_folder(run: Path) -> Path:
     sweep = read_json(run / "eval" / "sweep" / "sweep.json")
     pipe = LatentDiffusionPipeline.from_pretrained(run / "unet" / "pipeline")
     pipe.generation_defaults = GenerationDefaults(num_inference_steps=sweep["steps"],
-                                                  guidance_scale=choose_guidance(sweep["rows"]))  # fmt: skip
+                                                  guidance_scale=choose_guidance(sweep["rows"]),
+                                                  guidance_interval=GUIDANCE_INTERVAL)  # fmt: skip
     out = run / "model"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -129,6 +134,12 @@ def _weak_parts_bullet(parts: dict[str, float], steps: int, records: list[dict[s
     return [bullet]
 
 
+def _interval_words(interval: list[float]) -> str:
+    """``[0, 1]`` -> ``"guided at every step"``; ``[0.5, 1]`` -> ``"guided at t / T in [0.5, 1]"``."""
+    lo, hi = interval
+    return "guided at every step" if (lo, hi) == (0, 1) else f"guided at t / T in [{lo:g}, {hi:g}]"
+
+
 def _psnr_at(vae: dict[str, Any], step: int) -> str:
     """``", where 8 groups had X dB"`` when the autoencoder's history has ``step``, else nothing."""
     values = [entry["psnr"] for entry in vae["history"] if entry["step"] == step]
@@ -182,7 +193,7 @@ def card_text(run: Path, folder: Path) -> str:
         sweep_rows.append(f"| {row['guidance_scale']:g} | {row['all_correct']:.3f} | {row['colour']:.3f} | "
                           f"{row['shape']:.3f} | {row['position']:.3f} | {fid_cell} |")  # fmt: skip
     speed = (f"{bench['ours']['seconds_per_call']:.2f} s for {bench['batch_size']} images "
-             f"({bench['steps']} steps, guidance {bench['guidance_scale']:g}, {bench['device']}); stock "
+             f"({bench['steps']} steps, guidance {bench['guidance_scale']:g} at every step, {bench['device']}); stock "
              f"`StableDiffusionPipeline` on the same folder, side by side: {bench['stock']['seconds_per_call']:.2f} s "
              f"(ours / stock speed {bench['speed_ratio_ours_over_stock']:.2f})")  # fmt: skip
     lines = [
@@ -208,7 +219,10 @@ def card_text(run: Path, folder: Path) -> str:
         "(Lin et al. 2023) | - |", "",
         f"{size_mb:.1f} MB in all (float32 safetensors). Defaults (`generation_defaults.json`): "
         f"{defaults.num_inference_steps} DDIM steps, guidance scale {defaults.guidance_scale:g} (the best of the "
-        "guidance sweep below), 64x64.", "",
+        f"guidance sweep below) applied only at the timesteps t >= {defaults.guidance_interval[0]:g} T (guidance "
+        f"interval ({defaults.guidance_interval[0]:g}, {defaults.guidance_interval[1]:g}), Kynkaanniemi et al. 2024: "
+        "guidance at the low-noise steps rounds the squares' corners; the other steps skip the unconditional pass), "
+        "64x64.", "",
         "## Data", "",
         "`python -m training.make_shapes_dataset`: one circle, axis-aligned square or upward triangle in one of six "
         "colours (the shade varied), at one of five positions (left, right, top, bottom, center, with jitter), "
@@ -260,9 +274,13 @@ def card_text(run: Path, folder: Path) -> str:
         "## Evaluation", "",
         f"Prompt adherence (`eval.adherence`: colour, shape and position read from the pixels, no learned model) on "
         f"{adherence['images']} held-out prompts at the defaults: **{adherence['all_correct_rate']:.1%} of images "
-        f"fully right**; colour {parts['colour']:.1%}, shape {parts['shape']:.1%}, position {parts['position']:.1%}.",
+        f"fully right**; colour {parts['colour']:.1%}, shape {parts['shape']:.1%}, position {parts['position']:.1%}. "
+        "The guidance interval is why shape reaches 95 %: the 6000-step U-Net of this recipe, guided at every step, "
+        "scored 89.7 % fully right on the same prompts and seeds (colour 99.7 %, shape 90.0 %, position 100 %); its "
+        "squares came out with rounded corners, more so the stronger the guidance.",
         "",
-        f"The guidance sweep ({sweep['num_prompts']} prompts, {sweep['steps']} steps; FID on those images against "
+        f"The guidance sweep ({sweep['num_prompts']} prompts, {sweep['steps']} steps, "
+        f"{_interval_words(sweep.get('guidance_interval', [0, 1]))}; FID on those images against "
         "the held-out set with the project's CLIP image features):", "",
         *sweep_rows, "",
         "![guidance sweep](guidance_sweep.png)", "",
