@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,8 +203,8 @@ class LatentDiffusionPipeline(
         defaults = self.generation_defaults
         return (defaults.num_inference_steps if num_inference_steps is None else num_inference_steps,
                 defaults.guidance_scale if guidance_scale is None else guidance_scale,
-                check_guidance_interval(defaults.guidance_interval if guidance_interval is None
-                                        else guidance_interval))  # fmt: skip
+                defaults.guidance_interval if guidance_interval is None
+                else check_guidance_interval(guidance_interval))  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------- 1. inputs
 
@@ -246,7 +246,7 @@ class LatentDiffusionPipeline(
             raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like); got {eta}")
-        if "eta" in inspect.signature(self.scheduler.step).parameters:
+        if "eta" in self._scheduler_step_kwargs(None, eta):
             if eta > 1:
                 raise ValueError(
                     f"eta must be in [0, 1] (0 is deterministic DDIM, 1 is DDPM-like; above 1 the step's noise "
@@ -456,7 +456,7 @@ class LatentDiffusionPipeline(
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         extra_channels: torch.Tensor | None = None,
         after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-        resamples: Sequence[int] | None = None,
+        resamples: int = 0,
         renoise: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The sampling loop: at each timestep the U-Net's guided prediction, then the scheduler's step x_t -> x_{t-1}.
@@ -466,7 +466,7 @@ class LatentDiffusionPipeline(
         at the others the conditional pass alone. ``extra_channels`` (one copy per image) are concatenated to the
         U-Net input (an inpainting U-Net's mask and masked image);
         ``after_step(i, latents)`` may replace the latents after each step (inpainting puts the known region back).
-        ``resamples[i]`` > 0 redoes step ``i`` that many more times, each time from ``renoise(i, latents)``: the
+        ``resamples`` > 0 redoes every step ``i`` that many more times, each time from ``renoise(i, latents)``: the
         step's result noised back to its timestep (RePaint's resampling; it needs a scheduler whose ``step`` keeps no
         state between calls). ``negative_prompt_embeds`` None means no guidance (a single conditional pass).
         """
@@ -500,7 +500,7 @@ class LatentDiffusionPipeline(
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 latents = step(i, t, latents)
-                for _ in range(resamples[i] if resamples is not None else 0):
+                for _ in range(resamples):
                     latents = step(i, t, renoise(i, latents))
 
                 if callback_on_step_end is not None:

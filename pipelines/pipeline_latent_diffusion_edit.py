@@ -399,7 +399,7 @@ class LatentDiffusionEditPipeline(LatentDiffusionPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             extra_channels=conditioning if inpainting_unet else None,
             after_step=put_back_known_region if inpainting and not inpainting_unet else None,
-            resamples=[resamples] * len(timesteps), renoise=renoise,
+            resamples=resamples, renoise=renoise,
         )  # fmt: skip
 
         # 8. Decode; when inpainting, keep the original's pixels outside the (feathered) mask.
