@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines import img2img, inpaint  # noqa: E402
-from training.shapes import canonical_scene  # noqa: E402
+from shapes.world import canonical_scene  # noqa: E402
 
 OUT = REPO / "docs" / "edit"
 SCALE = 4
@@ -60,13 +60,55 @@ def main() -> None:
     canonical_scene("green", "triangle", "left").crop((0, 0, 32, 64)).save(half)
     work = OUT / "outputs"
 
-    changed = run(img2img.main, ["--image", str(circle), "--prompt", "a blue circle on the left", "--strength", "0.8",
-                                 "--seed", "0", "--out", str(work)])  # fmt: skip
-    painted = [run(inpaint.main, ["--image", str(square), "--mask", str(mask_path), "--prompt",
-                                  "a blue triangle on the left", "--seed", "0", "--out", str(work), *resampling])
-               for resampling in ([], ["--resamples", "2"])]  # fmt: skip
-    extended = run(inpaint.main, ["--image", str(half), "--outpaint", "right=32", "--prompt",
-                                  "a green triangle on the left", "--seed", "0", "--out", str(work)])  # fmt: skip
+    changed = run(
+        img2img.main,
+        [
+            "--image",
+            str(circle),
+            "--prompt",
+            "a blue circle on the left",
+            "--strength",
+            "0.8",
+            "--seed",
+            "0",
+            "--out",
+            str(work),
+        ],
+    )
+    painted = [
+        run(
+            inpaint.main,
+            [
+                "--image",
+                str(square),
+                "--mask",
+                str(mask_path),
+                "--prompt",
+                "a blue triangle on the left",
+                "--seed",
+                "0",
+                "--out",
+                str(work),
+                *resampling,
+            ],
+        )
+        for resampling in ([], ["--resamples", "2"])
+    ]
+    extended = run(
+        inpaint.main,
+        [
+            "--image",
+            str(half),
+            "--outpaint",
+            "right=32",
+            "--prompt",
+            "a green triangle on the left",
+            "--seed",
+            "0",
+            "--out",
+            str(work),
+        ],
+    )
     print(strip([Image.open(circle), Image.open(changed)], OUT / "img2img.png"))
     print(strip([Image.open(path) for path in (square, mask_path, *painted)], OUT / "inpaint.png"))
     print(strip([Image.open(half), Image.open(extended)], OUT / "outpaint.png"))

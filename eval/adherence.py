@@ -1,8 +1,8 @@
 """Prompt adherence on the "shapes" world, measured without any learned model.
 
-:func:`analyze_image` (:mod:`eval.shape_analysis`, re-exported here) reads the colour, shape and position of the one
+:func:`shapes.analysis.analyze_image` reads the colour, shape and position of the one
 object in an image by plain image analysis. :func:`score_images` compares the analysis with what each prompt asks
-(:func:`training.shapes.parse_prompt`; a partial prompt asks fewer parts and is scored on those only) into an
+(:func:`shapes.world.parse_prompt`; a partial prompt asks fewer parts and is scored on those only) into an
 :class:`AdherenceReport`: per-part accuracy and the rate of images with every asked part right, with a JSON writer;
 :func:`misses_grid` draws the misses. :func:`adherence_prompts` makes evaluation prompts from the grammar. Command
 line::
@@ -13,7 +13,7 @@ line::
 
 ``--images`` is a folder of PNGs written by ``pipelines.txt2img`` (the prompt is read from the ``prompt`` PNG text
 metadata) or an image folder with ``metadata.jsonl`` (``file_name`` + ``text``; ``--use-attributes`` scores the
-rows' ``colour``/``shape``/``position`` fields instead, e.g. to check the analyzer on ``training.make_shapes_dataset``
+rows' ``colour``/``shape``/``position`` fields instead, e.g. to check the analyzer on ``shapes.make_dataset``
 output), read by :func:`eval.prompted_images.load_prompted_images`.
 """
 
@@ -27,26 +27,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from eval.prompted_images import load_prompted_images
-from eval.shape_analysis import (
-    NONE,
-    OTHER_COLOUR,
-    Analysis,
-    ImageLike,
-    analyze_image,
-    classify_colour,
-    classify_shape,
-    coverage,
-    load_rgb,
-    nearest_position,
-    segment,
-)
-from training.shapes import (
+from ldm.errors import OneLineParser, UserError, run_reporting
+from shapes.analysis import Analysis, ImageLike, analyze_image, load_rgb
+from shapes.world import (
     ATTRIBUTES,
     CAPTION_FORMS,
     COLOURS,
@@ -58,24 +47,14 @@ from training.shapes import (
 )
 
 __all__ = [
-    "NONE",
-    "OTHER_COLOUR",
     "AdherenceReport",
-    "Analysis",
     "PromptScore",
     "adherence_prompts",
-    "analyze_image",
     "attribute_prompt",
-    "classify_colour",
-    "classify_shape",
-    "coverage",
-    "load_rgb",
     "main",
     "misses_grid",
-    "nearest_position",
     "score_images",
     "score_prompt",
-    "segment",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,7 +97,7 @@ def score_prompt(analysis: Analysis, prompt: str, index: int = 0, image: str = "
     """
     asked = parse_prompt(prompt)
     if not asked:
-        raise ValueError(
+        raise UserError(
             f"prompt {prompt!r} names no colour, shape or position of the shapes grammar "
             f"(colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; positions {', '.join(POSITIONS)})"
         )
@@ -243,9 +222,9 @@ def adherence_prompts(n: int, seed: int, form: str = "full") -> list[str]:
     colour-shape-position combination once. Deterministic for ``seed``.
     """
     if form not in CAPTION_FORMS:
-        raise ValueError(f"form must be one of {', '.join(CAPTION_FORMS)}; got {form!r}")
+        raise UserError(f"form must be one of {', '.join(CAPTION_FORMS)}; got {form!r}")
     if n < 0:
-        raise ValueError(f"n must be >= 0; got {n}")
+        raise UserError(f"n must be >= 0; got {n}")
     parts = FORM_ATTRIBUTES[form]
     values = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS}
     combos = list(itertools.product(*(values[p] for p in parts)))
@@ -259,23 +238,16 @@ def adherence_prompts(n: int, seed: int, form: str = "full") -> list[str]:
 
 def attribute_prompt(row: Mapping[str, Any]) -> str:
     """The full caption of a ``metadata.jsonl`` row's ``colour``, ``shape`` and ``position`` (the attributes
-    :mod:`training.make_shapes_dataset` writes), for ``--use-attributes``; a ``ValueError`` for a row without them."""
+    :mod:`shapes.make_dataset` writes), for ``--use-attributes``; a ``ValueError`` for a row without them."""
     missing = [part for part in ATTRIBUTES if part not in row]
     if missing:
-        raise ValueError(f"has no {', '.join(missing)}; drop --use-attributes")
+        raise UserError(f"has no {', '.join(missing)}; drop --use-attributes")
     return caption_from_attributes({part: row[part] for part in ATTRIBUTES})
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line (``error: ...``) instead of the usage text and the error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.adherence``."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m eval.adherence",
         description="Score prompt adherence of shapes images without a learned model; prints the paths written.",
     )
@@ -293,30 +265,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status (2 for bad input)."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
-    try:
+    args = parser.parse_or_status(argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> None:
         if args.write_prompts is not None:
             prompts = adherence_prompts(args.num_prompts, args.seed, args.form)
             args.write_prompts.parent.mkdir(parents=True, exist_ok=True)
             args.write_prompts.write_text("\n".join(prompts) + "\n", encoding="utf-8")
             print(args.write_prompts, flush=True)
-            return 0
+            return
         data = load_prompted_images(args.images, row_prompt=attribute_prompt if args.use_attributes else None)
         report = score_images(data.files, data.prompts)
         json_path = report.write_json(args.out / "adherence.json")
         grid_path = args.out / "misses.png"
         misses_grid(report, data.files).save(grid_path)
-    except (ValueError, OSError) as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    summary = report.summary()
-    logger.info("all parts correct: %s; per part: %s", summary["all_correct_rate"], summary["part_accuracy"])
-    print(json_path, flush=True)
-    print(grid_path, flush=True)
-    return 0
+        summary = report.summary()
+        logger.info("all parts correct: %s; per part: %s", summary["all_correct_rate"], summary["part_accuracy"])
+        print(json_path, flush=True)
+        print(grid_path, flush=True)
+
+    return run_reporting(body, "the adherence evaluation")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ldm.attention import ATTENTION_BACKENDS
+from ldm.errors import OneLineParser, UserError, run_reporting
 from ldm.presets import PRESETS, build_components
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
+from pipelines.loading import load_pipeline
 from pipelines.schedulers import make_scheduler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,15 +45,15 @@ def apply_memory_mode(pipe, mode: str, device: torch.device) -> None:
         pipe.vae.enable_tiling()
     elif mode == "cpu-offload":
         if device.type != "cuda":
-            raise ValueError("--memory cpu-offload needs a CUDA device (it moves models between CPU and GPU)")
+            raise UserError("--memory cpu-offload needs a CUDA device (it moves models between CPU and GPU)")
         pipe.enable_model_cpu_offload(device=device)
     elif mode != "none":
-        raise ValueError(f"unknown memory mode {mode!r}; choose one of {MEMORY_MODES}")
+        raise UserError(f"unknown memory mode {mode!r}; choose one of {MEMORY_MODES}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.benchmark``."""
-    parser = argparse.ArgumentParser(prog="python -m eval.benchmark", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m eval.benchmark", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="random-weight components (tiny)")
     source.add_argument("--model", help="a diffusers pipeline folder instead of a preset")
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     defaults = GenerationDefaults(num_inference_steps=20)
     if args.model:
-        loaded = LatentDiffusionPipeline.from_pretrained(args.model)
+        loaded = load_pipeline(args.model)
         components, defaults = loaded.components, loaded.generation_defaults
     else:
         components = build_components(args.preset)
@@ -105,8 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
     components["scheduler"] = make_scheduler("ddim", components["scheduler"].config)
     ours = LatentDiffusionPipeline(**components).to(dtype=dtype)
-    stock = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                    requires_safety_checker=False)  # fmt: skip
+    stock_components = {**components, "safety_checker": None, "feature_extractor": None}
+    stock = StableDiffusionPipeline(**stock_components, requires_safety_checker=False)
     ours.set_attention_backend(args.attention)  # shared modules: stock uses the same processors
     if args.memory == "cpu-offload":  # each pipeline moves the shared modules itself
         apply_memory_mode(ours, args.memory, device)
@@ -115,8 +117,14 @@ def run(args: argparse.Namespace) -> dict:
         ours.to(device)
         apply_memory_mode(ours, args.memory, device)  # the switches live on the shared modules
     size = args.size or ours.default_size
-    kwargs = {"prompt": ["a red circle on the left"] * args.batch_size, "num_inference_steps": args.steps,
-              "guidance_scale": args.guidance_scale, "height": size, "width": size, "output_type": "np"}  # fmt: skip
+    kwargs = {
+        "prompt": ["a red circle on the left"] * args.batch_size,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": size,
+        "width": size,
+        "output_type": "np",
+    }
     for pipe in (ours, stock):
         pipe.set_progress_bar_config(disable=True)
         time_pipeline(pipe, device, kwargs)  # warm-up
@@ -129,9 +137,15 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "source": args.model or f"preset:{args.preset}",
         "device": _device_name(device),
-        "dtype": args.dtype, "attention": args.attention, "memory": args.memory, "size": size, "steps": args.steps,
-        "batch_size": args.batch_size, "guidance_scale": args.guidance_scale, "repeats": args.repeats,
-    }  # fmt: skip
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "memory": args.memory,
+        "size": size,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "guidance_scale": args.guidance_scale,
+        "repeats": args.repeats,
+    }
     for name, values in timings.items():
         median = statistics.median(values)
         result[name] = {
@@ -149,13 +163,20 @@ def run_training(args: argparse.Namespace) -> dict:
     latent cache; the step rates are the loops' own (set-up and cache building excluded)."""
     import tempfile
 
-    from training.make_shapes_dataset import make_dataset
+    from shapes.make_dataset import make_dataset
     from training.train_text_to_image import TrainConfig, train
 
     preset = PRESETS[args.preset]
     size = args.size or preset.image_size
-    result = {"task": "train", "preset": args.preset, "size": size, "batch_size": args.batch_size,
-              "steps": args.train_steps, "device": _device_name(torch.device(args.device)), "runs": {}}  # fmt: skip
+    result = {
+        "task": "train",
+        "preset": args.preset,
+        "size": size,
+        "batch_size": args.batch_size,
+        "steps": args.train_steps,
+        "device": _device_name(torch.device(args.device)),
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = make_dataset(root / "data", 64, size=size, seed=0, progress=False)
@@ -165,16 +186,29 @@ def run_training(args: argparse.Namespace) -> dict:
         parts["tokenizer"].save_pretrained(root / "frozen" / "tokenizer")
         for cache in (False, True):
             out = root / f"run-cache-{cache}"
-            train(TrainConfig(preset=args.preset, vae=str(root / "frozen"), text_encoder=str(root / "frozen"),
-                              dataset=str(data), output_dir=str(out), resolution=size, cache=cache,
-                              train_batch_size=args.batch_size, max_train_steps=args.train_steps,
-                              checkpointing_steps=10**9, report_to="none", log_steps=10**9,
-                              mixed_precision="bf16" if args.dtype == "bfloat16" else "no"))  # fmt: skip
+            train(
+                TrainConfig(
+                    preset=args.preset,
+                    vae=str(root / "frozen"),
+                    text_encoder=str(root / "frozen"),
+                    dataset=str(data),
+                    output_dir=str(out),
+                    resolution=size,
+                    cache=cache,
+                    train_batch_size=args.batch_size,
+                    max_train_steps=args.train_steps,
+                    checkpointing_steps=10**9,
+                    report_to="none",
+                    log_steps=10**9,
+                    mixed_precision="bf16" if args.dtype == "bfloat16" else "no",
+                )
+            )
             metrics = json.loads((out / "metrics.json").read_text())
             rate = metrics["train_steps_per_s"]
             result["runs"]["cached" if cache else "uncached"] = {
-                "steps_per_s": rate, "images_per_s": rate * args.batch_size,
-            }  # fmt: skip
+                "steps_per_s": rate,
+                "images_per_s": rate * args.batch_size,
+            }
     result["cache_speedup"] = result["runs"]["cached"]["steps_per_s"] / result["runs"]["uncached"]["steps_per_s"]
     return result
 
@@ -191,9 +225,11 @@ def format_training_table(result: dict) -> str:
 
 def format_table(result: dict) -> str:
     """A small text table of the result."""
-    lines = [f"{result['source']} on {result['device']}, {result['dtype']}, {result['attention']}, "
-             f"{result['size']}px, {result['steps']} steps, batch {result['batch_size']}",
-             f"{'pipeline':<10}{'s/call':>10}{'it/s':>10}{'img/s':>10}{'peak GiB':>10}"]  # fmt: skip
+    lines = [
+        f"{result['source']} on {result['device']}, {result['dtype']}, {result['attention']}, "
+        f"{result['size']}px, {result['steps']} steps, batch {result['batch_size']}",
+        f"{'pipeline':<10}{'s/call':>10}{'it/s':>10}{'img/s':>10}{'peak GiB':>10}",
+    ]
     for name in ("ours", "stock"):
         r = result[name]
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
@@ -207,19 +243,17 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table and write the JSON file."""
     args = build_parser().parse_args(argv)
-    if min(1 if args.steps is None else args.steps, args.repeats, args.batch_size, args.train_steps) < 1:
-        print("error: --steps, --repeats, --batch-size and --train-steps must be >= 1", file=sys.stderr)
-        return 2
-    try:
+
+    def body() -> None:
+        if min(1 if args.steps is None else args.steps, args.repeats, args.batch_size, args.train_steps) < 1:
+            raise UserError("--steps, --repeats, --batch-size and --train-steps must be >= 1")
         result = run(args) if args.task == "generate" else run_training(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(result) if args.task == "generate" else format_training_table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(args.out)
-    return 0
+        print(format_table(result) if args.task == "generate" else format_training_table(result))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(args.out)
+
+    return run_reporting(body, "the benchmark")
 
 
 if __name__ == "__main__":

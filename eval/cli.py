@@ -1,13 +1,15 @@
-"""What the evaluation commands share at their end: run, turn bad input into one line, write the JSON, print paths."""
+"""What the evaluation commands share at their end: run, report bad input in one line (``ldm.errors``), write the
+JSON, print paths."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable
 from typing import Any
+
+from ldm.errors import run_reporting
 
 logger = logging.getLogger("eval")
 
@@ -17,21 +19,20 @@ def run_evaluation(
     evaluate: Callable[[argparse.Namespace], dict[str, Any]],
     report: Callable[[dict[str, Any]], str],
 ) -> int:
-    """``evaluate(args)``; on ``ValueError``/``OSError`` print one ``error: ...`` line and return 2; otherwise print
-    ``report(result)``, write the result as JSON to ``args.out`` and print that path (and a ``plot`` path if any)."""
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    """``evaluate(args)``; on a :class:`~ldm.errors.UserError` print one ``error: ...`` line and return 2 (any
+    other error keeps its traceback); otherwise print ``report(result)``, write the result as JSON to ``args.out``
+    and print that path (and a ``plot`` path if any)."""
+
+    def body() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         result = evaluate(args)
-    except (ValueError, OSError) as err:
-        logger.debug("evaluation failed", exc_info=True)
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the library wrote
-        return 2
-    print(report(result))
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(args.out)
-    if result.get("plot"):
-        print(result["plot"])
-    return 0
+        print(report(result))
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(args.out)
+        if result.get("plot"):
+            print(result["plot"])
+
+    return run_reporting(body, "evaluation")
 
 
 def configure_logging() -> None:

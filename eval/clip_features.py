@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from eval.features import ImageBatch, prepare_batch
+from ldm.errors import UserError
 
 __all__ = ["OpenCLIPFeatures", "TransformersCLIPFeatures"]
 
@@ -76,12 +77,15 @@ class OpenCLIPFeatures:
         elif cfg["resize_mode"] == "squash":
             resize = (height, width)
         else:
-            raise ValueError(f"open_clip model {model_name} uses resize_mode {cfg['resize_mode']!r}; only "
-                             "'shortest' and 'squash' are supported here")  # fmt: skip
+            raise UserError(
+                f"open_clip model {model_name} uses resize_mode {cfg['resize_mode']!r}; only "
+                "'shortest' and 'squash' are supported here"
+            )
         bilinear = cfg.get("interpolation") == "bilinear"
         interpolation = InterpolationMode.BILINEAR if bilinear else InterpolationMode.BICUBIC
-        self.preprocess = _CLIPPreprocess(resize, (height, width), tuple(cfg["mean"]), tuple(cfg["std"]),
-                                          interpolation)  # fmt: skip
+        self.preprocess = _CLIPPreprocess(
+            resize, (height, width), tuple(cfg["mean"]), tuple(cfg["std"]), interpolation
+        )
         self.dim = int(getattr(model.visual, "output_dim", 0)) or int(self(torch.zeros(1, 3, height, width)).shape[1])
         self.name = f"open_clip:{model_name}" + ("" if normalize else " (unnormalised)")
         self._tokenizer: Callable[[list[str]], Tensor] | None = None
@@ -142,14 +146,14 @@ class TransformersCLIPFeatures:
         folder = Path(folder).expanduser()
         config_file = folder / "config.json"
         if not config_file.is_file():
-            raise ValueError(
+            raise UserError(
                 f"clip:{folder} is not a transformers model folder (no config.json); pass a CLIPModel folder such as "
                 "the OUT/clip folder training.train_text_encoder writes, or a CLIPVisionModelWithProjection folder"
             )
         model_type = json.loads(config_file.read_text()).get("model_type")
         model_class = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModelWithProjection}.get(model_type)
         if model_class is None:
-            raise ValueError(
+            raise UserError(
                 f"clip:{folder} holds a {model_type!r} model; pass a folder of a CLIPModel (model_type 'clip') or "
                 "a CLIPVisionModelWithProjection (model_type 'clip_vision_model')"
             )
@@ -166,8 +170,14 @@ class TransformersCLIPFeatures:
         preprocess = _preprocess_from_config(folder / "preprocessor_config.json")
         if preprocess is None:
             logger.warning("clip:%s has no preprocessor_config.json; using OpenAI CLIP's mean and std", folder)
-        return cls(model, tokenizer=tokenizer, preprocess=preprocess, name=f"clip:{folder.name}",
-                   normalize=normalize, device=device)  # fmt: skip
+        return cls(
+            model,
+            tokenizer=tokenizer,
+            preprocess=preprocess,
+            name=f"clip:{folder.name}",
+            normalize=normalize,
+            device=device,
+        )
 
     def _image_embeds(self, pixel_values: Tensor) -> Tensor:
         if hasattr(self.model, "visual_projection") and hasattr(self.model, "vision_model"):
@@ -184,10 +194,11 @@ class TransformersCLIPFeatures:
     def encode_text(self, texts: list[str]) -> Tensor:
         """Text embeddings ``(N, dim)`` (projected, not normalised); texts are truncated at 77 tokens."""
         if self.tokenizer is None or not hasattr(self.model, "text_model"):
-            raise ValueError(f"{self.name} has no text tower or tokenizer; pass a CLIPModel folder for text scores")
+            raise UserError(f"{self.name} has no text tower or tokenizer; pass a CLIPModel folder for text scores")
         max_length = getattr(self.model.config.text_config, "max_position_embeddings", 77)
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                                return_tensors="pt")  # fmt: skip
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
         pooled = self.model.text_model(input_ids=tokens.input_ids.to(self.device)).pooler_output
         return self.model.text_projection(pooled).float().cpu()
 

@@ -30,11 +30,13 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.images import open_rgb
 from eval.cli import configure_logging, run_evaluation
 from eval.clip_features import TransformersCLIPFeatures
-from eval.features import FEATURE_KINDS, FeatureExtractor, load_feature_extractor, open_rgb
+from eval.features import FEATURE_KINDS, FeatureExtractor, load_feature_extractor
 from eval.prompted_images import PromptedImages, load_prompted_images, png_prompt
-from pipelines.cli import resolve_device
+from ldm.errors import OneLineParser, UserError
+from pipelines.loading import resolve_device
 
 __all__ = [
     "ImageTextEncoder",
@@ -59,8 +61,10 @@ def clip_scores(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
     """Per-pair CLIP scores ``100 * max(cos(image_i, text_i), 0)``, shape ``(N,)``, from embeddings ``(N, D)``
     (normalised or not: the cosine normalises them)."""
     if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
-        raise ValueError(f"image and text embeddings must both be (N, D); got {tuple(image_embeds.shape)} and "
-                         f"{tuple(text_embeds.shape)}")  # fmt: skip
+        raise ValueError(
+            f"image and text embeddings must both be (N, D); got {tuple(image_embeds.shape)} and "
+            f"{tuple(text_embeds.shape)}"
+        )
     cosine = F.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
     return 100 * cosine.clamp(min=0)
 
@@ -70,7 +74,7 @@ def score_images(
 ) -> Tensor:
     """The CLIP score of each image against its prompt, ``(N,)`` float64, ``batch_size`` pairs a call."""
     if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+        raise UserError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
     scores = []
     for start in range(0, len(images), batch_size):
         batch_images, batch_prompts = images[start : start + batch_size], prompts[start : start + batch_size]
@@ -84,11 +88,13 @@ def load_clip_model(spec: str, *, device: torch.device | str = "cpu") -> ImageTe
     if spec.partition(":")[0] not in FEATURE_KINDS and Path(spec).expanduser().is_dir():
         spec = f"clip:{spec}"
     if spec.startswith("inception:"):
-        raise ValueError("Inception has no text tower; pass --model open_clip:NAME:FILE or clip:FOLDER")
+        raise UserError("Inception has no text tower; pass --model open_clip:NAME:FILE or clip:FOLDER")
     model = load_feature_extractor(spec, device=device)
     if isinstance(model, TransformersCLIPFeatures) and model.tokenizer is None:
-        raise ValueError(f"--model {spec} is an image tower only; pass a CLIPModel folder (both towers), such as "
-                         "the OUT/clip folder training.train_text_encoder writes")  # fmt: skip
+        raise UserError(
+            f"--model {spec} is an image tower only; pass a CLIPModel folder (both towers), such as "
+            "the OUT/clip folder training.train_text_encoder writes"
+        )
     return model
 
 
@@ -98,7 +104,7 @@ def load_clip_model(spec: str, *, device: torch.device | str = "cpu") -> ImageTe
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.clip_score``."""
-    parser = argparse.ArgumentParser(prog="python -m eval.clip_score", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m eval.clip_score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="folder of images with prompts (PNG metadata or captions)")
     parser.add_argument("--model", required=True, help="open_clip:NAME:FILE, open_clip:local-dir:DIR or clip:DIR")
     parser.add_argument("--out", type=Path, default=Path("results/clip_score.json"), help="the JSON result")
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict:
     """Score the images as ``args`` says; returns the JSON-able result."""
     if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
-        raise ValueError("--batch-size and --max-images must be >= 1")
+        raise UserError("--batch-size and --max-images must be >= 1")
     data = load_prompted_images(args.images, max_images=args.max_images)
     model = load_clip_model(args.model, device=resolve_device(args.device))
     files, prompts, scores = [], [], []
@@ -133,7 +139,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             prompts += batch_prompts
             bar.update(min(args.batch_size, len(data.files) - start))
     if not scores:
-        raise ValueError(f"no readable images with prompts under {args.images}")
+        raise UserError(f"no readable images with prompts under {args.images}")
     return {
         "clip_score": float(np.mean(scores)),
         "std": float(np.std(scores)),

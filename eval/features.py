@@ -14,7 +14,7 @@ image gives the same features whichever way it is passed. :func:`load_feature_ex
 - ``clip:FOLDER`` — a transformers ``CLIPModel`` or ``CLIPVisionModelWithProjection`` folder, such as the
   ``OUT/clip`` folder :mod:`training.train_text_encoder` writes (:class:`TransformersCLIPFeatures`).
 
-The CLIP towers live in :mod:`eval.clip_features`; both modules' names are re-exported here.
+The extractors live in :mod:`eval.inception` and :mod:`eval.clip_features`.
 
 CLIP features are the projected image embeddings, L2-normalised by default (the unit sphere on which CLIP measures
 similarity, so the metric does not depend on a model's arbitrary embedding scale); ``normalize=False`` keeps the raw
@@ -24,44 +24,34 @@ can be wrapped with :class:`ModuleFeatures`. Nothing is ever downloaded: every s
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from training.data import to_rgb
-from training.records import IMAGE_EXTENSIONS
+from common.images import open_rgb
+from ldm.errors import UserError
 
 if TYPE_CHECKING:
     from eval.clip_features import OpenCLIPFeatures, TransformersCLIPFeatures
-    from eval.inception import FID_WEIGHTS_NAME, FID_WEIGHTS_URL, InceptionV3Features, load_state_dict_file
+    from eval.inception import InceptionV3Features
 
 __all__ = [
-    "FID_WEIGHTS_NAME",
-    "FID_WEIGHTS_URL",
     "FEATURE_KINDS",
     "FeatureExtractor",
     "FeatureSpec",
     "ImageBatch",
-    "InceptionV3Features",
     "ModuleFeatures",
-    "OpenCLIPFeatures",
-    "TransformersCLIPFeatures",
     "extract_features",
-    "list_image_files",
     "load_feature_extractor",
-    "load_state_dict_file",
-    "open_rgb",
     "parse_feature_spec",
     "prepare_batch",
 ]
@@ -71,25 +61,6 @@ logger = logging.getLogger(__name__)
 ImageBatch = list[Image.Image] | Tensor
 
 FEATURE_KINDS = ("inception", "open_clip", "clip")
-
-# The extractors live in their own modules, which import this one (for ImageBatch and prepare_batch); they are
-# re-exported here lazily (PEP 562) so that ``from eval.features import InceptionV3Features`` keeps working without
-# an import cycle.
-_MOVED = {
-    "FID_WEIGHTS_NAME": "eval.inception",
-    "FID_WEIGHTS_URL": "eval.inception",
-    "InceptionV3Features": "eval.inception",
-    "load_state_dict_file": "eval.inception",
-    "OpenCLIPFeatures": "eval.clip_features",
-    "TransformersCLIPFeatures": "eval.clip_features",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """The names that moved to :mod:`eval.inception` and :mod:`eval.clip_features`, imported on first use."""
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @runtime_checkable
@@ -106,25 +77,6 @@ class FeatureExtractor(Protocol):
 # Images
 
 
-def list_image_files(folder: str | Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, sorted; hidden files and folders skipped)."""
-    paths = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
-        for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(Path(root, name))
-    return paths
-
-
-def open_rgb(image: str | Path | Image.Image) -> Image.Image:
-    """An RGB, EXIF-rotated, fully decoded copy of an image file or PIL image (transparency composited on white)."""
-    if isinstance(image, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(image))
-    with Image.open(image) as opened:
-        return to_rgb(ImageOps.exif_transpose(opened))
-
-
 def _to_tensors(images: ImageBatch) -> list[Tensor] | Tensor:
     """A float batch ``(N, 3, H, W)`` in [0, 1] as given, or one ``(1, 3, H, W)`` tensor per PIL image."""
     if isinstance(images, Tensor):
@@ -134,7 +86,7 @@ def _to_tensors(images: ImageBatch) -> list[Tensor] | Tensor:
             )
         return images
     if not images:
-        raise ValueError("no images to extract features from")
+        raise UserError("no images to extract features from")
     return [TF.pil_to_tensor(open_rgb(image))[None].float() / 255 for image in images]
 
 
@@ -182,9 +134,14 @@ class ModuleFeatures:
     go through ``module`` and are flattened to ``(N, dim)``."""
 
     def __init__(
-        self, module: nn.Module, *, dim: int, name: str = "module", size: tuple[int, int] | None = None,
+        self,
+        module: nn.Module,
+        *,
+        dim: int,
+        name: str = "module",
+        size: tuple[int, int] | None = None,
         device: torch.device | str = "cpu",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.module = module.to(device).eval()
         self.dim, self.name, self.size, self.device = dim, name, size, torch.device(device)
 
@@ -197,7 +154,7 @@ class ModuleFeatures:
     def __call__(self, images: ImageBatch) -> Tensor:
         features = self.module(prepare_batch(images, self._resize, self.device)).flatten(1).float().cpu()
         if features.shape[1] != self.dim:
-            raise ValueError(f"{self.name} returned {features.shape[1]} features per image; expected dim={self.dim}")
+            raise UserError(f"{self.name} returned {features.shape[1]} features per image; expected dim={self.dim}")
         return features
 
 
@@ -215,8 +172,10 @@ class FeatureSpec:
     path: str | None
 
 
-_SPEC_HELP = ("inception:/path/pt_inception-2015-12-05-6726825d.pth, open_clip:ViT-B-32:/path/weights.safetensors, "
-              "open_clip:local-dir:/path/folder or clip:/path/clip_folder")  # fmt: skip
+_SPEC_HELP = (
+    "inception:/path/pt_inception-2015-12-05-6726825d.pth, open_clip:ViT-B-32:/path/weights.safetensors, "
+    "open_clip:local-dir:/path/folder or clip:/path/clip_folder"
+)
 
 
 def parse_feature_spec(spec: str) -> FeatureSpec:
@@ -224,16 +183,17 @@ def parse_feature_spec(spec: str) -> FeatureSpec:
     ``ValueError`` with examples. Files are not checked here (see :func:`load_feature_extractor`)."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in FEATURE_KINDS:
-        raise ValueError(f"unknown feature extractor spec {spec!r}; use one of {', '.join(FEATURE_KINDS)}, e.g. "
-                         f"{_SPEC_HELP}")  # fmt: skip
+        raise UserError(
+            f"unknown feature extractor spec {spec!r}; use one of {', '.join(FEATURE_KINDS)}, e.g. {_SPEC_HELP}"
+        )
     if not rest:
-        raise ValueError(f"feature spec {spec!r} names no model; e.g. {_SPEC_HELP}")
+        raise UserError(f"feature spec {spec!r} names no model; e.g. {_SPEC_HELP}")
     if kind == "open_clip":
         if rest.startswith("local-dir:"):
             return FeatureSpec(kind, rest, None)
         name, _, path = rest.partition(":")
         if not name:
-            raise ValueError(f"feature spec {spec!r} names no open_clip model; use open_clip:NAME:/path/weights")
+            raise UserError(f"feature spec {spec!r} names no open_clip model; use open_clip:NAME:/path/weights")
         return FeatureSpec(kind, name, path or None)
     return FeatureSpec(kind, None, rest)
 
@@ -253,27 +213,35 @@ def load_feature_extractor(
     if spec.kind == "clip":
         assert spec.path is not None
         if not Path(spec.path).expanduser().is_dir():
-            raise ValueError(f"clip:{spec.path}: no such folder; pass a CLIPModel folder (training.train_text_encoder "
-                             "writes OUT/clip) or a CLIPVisionModelWithProjection folder")  # fmt: skip
+            raise UserError(
+                f"clip:{spec.path}: no such folder; pass a CLIPModel folder (training.train_text_encoder "
+                "writes OUT/clip) or a CLIPVisionModelWithProjection folder"
+            )
         return TransformersCLIPFeatures.from_folder(spec.path, normalize=normalize, device=device)
     import open_clip
 
     assert spec.name is not None
     if spec.name.startswith("local-dir:") and not Path(spec.name.removeprefix("local-dir:")).expanduser().is_dir():
-        raise ValueError(f"open_clip:{spec.name}: no such folder; pass an open_clip folder with open_clip_config.json")
+        raise UserError(f"open_clip:{spec.name}: no such folder; pass an open_clip folder with open_clip_config.json")
     if spec.name.startswith("local-dir:"):
         model = open_clip.create_model(spec.name)
     elif spec.name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {spec.name!r}; open_clip.list_models() lists the names (e.g. "
-                         "ViT-B-32, ViT-B-32-quickgelu for OpenAI's weights, ViT-H-14)")  # fmt: skip
+        raise UserError(
+            f"unknown open_clip model {spec.name!r}; open_clip.list_models() lists the names (e.g. "
+            "ViT-B-32, ViT-B-32-quickgelu for OpenAI's weights, ViT-H-14)"
+        )
     elif spec.path is None:
-        logger.warning("open_clip:%s has no weights file: RANDOM weights, features are meaningless outside tests; "
-                       "pass open_clip:%s:/path/to/weights", spec.name, spec.name)  # fmt: skip
+        logger.warning(
+            "open_clip:%s has no weights file: RANDOM weights, features are meaningless outside tests; "
+            "pass open_clip:%s:/path/to/weights",
+            spec.name,
+            spec.name,
+        )
         model = open_clip.create_model(spec.name)
     else:
         path = Path(spec.path).expanduser()
         if not path.is_file():
-            raise ValueError(
+            raise UserError(
                 f"open_clip weights file {path} not found; download the weights of {spec.name} (e.g. "
                 f"open_clip_model.safetensors) and pass open_clip:{spec.name}:/path/to/it"
             )

@@ -10,6 +10,8 @@ KID (Bińkowski et al. 2018) is the unbiased estimate of the squared MMD with th
 ``k(x, y) = (x.y / d + 1)^3``, averaged over random subsets, with the standard deviation over subsets
 (:func:`kid`, torch-fidelity's definition and defaults: 100 subsets of 1000 images); it is unbiased, so it is the
 better number for small sets. Both are only comparable between runs that use the same feature extractor.
+:func:`reader_fid` says how to put an FID in front of a reader: next to published figures only when it is Inception
+FID with the standard weights, otherwise named by its features and as a multiple of its real-vs-real floor.
 
 ``--real`` and ``--fake`` are folders of images (any of PNG, JPEG, WebP, ..., searched recursively) or, for
 ``--real``, any dataset :func:`training.records.load_image_caption_records` reads (parquet, ``save_to_disk``, Hub).
@@ -21,9 +23,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,14 +34,27 @@ from PIL import Image
 from scipy import linalg
 from torch import Tensor
 
+from common.images import list_image_files, open_rgb
 from eval.cli import configure_logging, run_evaluation
-from eval.features import extract_features, list_image_files, load_feature_extractor, open_rgb
+from eval.features import extract_features, load_feature_extractor
 from eval.inception import FID_WEIGHTS_NAME, InceptionV3Features
-from pipelines.cli import resolve_device
+from ldm.errors import OneLineParser, UserError
+from pipelines.loading import resolve_device
 from training.records import detect_format, load_image_caption_records
 
-__all__ = ["KID", "ImageSet", "fid_from_features", "frechet_distance", "image_statistics", "kid", "mmd2_unbiased",
-           "open_image_set", "polynomial_kernel"]  # fmt: skip
+__all__ = [
+    "KID",
+    "ImageSet",
+    "ReaderFID",
+    "fid_from_features",
+    "frechet_distance",
+    "image_statistics",
+    "kid",
+    "mmd2_unbiased",
+    "open_image_set",
+    "polynomial_kernel",
+    "reader_fid",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +64,12 @@ logger = logging.getLogger(__name__)
 
 
 def frechet_distance(
-    mu1: np.ndarray | Tensor, sigma1: np.ndarray | Tensor, mu2: np.ndarray | Tensor, sigma2: np.ndarray | Tensor,
+    mu1: np.ndarray | Tensor,
+    sigma1: np.ndarray | Tensor,
+    mu2: np.ndarray | Tensor,
+    sigma2: np.ndarray | Tensor,
     eps: float = 1e-6,
-) -> float:  # fmt: skip
+) -> float:
     """The Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2), in float64:
     ``||mu1 - mu2||^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr((sigma1 sigma2)^(1/2))`` (Dowson & Landau 1982; FID).
 
@@ -62,13 +81,17 @@ def frechet_distance(
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     dim = mu1.shape[0]
     if mu1.shape != mu2.shape or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
-        raise ValueError(f"means and covariances must be (d,) and (d, d) alike; got {mu1.shape}, {sigma1.shape}, "
-                         f"{mu2.shape}, {sigma2.shape}")  # fmt: skip
+        raise ValueError(
+            f"means and covariances must be (d,) and (d, d) alike; got {mu1.shape}, {sigma1.shape}, "
+            f"{mu2.shape}, {sigma2.shape}"
+        )
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        logger.warning("the covariance product is singular (fewer images than feature dimensions?); adding %g to "
-                       "the diagonals", eps)  # fmt: skip
+        logger.warning(
+            "the covariance product is singular (fewer images than feature dimensions?); adding %g to the diagonals",
+            eps,
+        )
         offset = np.eye(dim) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -140,10 +163,10 @@ def kid(
     """
     features1, features2 = torch.as_tensor(features1).double(), torch.as_tensor(features2).double()
     if subsets < 1:
-        raise ValueError(f"subsets must be >= 1; got {subsets}")
+        raise UserError(f"subsets must be >= 1; got {subsets}")
     size = min(subset_size, len(features1), len(features2))
     if size < 2:
-        raise ValueError(f"KID needs at least 2 images in each set; got {len(features1)} and {len(features2)}")
+        raise UserError(f"KID needs at least 2 images in each set; got {len(features1)} and {len(features2)}")
     if size < subset_size:
         logger.warning("KID subset size lowered from %d to %d, the size of the smaller set", subset_size, size)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -153,6 +176,60 @@ def kid(
         y = features2[torch.randperm(len(features2), generator=generator)[:size]]
         values.append(mmd2_unbiased(x, y))
     return KID(float(np.mean(values)), float(np.std(values)), subsets, size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+@dataclass(frozen=True)
+class ReaderFID:
+    """An FID as a model card shows it: ``label`` says what was measured (features, image counts, whether it may be
+    set beside published FIDs), ``value`` the figure in a form a reader can compare."""
+
+    label: str
+    value: str
+    comparable_to_published: bool
+
+
+def reader_fid(
+    result: Mapping[str, Any], floor: Mapping[str, Any] | None = None, *, features_name: str | None = None
+) -> ReaderFID:
+    """How to show an ``eval.fid`` result (its JSON) to a reader.
+
+    Inception-v3 FID with pytorch-fid's standard weights (``comparable_to_published`` in the result) is on the scale
+    of published FIDs: shown as is, with the real-vs-real ``floor`` beside it when given. Any other FID (CLIP or
+    open_clip features, other Inception weights) is on a scale of its own: it is named by its features, marked as not
+    comparable to published FIDs, and shown as a multiple of ``floor``, the FID between two real image sets in the
+    same features (e.g. training vs held-out images), so ``1.0x`` means as close as real images are to each other.
+    ``features_name`` names the features in words (default: the extractor's name in the result).
+
+    Raises:
+        ValueError: a non-standard FID without a floor, or a floor measured in other features.
+    """
+    fid, features = float(result["fid"]), str(result["features"])
+    named = features if features_name is None else f"{features_name} ({features})"
+    counts = f"{result['fake']['count']} generated vs {result['real']['count']} real images"
+    if floor is not None and floor["features"] != features:
+        raise UserError(
+            f"the FID floor was measured in {floor['features']!r} features, the FID in {features!r}; "
+            "run eval.fid on two real image sets with the same --features"
+        )
+    floor_counts = "" if floor is None else f"{floor['fake']['count']} vs {floor['real']['count']} real images"
+    if result.get("comparable_to_published", False):
+        label = f"FID (Inception-v3, pytorch-fid's standard weights; comparable to published FIDs), {counts}"
+        beside = "" if floor is None else f" (real-vs-real floor {float(floor['fid']):.2f}, {floor_counts})"
+        return ReaderFID(label, f"{fid:.2f}{beside}", True)
+    if floor is None:
+        raise UserError(
+            f"an FID in {features!r} features has no published scale; report it with its real-vs-real floor: run "
+            "eval.fid with the same --features on two real image sets (e.g. training vs held-out)"
+        )
+    floor_fid = float(floor["fid"])
+    ratio = f"{fid / floor_fid:.1f}x" if floor_fid > 0 else "n/a (the floor is 0)"
+    label = f"FID in {named} features, not Inception FID (not comparable to published FIDs), {counts}"
+    value = f"{ratio} the real-vs-real floor (FID {fid:.3g}; floor {floor_fid:.3g}, {floor_counts})"
+    return ReaderFID(label, value, False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -195,8 +272,10 @@ def open_image_set(
     if path.is_dir() and detect_format(str(path)) in ("imagefolder", "captions"):
         files = list_image_files(path)[:max_images]
         if not files:
-            raise ValueError(f"no image files under {source}; pass a folder of images (png, jpg, webp, ...) or a "
-                             "dataset (parquet, save_to_disk folder, Hub id)")  # fmt: skip
+            raise UserError(
+                f"no image files under {source}; pass a folder of images (png, jpg, webp, ...) or a "
+                "dataset (parquet, save_to_disk folder, Hub id)"
+            )
         return ImageSet(source, [str(p) for p in files], lambda i: Image.open(files[i]))
     records = load_image_caption_records(source, split=split, image_column=image_column, scan=False)
     count = len(records) if max_images is None else min(max_images, len(records))
@@ -209,7 +288,7 @@ def open_image_set(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.fid``."""
-    parser = argparse.ArgumentParser(prog="python -m eval.fid", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m eval.fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--real", required=True, help="folder of reference images, or a dataset (parquet, Hub id)")
     parser.add_argument("--fake", required=True, help="folder of generated images")
     parser.add_argument(
@@ -224,17 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seeds KID's subset draws")
     parser.add_argument("--split", default="train", help="the split of a dataset --real")
     parser.add_argument("--image-column", default=None, help="the image column of a dataset --real")
-    parser.add_argument("--raw-clip-features", action="store_true",
-                        help="CLIP features without L2 normalisation (default: normalised)")  # fmt: skip
+    parser.add_argument(
+        "--raw-clip-features", action="store_true", help="CLIP features without L2 normalisation (default: normalised)"
+    )
     return parser
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Compute FID and KID as ``args`` says; returns the JSON-able result."""
     if args.batch_size < 1 or args.kid_subsets < 1 or args.kid_subset_size < 2:
-        raise ValueError("--batch-size and --kid-subsets must be >= 1 and --kid-subset-size >= 2")
+        raise UserError("--batch-size and --kid-subsets must be >= 1 and --kid-subset-size >= 2")
     if args.max_images is not None and args.max_images < 2:
-        raise ValueError(f"--max-images must be >= 2 (FID needs a covariance); got {args.max_images}")
+        raise UserError(f"--max-images must be >= 2 (FID needs a covariance); got {args.max_images}")
     device = resolve_device(args.device)
     extractor = load_feature_extractor(args.features, device=device, normalize=not args.raw_clip_features)
     real = open_image_set(args.real, max_images=args.max_images, split=args.split, image_column=args.image_column)
@@ -246,15 +326,22 @@ def evaluate(args: argparse.Namespace) -> dict:
         )
     for role, values in features.items():
         if len(values) < 2:
-            raise ValueError(f"only {len(values)} readable images in --{role} {sets[role].source}; FID needs >= 2")
+            raise UserError(f"only {len(values)} readable images in --{role} {sets[role].source}; FID needs >= 2")
         if not torch.isfinite(values).all():
-            raise ValueError(f"the {role} features are not all finite; check the --features weights")
+            raise UserError(f"the {role} features are not all finite; check the --features weights")
     fid = fid_from_features(features["real"], features["fake"])
-    kid_result = kid(features["real"], features["fake"], subsets=args.kid_subsets, subset_size=args.kid_subset_size,
-                     generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    kid_result = kid(
+        features["real"],
+        features["fake"],
+        subsets=args.kid_subsets,
+        subset_size=args.kid_subset_size,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     counts = {role: len(values) for role, values in features.items()}
-    notes = ["FID is biased by the number of images: compare FIDs computed on equally many images; KID is unbiased",
-             f"comparable only with results from the same feature extractor ({extractor.name})"]  # fmt: skip
+    notes = [
+        "FID is biased by the number of images: compare FIDs computed on equally many images; KID is unbiased",
+        f"comparable only with results from the same feature extractor ({extractor.name})",
+    ]
     if isinstance(extractor, InceptionV3Features):
         notes.append(
             "Inception weights verified as pytorch-fid's standard FID weights: FID comparable to published FIDs"
@@ -262,12 +349,16 @@ def evaluate(args: argparse.Namespace) -> dict:
             else f"Inception weights NOT verified as {FID_WEIGHTS_NAME}: FID NOT comparable to published FIDs"
         )
     if min(counts.values()) < extractor.dim:
-        notes.append(f"fewer images ({min(counts.values())}) than feature dimensions ({extractor.dim}): the "
-                     "covariances are rank-deficient and FID is strongly biased; prefer KID here")  # fmt: skip
+        notes.append(
+            f"fewer images ({min(counts.values())}) than feature dimensions ({extractor.dim}): the "
+            "covariances are rank-deficient and FID is strongly biased; prefer KID here"
+        )
+    standard = isinstance(extractor, InceptionV3Features) and extractor.standard_weights
     return {
         "fid": fid,
         "kid": asdict(kid_result) | {"seed": args.seed},
         "features": extractor.name,
+        "comparable_to_published": standard,
         "feature_dim": extractor.dim,
         **{
             role: {"source": s.source, "count": counts[role], "unreadable": len(s.unreadable)}
@@ -280,9 +371,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 def format_result(result: dict) -> str:
     """The result as a few lines of text."""
     kid_result = result["kid"]
-    lines = [f"FID {result['fid']:.4f}", f"KID {kid_result['mean']:.6f} ± {kid_result['std']:.6f} "
-             f"({kid_result['subsets']} subsets of {kid_result['subset_size']})",
-             f"features: {result['features']} ({result['feature_dim']}-d)"]  # fmt: skip
+    lines = [
+        f"FID {result['fid']:.4f}",
+        f"KID {kid_result['mean']:.6f} ± {kid_result['std']:.6f} "
+        f"({kid_result['subsets']} subsets of {kid_result['subset_size']})",
+        f"features: {result['features']} ({result['feature_dim']}-d)",
+    ]
     for role in ("real", "fake"):
         entry = result[role]
         lines.append(f"{role}: {entry['count']} images from {entry['source']} ({entry['unreadable']} unreadable)")

@@ -20,13 +20,15 @@ import torch
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
+from common.plots import line_chart
 from eval.adherence import adherence_prompts, score_images
 from eval.features import extract_features, load_feature_extractor
 from eval.fid import fid_from_features, open_image_set
+from ldm.errors import OneLineParser, UserError, run_reporting
 from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline
-from pipelines.cli import add_guidance_interval_argument
-from pipelines.schedulers import SCHEDULERS, make_scheduler
-from training.plots import line_chart
+from pipelines.cli import add_guidance_interval_argument, scheduler_arg
+from pipelines.loading import load_pipeline
+from pipelines.schedulers import SAMPLERS, make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +37,16 @@ DEFAULT_SCALES = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.guidance_sweep``."""
-    parser = argparse.ArgumentParser(prog="python -m eval.guidance_sweep", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m eval.guidance_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or Hub id (default: the shipped one)")
     parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="guidance scales")
     parser.add_argument("--num-prompts", type=int, default=90, help="held-out prompts from the shapes grammar")
     parser.add_argument("--prompt-seed", type=int, default=1, help="seed of the prompt choice")
     parser.add_argument("--seed", type=int, default=0, help="image i gets seed + i at every scale")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own default)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's")
+    parser.add_argument(
+        "--scheduler", type=scheduler_arg, metavar="NAME", help=f"default: the model's; one of {', '.join(SAMPLERS)}"
+    )
     add_guidance_interval_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--real", default=None, help="real images (folder or dataset) for FID")
@@ -51,22 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate(pipe: LatentDiffusionPipeline, prompts: list[str], *, scale: float, seed: int, steps: int,
-             batch_size: int, interval: tuple[float, float] | None = None) -> list:  # fmt: skip
+def generate(
+    pipe: LatentDiffusionPipeline,
+    prompts: list[str],
+    *,
+    scale: float,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    interval: tuple[float, float] | None = None,
+) -> list:
     """Images of ``prompts`` at guidance ``scale`` (within ``interval``, default the model's); prompt i always uses
     seed ``seed + i``."""
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(batch))]
-        images += pipe(batch, guidance_scale=scale, num_inference_steps=steps, guidance_interval=interval,
-                       generator=generators).images  # fmt: skip
+        images += pipe(
+            batch, guidance_scale=scale, num_inference_steps=steps, guidance_interval=interval, generator=generators
+        ).images
     return images
 
 
 def sweep(args: argparse.Namespace) -> dict:
     """Run the sweep; returns the JSON-able result (one entry per scale)."""
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    pipe = load_pipeline(args.model)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -79,8 +92,9 @@ def sweep(args: argparse.Namespace) -> dict:
         real_features = extract_features(extractor, real.images(), total=len(real), desc="real features")
     rows, grid_rows = [], []
     for scale in tqdm(args.scales, desc="guidance scales"):
-        images = generate(pipe, prompts, scale=scale, seed=args.seed, steps=steps, batch_size=args.batch_size,
-                          interval=interval)  # fmt: skip
+        images = generate(
+            pipe, prompts, scale=scale, seed=args.seed, steps=steps, batch_size=args.batch_size, interval=interval
+        )
         report = score_images(images, prompts)
         row = {"guidance_scale": scale, "all_correct": report.all_correct_rate(), **report.part_accuracy()}
         if extractor is not None:
@@ -89,10 +103,18 @@ def sweep(args: argparse.Namespace) -> dict:
         rows.append(row)
         grid_rows.append(images[: min(8, len(images))])
         logger.info("g=%s: %s", scale, row)
-    return {"model": args.model, "steps": steps, "guidance_interval": list(interval),
-            "scheduler": type(pipe.scheduler).__name__, "seed": args.seed,
-            "num_prompts": len(prompts), "features": args.features, "rows": rows,
-            "grid_prompts": prompts[:8], "_grid": grid_rows}  # fmt: skip
+    return {
+        "model": args.model,
+        "steps": steps,
+        "guidance_interval": list(interval),
+        "scheduler": type(pipe.scheduler).__name__,
+        "seed": args.seed,
+        "num_prompts": len(prompts),
+        "features": args.features,
+        "rows": rows,
+        "grid_prompts": prompts[:8],
+        "_grid": grid_rows,
+    }
 
 
 def write_outputs(result: dict, out: Path) -> list[Path]:
@@ -105,9 +127,15 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
     series = {"all parts": (scales, [r["all_correct"] for r in rows])}
     series |= {part: (scales, [r[part] for r in rows]) for part in parts}
     secondary = {"FID": (scales, [r["fid"] for r in rows])} if "fid" in rows[0] else None
-    curve = line_chart(out / "guidance_sweep.png", series, title=f"guidance trade-off ({result['model']})",
-                       xlabel="guidance scale", ylabel="prompt adherence", secondary=secondary,
-                       secondary_label="FID (lower is better)")  # fmt: skip
+    curve = line_chart(
+        out / "guidance_sweep.png",
+        series,
+        title=f"guidance trade-off ({result['model']})",
+        xlabel="guidance scale",
+        ylabel="prompt adherence",
+        secondary=secondary,
+        secondary_label="FID (lower is better)",
+    )
     grid = make_image_grid([im for row in grid_rows for im in row], rows=len(grid_rows), cols=len(grid_rows[0]))
     grid_path = out / "guidance_grid.png"
     grid.save(grid_path)
@@ -130,23 +158,20 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep, print the table and the files written."""
     args = build_parser().parse_args(argv)
-    if args.num_prompts < 2 or args.batch_size < 1 or not args.scales or min(args.scales) < 0:
-        print("error: --num-prompts must be >= 2, --batch-size >= 1 and every scale >= 0", file=sys.stderr)
-        return 2
-    if bool(args.real) != bool(args.features):
-        print("error: FID needs both --real and --features (or neither)", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> None:
+        if args.num_prompts < 2 or args.batch_size < 1 or not args.scales or min(args.scales) < 0:
+            raise UserError("--num-prompts must be >= 2, --batch-size >= 1 and every scale >= 0")
+        if bool(args.real) != bool(args.features):
+            raise UserError("FID needs both --real and --features (or neither)")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         result = sweep(args)
-    except (OSError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    paths = write_outputs(result, args.out)
-    print(format_table(result))
-    for path in paths:
-        print(path)
-    return 0
+        paths = write_outputs(result, args.out)
+        print(format_table(result))
+        for path in paths:
+            print(path)
+
+    return run_reporting(body, "the sweep")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import inception as tv_inception
 
+from common.files import sha256_file
 from eval.features import ImageBatch, prepare_batch
-from training.files import sha256_file
+from ldm.errors import UserError
 
 __all__ = ["FID_WEIGHTS_NAME", "FID_WEIGHTS_URL", "InceptionV3Features", "load_state_dict_file"]
 
@@ -43,18 +44,18 @@ def load_state_dict_file(path: str | Path, *, what: str = "weights") -> dict[str
     unwrapped."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"{what} file {path} not found; pass the path of a local .safetensors or .pth file")
+        raise UserError(f"{what} file {path} not found; pass the path of a local .safetensors or .pth file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(path)
     if path.suffix not in (".pth", ".pt", ".bin", ".ckpt"):
-        raise ValueError(f"{what} file {path} must be .safetensors or a PyTorch .pth/.pt/.bin file")
+        raise UserError(f"{what} file {path} must be .safetensors or a PyTorch .pth/.pt/.bin file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{what} file {path} does not hold a state dict (a mapping of names to tensors)")
+        raise UserError(f"{what} file {path} does not hold a state dict (a mapping of names to tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -104,12 +105,38 @@ class _FIDInceptionEMaxPool(_FIDInceptionE):
     pool = staticmethod(_max_pool)
 
 
-_FID_BLOCKS = {"Mixed_5b": _FIDInceptionA, "Mixed_5c": _FIDInceptionA, "Mixed_5d": _FIDInceptionA,
-               "Mixed_6b": _FIDInceptionC, "Mixed_6c": _FIDInceptionC, "Mixed_6d": _FIDInceptionC,
-               "Mixed_6e": _FIDInceptionC, "Mixed_7b": _FIDInceptionE, "Mixed_7c": _FIDInceptionEMaxPool}  # fmt: skip
-_INCEPTION_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-                    "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-                    "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")  # fmt: skip
+_FID_BLOCKS = {
+    "Mixed_5b": _FIDInceptionA,
+    "Mixed_5c": _FIDInceptionA,
+    "Mixed_5d": _FIDInceptionA,
+    "Mixed_6b": _FIDInceptionC,
+    "Mixed_6c": _FIDInceptionC,
+    "Mixed_6d": _FIDInceptionC,
+    "Mixed_6e": _FIDInceptionC,
+    "Mixed_7b": _FIDInceptionE,
+    "Mixed_7c": _FIDInceptionEMaxPool,
+}
+_INCEPTION_TRUNK = (
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "maxpool1",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "maxpool2",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+    "avgpool",
+)
 
 
 class InceptionV3Features:
@@ -146,7 +173,7 @@ class InceptionV3Features:
         missing, unexpected = model.load_state_dict(trunk, strict=False)
         missing = [k for k in missing if not k.startswith(heads) and not k.endswith("num_batches_tracked")]
         if missing or unexpected:
-            raise ValueError(
+            raise UserError(
                 f"{source} is not an Inception-v3 state dict ({len(missing)} trunk weights missing, e.g. "
                 f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); pass pytorch-fid's "
                 f"{FID_WEIGHTS_NAME} ({FID_WEIGHTS_URL}) or torchvision's inception_v3 ImageNet weights"
@@ -162,7 +189,7 @@ class InceptionV3Features:
         """Load from a local weights file, logging whether FIDs from it compare with published ones."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise ValueError(
+            raise UserError(
                 f"Inception weights file {path} not found; download pytorch-fid's {FID_WEIGHTS_NAME} from "
                 f"{FID_WEIGHTS_URL} (or convert it to .safetensors) and pass --features inception:/path/to/it"
             )
@@ -175,14 +202,16 @@ class InceptionV3Features:
             logger.warning(
                 "FID NOTE: %s has the TF FID graph's layout but its hash cannot be checked against %s (a converted "
                 "or other file); FIDs are comparable to published ones only if these are exactly those weights",
-                path, FID_WEIGHTS_NAME,
-            )  # fmt: skip
+                path,
+                FID_WEIGHTS_NAME,
+            )
         else:
             logger.warning(
                 "FID WARNING: %s are not the standard FID Inception weights (%s); FIDs computed with them are "
                 "self-consistent but NOT comparable to published FIDs",
-                path, FID_WEIGHTS_NAME,
-            )  # fmt: skip
+                path,
+                FID_WEIGHTS_NAME,
+            )
         return extractor
 
     @staticmethod

@@ -40,18 +40,27 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from common.images import list_image_files
+from common.plots import line_chart
 from eval.cli import configure_logging, run_evaluation
-from eval.features import list_image_files
 from ldm.diffusion import PredictionType
+from ldm.errors import OneLineParser, UserError
 from ldm.likelihood import ModelVariance, variational_bound_bpd
 from pipelines import LatentDiffusionPipeline
-from pipelines.cli import check_model, load_pipeline, resolve_device
+from pipelines.loading import load_pipeline, resolve_device
 from training.data import ImageCaptionDataset, collate
-from training.plots import line_chart
-from training.records import ImageCaptionRecord, ImageCaptionRecords, load_image_caption_records
+from training.record_formats import ImageCaptionRecord, ImageCaptionRecords
+from training.records import load_image_caption_records
 
-__all__ = ["StridedBound", "conditioned_unet", "encode_latents", "pipeline_bound", "plot_terms_png",
-           "strided_timesteps", "strided_variational_bound_bpd"]  # fmt: skip
+__all__ = [
+    "StridedBound",
+    "conditioned_unet",
+    "encode_latents",
+    "pipeline_bound",
+    "plot_terms_png",
+    "strided_timesteps",
+    "strided_variational_bound_bpd",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +120,15 @@ def strided_variational_bound_bpd(
         return model(x_t, t) if evaluated[int(t[0])] else torch.zeros_like(x_t)
 
     bound = variational_bound_bpd(
-        strided_model, x0, alphas_cumprod, generator, prediction_type=prediction_type, model_variance=model_variance,
-        decoder_nll="continuous", show_progress=show_progress,
-    )  # fmt: skip
+        strided_model,
+        x0,
+        alphas_cumprod,
+        generator,
+        prediction_type=prediction_type,
+        model_variance=model_variance,
+        decoder_nll="continuous",
+        show_progress=show_progress,
+    )
     terms = bound.terms_bpd[:, timesteps.to(bound.terms_bpd.device)]
     decoder = bound.terms_bpd[:, 0]
     total = bound.prior_bpd + decoder + stride * terms.sum(dim=1)
@@ -161,12 +176,20 @@ def pipeline_bound(
     alphas_cumprod = torch.as_tensor(pipe.scheduler.alphas_cumprod).to(device)
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in get_args(PredictionType):
-        raise ValueError(f"the scheduler's prediction_type {prediction_type!r} is not one of "
-                         f"{get_args(PredictionType)}")  # fmt: skip
+        raise UserError(
+            f"the scheduler's prediction_type {prediction_type!r} is not one of {get_args(PredictionType)}"
+        )
     return strided_variational_bound_bpd(
-        conditioned_unet(pipe.unet, embeds), latents.to(device), alphas_cumprod, generator, stride=stride,
-        offset=offset, prediction_type=prediction_type, model_variance=model_variance, show_progress=show_progress,
-    )  # fmt: skip
+        conditioned_unet(pipe.unet, embeds),
+        latents.to(device),
+        alphas_cumprod,
+        generator,
+        stride=stride,
+        offset=offset,
+        prediction_type=prediction_type,
+        model_variance=model_variance,
+        show_progress=show_progress,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -174,13 +197,19 @@ def pipeline_bound(
 
 
 def plot_terms_png(timesteps: list[int], terms_bpd: list[float], path: str | Path, *, title: str = "") -> Path:
-    """Plot denoising terms L_t (bits/dim) against t on a log scale as a PNG (:func:`training.plots.line_chart`).
+    """Plot denoising terms L_t (bits/dim) against t on a log scale as a PNG (:func:`common.plots.line_chart`).
 
     Terms are floored at 1e-8 for the log scale (a term can round to 0). Returns the path written.
     """
     values = np.maximum(np.asarray(terms_bpd, dtype=np.float64), 1e-8).tolist()
-    return line_chart(path, {"L_t": (timesteps, values)}, title=title or "L_t (bits/dim) vs timestep t",
-                      xlabel="timestep t", ylabel="L_t (bits/dim)", logy=True)  # fmt: skip
+    return line_chart(
+        path,
+        {"L_t": (timesteps, values)},
+        title=title or "L_t (bits/dim) vs timestep t",
+        xlabel="timestep t",
+        ylabel="L_t (bits/dim)",
+        logy=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,8 +229,9 @@ def load_eval_records(source: str, *, num_images: int | None, unconditional: boo
         if not files:
             raise
         logger.info("%s has no captions: every image is evaluated with the empty prompt", source)
-        records = ImageCaptionRecords(source, "captions", [ImageCaptionRecord(str(p), ("",)) for p in files],
-                                      total=len(files))  # fmt: skip
+        records = ImageCaptionRecords(
+            source, "captions", [ImageCaptionRecord(str(p), ("",)) for p in files], total=len(files)
+        )
     if num_images is not None:
         records = replace(records, records=records.records[:num_images])
     return records
@@ -209,17 +239,25 @@ def load_eval_records(source: str, *, num_images: int | None, unconditional: boo
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.nll``."""
-    parser = argparse.ArgumentParser(prog="python -m eval.nll", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m eval.nll", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a diffusers pipeline folder")
     parser.add_argument("--data", required=True, help="held-out images with captions (any training data format)")
     parser.add_argument("--num-images", type=int, default=64, help="evaluate the first N images (default 64)")
-    parser.add_argument("--timesteps-stride", type=int, default=1,
-                        help="evaluate every K-th denoising term and scale by K (unbiased; 1 = exact)")  # fmt: skip
+    parser.add_argument(
+        "--timesteps-stride",
+        type=int,
+        default=1,
+        help="evaluate every K-th denoising term and scale by K (unbiased; 1 = exact)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--unconditional", action="store_true", help="condition on the empty prompt")
-    parser.add_argument("--model-variance", choices=get_args(ModelVariance), default="posterior",
-                        help="the fixed variance of p(x_{t-1} | x_t): posterior (tilde beta_t) or beta")  # fmt: skip
+    parser.add_argument(
+        "--model-variance",
+        choices=get_args(ModelVariance),
+        default="posterior",
+        help="the fixed variance of p(x_{t-1} | x_t): posterior (tilde beta_t) or beta",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise of every term and the stride offset")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--out", type=Path, default=Path("results/nll.json"), help="the JSON result (plot: .png)")
@@ -229,9 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Compute the bound as ``args`` says and write the plot; returns the JSON-able result."""
     if args.num_images < 1 or args.batch_size < 1 or args.timesteps_stride < 1:
-        raise ValueError("--num-images, --batch-size and --timesteps-stride must be >= 1")
+        raise UserError("--num-images, --batch-size and --timesteps-stride must be >= 1")
     device = resolve_device(args.device)
-    check_model(args.model)
     pipe = load_pipeline(args.model, torch.float32).to(device)
     resolution = args.resolution or pipe.default_size
     records = load_eval_records(args.data, num_images=args.num_images, unconditional=args.unconditional)
@@ -244,8 +281,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     for start in tqdm(range(0, len(dataset), args.batch_size), desc="variational bound", unit="batch"):
         batch = collate([dataset[i] for i in range(start, min(start + args.batch_size, len(dataset)))])
         captions = [""] * len(batch["captions"]) if args.unconditional else batch["captions"]
-        bounds.append(pipeline_bound(pipe, batch["pixel_values"], captions, generator, stride=stride, offset=offset,
-                                     model_variance=args.model_variance))  # fmt: skip
+        bounds.append(
+            pipeline_bound(
+                pipe,
+                batch["pixel_values"],
+                captions,
+                generator,
+                stride=stride,
+                offset=offset,
+                model_variance=args.model_variance,
+            )
+        )
     total = torch.cat([b.total_bpd for b in bounds]).double().cpu()
     prior = torch.cat([b.prior_bpd for b in bounds]).double().cpu()
     decoder = torch.cat([b.decoder_bpd for b in bounds]).double().cpu()
@@ -255,9 +301,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     n = len(total)
     std = float(total.std()) if n > 1 else 0.0
     latent_shape = list(encode_latents(pipe.vae, dataset[0]["pixel_values"][None]).shape[1:])
-    plot = plot_terms_png(timesteps[1:], per_timestep[1:], args.out.with_suffix(".png"),
-                          title=f"L_t (bits/latent dim, log scale); total {float(total.mean()):.4f}, "
-                          f"L_0 {float(decoder.mean()):.4f}, L_T {float(prior.mean()):.2e}")  # fmt: skip
+    plot = plot_terms_png(
+        timesteps[1:],
+        per_timestep[1:],
+        args.out.with_suffix(".png"),
+        title=f"L_t (bits/latent dim, log scale); total {float(total.mean()):.4f}, "
+        f"L_0 {float(decoder.mean()):.4f}, L_T {float(prior.mean()):.2e}",
+    )
     return {
         "model": args.model,
         "data": args.data,
@@ -280,14 +330,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "decoder": float(decoder.mean()),
             "denoising": float((total - prior - decoder).mean()),
         },
-        "estimator": "exact: all T terms" if stride == 1 else (
+        "estimator": "exact: all T terms"
+        if stride == 1
+        else (
             f"prior and L_0 exact; L_t summed over t = {1 + offset}, {1 + offset + stride}, ... (every {stride}th) "
-            f"and scaled by {stride}: systematic sampling with a random offset, unbiased"),
+            f"and scaled by {stride}: systematic sampling with a random offset, unbiased"
+        ),
         "note": LATENT_NOTE,
         "per_timestep": {"timesteps": timesteps, "mean_bpd": per_timestep},
         "per_image_total_bpd": total.tolist(),
         "plot": str(plot),
-    }  # fmt: skip
+    }
 
 
 def format_result(result: dict[str, Any]) -> str:

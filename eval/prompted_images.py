@@ -8,8 +8,8 @@
   prompt.
 
 With ``row_prompt``, the prompts are made from the rows of the folder's ``metadata.jsonl`` instead (e.g. from the
-attribute columns that :mod:`training.make_shapes_dataset` writes). Images are every image file under the folder
-(recursively, sorted: :func:`eval.features.list_image_files`); those without a prompt, and unreadable ones, are
+attribute columns that :mod:`shapes.make_dataset` writes). Images are every image file under the folder
+(recursively, sorted: :func:`common.images.list_image_files`); those without a prompt, and unreadable ones, are
 skipped and counted.
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 
 from PIL import Image
 
-from eval.features import list_image_files
+from common.images import list_image_files
+from ldm.errors import UserError
 from training.records import load_image_caption_records
 
 __all__ = ["METADATA_JSONL", "PromptedImages", "RowPrompt", "load_prompted_images", "png_prompt"]
@@ -66,7 +67,7 @@ def load_prompted_images(
     folder = _images_folder(Path(source).expanduser())
     files = list_image_files(folder)
     if not files:
-        raise ValueError(
+        raise UserError(
             f"no prompted images in {folder}: it holds no image files (png, jpg, ...); pass a folder written by "
             "pipelines.txt2img or an image folder with metadata.jsonl"
         )
@@ -83,13 +84,17 @@ def load_prompted_images(
             result.prompts.append(prompt)
     result.skipped_no_prompt = len(no_prompt)
     if not result.files:
-        raise ValueError(
+        raise UserError(
             f"no prompted images in {folder}: none of the {len(files)} images under {folder} has a prompt; expected "
             "PNGs written by pipelines.txt2img (a 'prompt' text chunk) or a metadata.jsonl with file_name and text"
         )
     if no_prompt:
-        logger.warning("%d images under %s have no prompt and are skipped (e.g. %s)", len(no_prompt), folder,
-                       ", ".join(path.name for path in no_prompt[:3]))  # fmt: skip
+        logger.warning(
+            "%d images under %s have no prompt and are skipped (e.g. %s)",
+            len(no_prompt),
+            folder,
+            ", ".join(path.name for path in no_prompt[:3]),
+        )
     return result
 
 
@@ -100,8 +105,8 @@ def _images_folder(source: Path) -> Path:
     if source.is_file() and source.name == METADATA_JSONL:
         return source.parent
     if source.is_file():
-        raise ValueError(f"--images {source} is a file; pass a folder of images or its {METADATA_JSONL}")
-    raise ValueError(
+        raise UserError(f"--images {source} is a file; pass a folder of images or its {METADATA_JSONL}")
+    raise UserError(
         f"--images {source} does not exist (no such folder); pass a folder of images written by pipelines.txt2img "
         f"or an image folder with {METADATA_JSONL}"
     )
@@ -137,16 +142,16 @@ def _row_prompts(folder: Path, row_prompt: RowPrompt) -> dict[str, str]:
     """Normalised image path -> ``row_prompt(row)`` for every row of ``folder``'s ``metadata.jsonl``."""
     metadata = folder / METADATA_JSONL
     if not metadata.is_file():
-        raise ValueError(f"{folder} has no {METADATA_JSONL}; prompts made from metadata rows need one")
+        raise UserError(f"{folder} has no {METADATA_JSONL}; prompts made from metadata rows need one")
     prompts = {}
     for line_number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         row = json.loads(line)
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise ValueError(f"{metadata}:{line_number} is not a JSON object with a 'file_name'; fix the row")
+            raise UserError(f"{metadata}:{line_number} is not a JSON object with a 'file_name'; fix the row")
         try:
             prompts[os.path.normpath(folder / row["file_name"])] = row_prompt(row)
         except ValueError as err:
-            raise ValueError(f"{metadata}:{line_number} {err}") from err
+            raise UserError(f"{metadata}:{line_number} {err}") from err
     return prompts

@@ -22,7 +22,8 @@ import torch
 
 from eval import benchmark, guidance_sweep, nll
 from eval.adherence import score_images
-from training.shapes import caption_of, render, sample_spec
+from ldm.errors import OneLineParser
+from shapes.world import caption_of, render, sample_spec
 
 
 def analyzer_self_check(n: int = 300, seed: int = 12345) -> dict:
@@ -45,7 +46,7 @@ def _run(module, argv: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m eval.results``."""
-    parser = argparse.ArgumentParser(prog="python -m eval.results", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m eval.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--model", default=None, help="a trained pipeline folder for the sweep and the likelihood")
     parser.add_argument("--data", default=None, help="held-out images of the model's data (for eval.nll)")
@@ -63,49 +64,97 @@ def main(argv: list[str] | None = None) -> int:
     generate_cmd = ["--preset", "tiny", "--steps", "20", "--repeats", "10", "--out", str(generate_json)]
     _run(benchmark, generate_cmd)
     gen = json.loads(generate_json.read_text())
-    rows.append(("64x64 generation, tiny preset, 20 DDIM steps, g=7.5: ours / stock s per image",
-                 f"{gen['ours']['seconds_per_call']:.3f} / {gen['stock']['seconds_per_call']:.3f} s "
-                 f"(ratio {gen['speed_ratio_ours_over_stock']:.2f})",
-                 "python -m eval.benchmark " + " ".join(generate_cmd)))  # fmt: skip
+    rows.append(
+        (
+            "64x64 generation, tiny preset, 20 DDIM steps, g=7.5: ours / stock s per image",
+            f"{gen['ours']['seconds_per_call']:.3f} / {gen['stock']['seconds_per_call']:.3f} s "
+            f"(ratio {gen['speed_ratio_ours_over_stock']:.2f})",
+            "python -m eval.benchmark " + " ".join(generate_cmd),
+        )
+    )
 
     for preset in ("tiny", "small"):
         train_json = out / f"benchmark_train_{preset}.json"
-        train_cmd = ["--task", "train", "--preset", preset, "--train-steps", "30", "--batch-size", "16",
-                     "--out", str(train_json)]  # fmt: skip
+        train_cmd = [
+            "--task",
+            "train",
+            "--preset",
+            preset,
+            "--train-steps",
+            "30",
+            "--batch-size",
+            "16",
+            "--out",
+            str(train_json),
+        ]
         _run(benchmark, train_cmd)
         tr = json.loads(train_json.read_text())["runs"]
-        rows.append((f"U-Net training steps/s, {preset} preset, batch 16: uncached / cached latents",
-                     f"{tr['uncached']['steps_per_s']:.2f} / {tr['cached']['steps_per_s']:.2f}",
-                     "python -m eval.benchmark " + " ".join(train_cmd)))  # fmt: skip
+        rows.append(
+            (
+                f"U-Net training steps/s, {preset} preset, batch 16: uncached / cached latents",
+                f"{tr['uncached']['steps_per_s']:.2f} / {tr['cached']['steps_per_s']:.2f}",
+                "python -m eval.benchmark " + " ".join(train_cmd),
+            )
+        )
 
     check = analyzer_self_check()
     (out / "adherence_analyzer_check.json").write_text(json.dumps(check, indent=2) + "\n")
     parts = " / ".join(f"{check[k]:.3f}" for k in ("all_correct", "colour", "shape", "position"))
-    rows.append(("adherence analyzer on 300 ground-truth renders: all parts / colour / shape / position", parts,
-                 "python -m eval.results (analyzer_self_check)"))  # fmt: skip
+    rows.append(
+        (
+            "adherence analyzer on 300 ground-truth renders: all parts / colour / shape / position",
+            parts,
+            "python -m eval.results (analyzer_self_check)",
+        )
+    )
 
     if args.model:
         sweep_cmd = ["--model", args.model, "--out", str(out / "guidance_sweep")]
         _run(guidance_sweep, sweep_cmd)
         sweep = json.loads((out / "guidance_sweep" / "sweep.json").read_text())
         best = max(sweep["rows"], key=lambda r: r["all_correct"])
-        rows.append(("prompt adherence, best guidance scale (all parts right)",
-                     f"{best['all_correct']:.3f} at g={best['guidance_scale']:g}",
-                     "python -m eval.guidance_sweep " + " ".join(sweep_cmd)))  # fmt: skip
+        rows.append(
+            (
+                "prompt adherence, best guidance scale (all parts right)",
+                f"{best['all_correct']:.3f} at g={best['guidance_scale']:g}",
+                "python -m eval.guidance_sweep " + " ".join(sweep_cmd),
+            )
+        )
         if args.data:
-            nll_cmd = ["--model", args.model, "--data", args.data, "--num-images", "32", "--timesteps-stride", "10",
-                       "--out", str(out / "nll.json")]  # fmt: skip
+            nll_cmd = [
+                "--model",
+                args.model,
+                "--data",
+                args.data,
+                "--num-images",
+                "32",
+                "--timesteps-stride",
+                "10",
+                "--out",
+                str(out / "nll.json"),
+            ]
             _run(nll, nll_cmd)
             bound = json.loads((out / "nll.json").read_text())
-            rows.append(("variational bound on held-out latents (bits/dim)", f"{bound['bpd']['total']:.4f}",
-                         "python -m eval.nll " + " ".join(nll_cmd)))  # fmt: skip
+            rows.append(
+                (
+                    "variational bound on held-out latents (bits/dim)",
+                    f"{bound['bpd']['total']:.4f}",
+                    "python -m eval.nll " + " ".join(nll_cmd),
+                )
+            )
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
     if torch.cuda.is_available():
         machine = torch.cuda.get_device_name(0)
-    lines = ["# Results", "", f"Regenerated by `python -m eval.results` on {time.strftime('%Y-%m-%d')}, {machine}.",
-             "Timings vary with the machine's load; the ratios come from runs side by side in one process.", "",
-             "| what | result | command |", "| --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "# Results",
+        "",
+        f"Regenerated by `python -m eval.results` on {time.strftime('%Y-%m-%d')}, {machine}.",
+        "Timings vary with the machine's load; the ratios come from runs side by side in one process.",
+        "",
+        "| what | result | command |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {what} | {result} | `{command}` |" for what, result, command in rows]
     readme = out / "README.md"
     readme.write_text("\n".join(lines) + "\n")

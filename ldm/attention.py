@@ -41,6 +41,8 @@ from diffusers.models.attention_processor import (
 )
 from diffusers.utils import is_xformers_available
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 AttentionBackend = Literal["sdpa", "xformers", "sliced"]
@@ -106,7 +108,7 @@ def set_attention_backend(
             for a reason found before switching; a failed xformers switch restores the previous processors.
     """
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(ATTENTION_BACKENDS)}")
+        raise UserError(f"unknown attention backend {backend!r}; choose one of {list(ATTENTION_BACKENDS)}")
     slice_size = _check_slice_size(slice_size)
     models = [models] if isinstance(models, torch.nn.Module) else list(models)
     with_attention = []
@@ -170,7 +172,7 @@ def _check_slice_size(slice_size: Any) -> int | Literal["auto", "max"]:
         return slice_size
     if isinstance(slice_size, int) and not isinstance(slice_size, bool) and slice_size >= 1:
         return slice_size
-    raise ValueError(f"slice_size must be 'auto', 'max' or an int >= 1 (heads per slice); got {slice_size!r}")
+    raise UserError(f"slice_size must be 'auto', 'max' or an int >= 1 (heads per slice); got {slice_size!r}")
 
 
 def _attention_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -193,13 +195,13 @@ def _plan(model: torch.nn.Module, backend: str, slice_size: int | Literal["auto"
         added_kv = getattr(layer, "added_kv_proj_dim", None) is not None
         if isinstance(processor, _WEIGHTED_PROCESSORS):
             if backend == "sliced":
-                raise ValueError(
+                raise UserError(
                     f"attention layer {name!r} of {type(model).__name__} uses {type(processor).__name__}, which holds"
                     " trained weights and has no sliced variant; use attention='sdpa', or unload the adapter first"
                 )
             plan[name] = None
         elif not isinstance(processor, _PLAIN_PROCESSORS + ADDED_KV_ATTENTION_PROCESSORS):
-            raise ValueError(
+            raise UserError(
                 f"attention layer {name!r} of {type(model).__name__} uses {type(processor).__name__}, which"
                 f" set_attention_backend cannot replace with {backend!r} without changing what it computes; only"
                 " U-Net/VAE-style attention (AttnProcessor, AttnProcessor2_0, XFormers*, Sliced*, IP-Adapter)"
@@ -251,13 +253,13 @@ def _set_xformers(models: list[torch.nn.Module]) -> None:
     if not models:
         return
     if not is_xformers_available():
-        raise ValueError(
+        raise UserError(
             f"attention='xformers' needs the xformers package, which is not installed: {XFORMERS_INSTALL_HINT}"
         )
     for model in models:
         off_cuda = sorted(_execution_device_types(model) - {"cuda"})
         if off_cuda:
-            raise ValueError(
+            raise UserError(
                 f"xformers has no {'/'.join(t.upper() for t in off_cuda)} kernels and {type(model).__name__} is on"
                 f" {', '.join(off_cuda)}; move the model to CUDA (model.to('cuda')) or use 'sdpa'"
             )
@@ -274,7 +276,7 @@ def _set_xformers(models: list[torch.nn.Module]) -> None:
     except (ImportError, RuntimeError, NotImplementedError, ValueError) as err:
         for model, processors in previous:
             _apply(model, processors)
-        raise ValueError(
+        raise UserError(
             f"xformers is installed but could not run ({type(err).__name__}: {err}); it is likely built for another"
             f" torch/CUDA version than this torch {torch.__version__}: {XFORMERS_INSTALL_HINT}"
         ) from err

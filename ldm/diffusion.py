@@ -1,40 +1,32 @@
-"""The DDPM process as pure math: noise schedules, q(x_t | x_0), the posterior, parameterisations and the objective.
+"""The DDPM process as pure math: SNR, q(x_t | x_0), the posterior, parameterisations and the training objective.
 
 Every function takes the schedule as a tensor (``betas`` or ``alphas_cumprod``, length T) and timesteps as an ``int``
 or a ``LongTensor`` of shape ``(B,)``; nothing is stored between calls. Timesteps are 0-indexed like diffusers:
 index ``t`` here is DDPM's ``t + 1``, so ``alphas_cumprod[t]`` is DDPM's alpha_bar_{t+1}, and the step before index 0
-is the data itself (alpha_bar = 1). The schedule tensors may be ``scheduler.alphas_cumprod`` of a diffusers scheduler.
+is the data itself (alpha_bar = 1). The schedule is a diffusers scheduler's ``alphas_cumprod``: the schedules
+themselves (linear, scaled_linear, cosine) and the zero-terminal-SNR rescaling (``rescale_betas_zero_snr=True``,
+Lin et al. 2024) are diffusers', not ours.
 
 Schedule arithmetic is done in float64 (float32 on Apple MPS, which has no float64) and results come back in the
 dtype of the sample tensors. Prediction types use diffusers' names (``"epsilon"``, ``"sample"``, ``"v_prediction"``)
-so callers can pass ``scheduler.config.prediction_type``; ``"score"`` is added for conversions.
+so callers can pass ``scheduler.config.prediction_type``.
 
-References: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM); Nichol & Dhariwal 2021, "Improved
-Denoising Diffusion Probabilistic Models" (cosine schedule); Kingma et al. 2021, "Variational Diffusion Models" (SNR);
-Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models" (v-prediction); Hang et al. 2023,
-"Efficient Diffusion Training via Min-SNR Weighting Strategy"; Lin et al. 2024, "Common Diffusion Noise Schedules and
-Sample Steps are Flawed" (zero terminal SNR).
+References: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM); Kingma et al. 2021, "Variational
+Diffusion Models" (SNR); Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
+(v-prediction); Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy".
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BetaSchedule = Literal["linear", "scaled_linear", "cosine", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
-Parameterisation = Literal["epsilon", "sample", "v_prediction", "score"]
 
-BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
-PARAMETERISATIONS: tuple[str, ...] = get_args(Parameterisation)
-
-# Paper defaults for (beta_start, beta_end): DDPM sec. 4 for "linear", Stable Diffusion's config for "scaled_linear".
-_DEFAULT_BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -59,61 +51,7 @@ def _prev(alphas_cumprod: Tensor) -> Tensor:
     return torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
 
 
-# --------------------------------------------------------------------------------------------------- noise schedules
-
-
-def make_beta_schedule(
-    name: BetaSchedule,
-    num_timesteps: int = 1000,
-    beta_start: float | None = None,
-    beta_end: float | None = None,
-    *,
-    cosine_s: float = 0.008,
-    max_beta: float = 0.999,
-    dtype: torch.dtype = torch.float64,
-) -> Tensor:
-    """The betas of a named noise schedule, shape ``(num_timesteps,)``.
-
-    - ``"linear"``: ``linspace(beta_start, beta_end, T)``, DDPM sec. 4 (defaults 1e-4 .. 0.02).
-    - ``"scaled_linear"``: ``linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``, Stable Diffusion's schedule
-      (defaults 0.00085 .. 0.012).
-    - ``"cosine"`` (diffusers calls it ``"squaredcos_cap_v2"``): Nichol & Dhariwal eq. 17,
-      ``alpha_bar(t) = f(t) / f(0)`` with ``f(t) = cos((t / T + s) / (1 + s) * pi / 2) ** 2``, discretised as
-      ``beta_t = min(1 - alpha_bar(t) / alpha_bar(t - 1), max_beta)`` (their clip at 0.999). ``beta_start`` and
-      ``beta_end`` do not apply.
-    """
-    _check_choice("beta schedule name", name, BETA_SCHEDULES)
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive number of diffusion steps; got {num_timesteps}")
-    if name in ("cosine", "squaredcos_cap_v2"):
-        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
-        f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=max_beta).to(dtype)
-    default_start, default_end = _DEFAULT_BETA_RANGE[name]
-    start = default_start if beta_start is None else beta_start
-    end = default_end if beta_end is None else beta_end
-    if name == "linear":
-        return torch.linspace(start, end, num_timesteps, dtype=torch.float64).to(dtype)
-    return (torch.linspace(start**0.5, end**0.5, num_timesteps, dtype=torch.float64) ** 2).to(dtype)
-
-
-def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
-    """alpha_bar_t = prod_{s <= t} (1 - beta_s) (DDPM, notation above eq. 4), shape ``(T,)``, in ``betas.dtype``."""
-    return torch.cumprod(1 - betas.to(_compute_dtype(betas.device)), dim=0).to(betas.dtype)
-
-
-def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Rescale betas so the last step has zero SNR (Lin et al. 2024, Algorithm 1), shape ``(T,)``, in ``betas.dtype``.
-
-    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first value is unchanged; the last beta
-    becomes 1, so x_T is pure noise. Same algorithm as diffusers' ``rescale_zero_terminal_snr``.
-    """
-    sqrt_ab = torch.cumprod(1 - betas.to(_compute_dtype(betas.device)), dim=0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    alphas_cumprod = sqrt_ab**2
-    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
-    return (1 - alphas).to(betas.dtype)
+# ------------------------------------------------------------------------------------------------------------ SNR
 
 
 def snr(alphas_cumprod: Tensor, timesteps: Tensor | int) -> Tensor:
@@ -189,25 +127,6 @@ def _posterior_terms(alphas_cumprod: Tensor, t: Tensor | int, ndim: int, device:
     return *_posterior_coefficients(ab, ab_prev), _posterior_variance(ab, ab_prev), log_variance
 
 
-def posterior_mean_coefficients(alphas_cumprod: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
-    """The coefficients (of x_0, of x_t) of the posterior mean tilde_mu_t, DDPM eq. 7:
-    ``sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)`` and
-    ``sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)``.
-
-    Shape of ``t``, in ``alphas_cumprod.dtype``. At ``t = 0`` they are (1, 0): the posterior mean is x_0.
-    """
-    coef_x0, coef_xt, _, _ = _posterior_terms(alphas_cumprod, t, 0, alphas_cumprod.device)
-    return coef_x0.to(alphas_cumprod.dtype), coef_xt.to(alphas_cumprod.dtype)
-
-
-def posterior_variance(alphas_cumprod: Tensor, t: Tensor | int) -> Tensor:
-    """Posterior variance tilde_beta_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t (DDPM eq. 7), shape of
-    ``t``, in ``alphas_cumprod.dtype``. It is 0 at ``t = 0``. Diffusers' ``_get_variance`` with ``"fixed_small"``.
-    """
-    _, _, variance, _ = _posterior_terms(alphas_cumprod, t, 0, alphas_cumprod.device)
-    return variance.to(alphas_cumprod.dtype)
-
-
 def posterior_log_variance_clipped(alphas_cumprod: Tensor, t: Tensor | int) -> Tensor:
     """log tilde_beta_t (DDPM eq. 7) with the value at ``t = 0`` (where tilde_beta is 0) replaced by that at ``t = 1``,
     as improved-diffusion's ``posterior_log_variance_clipped``. Shape of ``t``, in ``alphas_cumprod.dtype``.
@@ -242,12 +161,6 @@ def eps_to_x0(eps: Tensor, x_t: Tensor, t: Tensor | int, alphas_cumprod: Tensor)
     return ((x_t - sigma * eps) / alpha).to(x_t.dtype)
 
 
-def x0_to_eps(x0: Tensor, x_t: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> Tensor:
-    """eps = (x_t - alpha_t x_0) / sigma_t, DDPM eq. 4 solved for eps."""
-    alpha, sigma = _alpha_sigma(alphas_cumprod, t, x_t)
-    return ((x_t - alpha * x0) / sigma).to(x_t.dtype)
-
-
 def get_velocity(x0: Tensor, eps: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> Tensor:
     """v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, sec. 4). Same as diffusers' ``get_velocity(x0, eps, t)``."""
     alpha, sigma = _alpha_sigma(alphas_cumprod, t, x0)
@@ -260,60 +173,17 @@ def v_to_x0(v: Tensor, x_t: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> 
     return (alpha * x_t - sigma * v).to(x_t.dtype)
 
 
-def v_to_eps(v: Tensor, x_t: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> Tensor:
-    """eps = sigma_t x_t + alpha_t v (Salimans & Ho 2022, sec. 4, using alpha_t^2 + sigma_t^2 = 1)."""
-    alpha, sigma = _alpha_sigma(alphas_cumprod, t, x_t)
-    return (sigma * x_t + alpha * v).to(x_t.dtype)
-
-
-def eps_to_score(eps: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> Tensor:
-    """Score of q(x_t): grad_x log q(x_t) = -eps / sigma_t, with sigma_t = sqrt(1 - alpha_bar_t) (Song et al. 2021's
-    link between DDPM eq. 4's eps and the score)."""
-    _, sigma = _alpha_sigma(alphas_cumprod, t, eps)
-    return (-eps / sigma).to(eps.dtype)
-
-
-def score_to_eps(score: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> Tensor:
-    """eps = -sigma_t * score, the inverse of :func:`eps_to_score`."""
-    _, sigma = _alpha_sigma(alphas_cumprod, t, score)
-    return (-sigma * score).to(score.dtype)
-
-
-def convert_prediction(
-    pred: Tensor,
-    x_t: Tensor,
-    t: Tensor | int,
-    alphas_cumprod: Tensor,
-    source: Parameterisation,
-    target: Parameterisation,
+def predict_x0(
+    model_output: Tensor, x_t: Tensor, t: Tensor | int, alphas_cumprod: Tensor, prediction_type: PredictionType
 ) -> Tensor:
-    """Convert a prediction between parameterisations ``"epsilon"`` (eps), ``"sample"`` (x_0), ``"v_prediction"`` (v)
-    and ``"score"`` (grad log q(x_t)), given x_t = alpha_t x_0 + sigma_t eps (DDPM eq. 4). Shapes as ``x_t``.
-
-    Goes through eps (or directly through v), so targets that need x_0 from eps are undefined where alpha_bar_t = 0.
-    """
-    _check_choice("source parameterisation", source, PARAMETERISATIONS)
-    _check_choice("target parameterisation", target, PARAMETERISATIONS)
-    if source == target:
-        return pred
-    if source == "v_prediction" and target == "sample":
-        return v_to_x0(pred, x_t, t, alphas_cumprod)
-    if source == "epsilon":
-        eps = pred
-    elif source == "sample":
-        eps = x0_to_eps(pred, x_t, t, alphas_cumprod)
-    elif source == "v_prediction":
-        eps = v_to_eps(pred, x_t, t, alphas_cumprod)
-    else:
-        eps = score_to_eps(pred, t, alphas_cumprod)
-    if target == "epsilon":
-        return eps.to(x_t.dtype)
-    if target == "score":
-        return eps_to_score(eps, t, alphas_cumprod)
-    x0 = eps_to_x0(eps, x_t, t, alphas_cumprod)
-    if target == "sample":
-        return x0
-    return get_velocity(x0, eps, t, alphas_cumprod)
+    """The model's x_0 estimate from its output in ``prediction_type``: eps (DDPM eq. 15, :func:`eps_to_x0`), x_0
+    itself, or v (:func:`v_to_x0`). Shapes as ``x_t``. From eps it is undefined where alpha_bar_t = 0."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return eps_to_x0(model_output, x_t, t, alphas_cumprod)
+    if prediction_type == "v_prediction":
+        return v_to_x0(model_output, x_t, t, alphas_cumprod)
+    return model_output.to(x_t.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------- objective

@@ -28,9 +28,9 @@ from .diffusion import (
     _check_choice,
     _compute_dtype,
     _prev,
-    convert_prediction,
     posterior_log_variance_clipped,
     posterior_mean_variance,
+    predict_x0,
     q_mean_variance,
     q_sample,
 )
@@ -136,7 +136,7 @@ def vb_term_bpd(
     t = torch.as_tensor(t, device=x_t.device).long()
     x0, x_t, model_output = x0.to(dtype), x_t.to(dtype), model_output.to(dtype)
     true_mean, _, true_log_variance = posterior_mean_variance(x0, x_t, t, alphas_cumprod)
-    x0_pred = convert_prediction(model_output, x_t, t, alphas_cumprod, prediction_type, "sample")
+    x0_pred = predict_x0(model_output, x_t, t, alphas_cumprod, prediction_type)
     if clip_denoised:
         x0_pred = x0_pred.clamp(-1, 1)
     model_mean, _, _ = posterior_mean_variance(x0_pred, x_t, t, alphas_cumprod)

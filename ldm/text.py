@@ -3,8 +3,10 @@
 ``encode_prompts`` turns prompts into the U-Net's ``encoder_hidden_states``. A prompt is split into chunks of 75
 tokens; each chunk is encoded on its own as ``BOS + tokens + EOS + pad`` (77 positions) and the chunk outputs are
 concatenated along the sequence axis, as AUTOMATIC1111's web UI, kohya's scripts and compel do, so nothing is silently
-truncated. A1111-style ``(word:1.3)`` weights scale token embeddings. A prompt of at most 75 tokens without weight
-syntax gives bitwise the embeddings of diffusers' ``StableDiffusionPipeline.encode_prompt``.
+truncated. With ``weighting=True``, A1111-style ``(word:1.3)`` weights scale token embeddings; by default brackets are
+literal text (training captions such as "a car (red)" mean what they say). A prompt of at most 75 tokens (without
+weight syntax, or with ``weighting`` off) gives bitwise the embeddings of diffusers'
+``StableDiffusionPipeline.encode_prompt``.
 
 ``OpenCLIPTextEncoder`` lets an ``open_clip`` text tower stand in for transformers' ``CLIPTextModel``, as Stable
 Diffusion 2 does with the penultimate layer of OpenCLIP ViT-H/14.
@@ -12,6 +14,7 @@ Diffusion 2 does with the penultimate layer of OpenCLIP ViT-H/14.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .tokenizer import CLIP_MAX_LENGTH
+
+logger = logging.getLogger(__name__)
 
 CHUNK_TOKENS = CLIP_MAX_LENGTH - 2
 """Prompt tokens per chunk: 77 positions less BOS and EOS."""
@@ -102,13 +107,16 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[list[int], list[float]]:
+def tokenize_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, weighting: bool = False
+) -> tuple[list[int], list[float]]:
     """Token ids of ``prompt`` without BOS/EOS, and one weight per token.
 
-    A prompt without weight syntax is tokenized in one call, so its ids are exactly the tokenizer's; otherwise each
-    fragment of :func:`parse_prompt_weights` is tokenized separately (as A1111 does) and its tokens get its weight.
+    Without ``weighting``, or for a prompt without weight syntax, the prompt is tokenized in one call, so its ids are
+    exactly the tokenizer's and all weights are 1; with it, each fragment of :func:`parse_prompt_weights` is tokenized
+    separately (as A1111 does) and its tokens get its weight.
     """
-    fragments = parse_prompt_weights(prompt)
+    fragments = parse_prompt_weights(prompt) if weighting else [(prompt, 1.0)]
     if fragments == [(prompt, 1.0)]:
         ids = _token_ids(tokenizer, prompt)
         return ids, [1.0] * len(ids)
@@ -125,9 +133,29 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
 
 
-def prompt_chunk_count(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
-    """How many 75-token chunks ``prompt`` needs (at least 1: the empty prompt needs one)."""
-    return _chunks_needed(len(tokenize_prompt(tokenizer, prompt)[0]))
+def prompt_chunk_count(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, weighting: bool = False, truncate: bool = False
+) -> int:
+    """How many 75-token chunks ``prompt`` needs (at least 1: the empty prompt needs one; always 1 with
+    ``truncate``); ``weighting`` as in :func:`tokenize_prompt` (weight syntax is not tokenized when it is on)."""
+    if truncate:
+        return 1
+    return _chunks_needed(len(tokenize_prompt(tokenizer, prompt, weighting)[0]))
+
+
+def _truncated(
+    tokenizer: PreTrainedTokenizerBase, tokenized: tuple[list[int], list[float]]
+) -> tuple[list[int], list[float]]:
+    """A prompt's ids and weights cut to one chunk, with stock diffusers' warning naming the text dropped."""
+    ids, weights = tokenized
+    if len(ids) > CHUNK_TOKENS:
+        logger.warning(
+            "The following part of your input was truncated because CLIP can only handle sequences up to %d tokens: "
+            "%s (pass long_prompts=True to encode it in chunks instead)",
+            CLIP_MAX_LENGTH,
+            tokenizer.decode(ids[CHUNK_TOKENS:]),
+        )
+    return ids[:CHUNK_TOKENS], weights[:CHUNK_TOKENS]
 
 
 def _chunks_needed(num_tokens: int) -> int:
@@ -143,6 +171,8 @@ def encode_prompts(
     clip_skip: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    weighting: bool = False,
+    truncate: bool = False,
 ) -> Tensor:
     """Encode prompts to ``(batch, 77 * n, hidden)`` text embeddings, ``n = max(num_chunks or 1, chunks needed)``.
 
@@ -154,11 +184,15 @@ def encode_prompts(
     ``text_encoder.config.use_attention_mask`` is true, as diffusers does.
 
     ``clip_skip`` follows diffusers: the hidden states ``clip_skip`` layers before the last, then the final layer
-    norm (``clip_skip=1`` is the penultimate layer). Token weights from :func:`parse_prompt_weights` scale each
+    norm (``clip_skip=1`` is the penultimate layer). With ``weighting`` (off by default: brackets are then literal
+    text, as stock diffusers reads them), token weights from :func:`parse_prompt_weights` scale each
     token's embedding, then the (prompt, chunk) is rescaled so its mean over positions and channels is unchanged
     (A1111's method, but per prompt rather than over the batch; no rescale where the weighted mean is ~0, which
     would divide by noise); chunks whose weights are all 1 are left untouched, so a prompt of at most 75 tokens
     without weights equals ``StableDiffusionPipeline.encode_prompt`` bitwise.
+
+    With ``truncate``, each prompt keeps only its first 75 tokens (with a warning naming the rest), as stock
+    diffusers' tokenizer call does: one chunk, the same ids as ``tokenizer(prompt, truncation=True, max_length=77)``.
 
     Gradients flow (no ``torch.no_grad`` here) so the text encoder can be trained. ``device`` is where the ids are
     sent and the embeddings returned (the text encoder's own device by default; like diffusers' ``device``, it must be
@@ -184,7 +218,9 @@ def encode_prompts(
     if tokenizer.pad_token_id is None or tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs bos, eos and pad tokens (a CLIPTokenizer from ldm.tokenizer has them)")
 
-    tokenized = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
+    tokenized = [tokenize_prompt(tokenizer, prompt, weighting) for prompt in prompts]
+    if truncate:
+        tokenized = [_truncated(tokenizer, t) for t in tokenized]
     n = max([num_chunks or 1] + [_chunks_needed(len(ids)) for ids, _ in tokenized])
     input_ids, weights, attention_mask = _chunk_inputs(tokenizer, tokenized, n)
     run_device = torch.device(device) if device is not None else _module_device(text_encoder)

@@ -1,13 +1,16 @@
-"""The Diffusers pipelines (:class:`LatentDiffusionPipeline`, :class:`LatentDiffusionEditPipeline`) and the generation
-command lines."""
+"""The Diffusers pipelines (:class:`LatentDiffusionPipeline` for text-to-image, :class:`LatentDiffusionImg2ImgPipeline`
+and :class:`LatentDiffusionInpaintPipeline` for editing) and the generation command lines."""
 
 from .cli import DEFAULT_MODEL
+from .masks import outpaint_canvas
+from .pipeline_img2img import LatentDiffusionImg2ImgPipeline
+from .pipeline_inpaint import LatentDiffusionInpaintPipeline
 from .pipeline_latent_diffusion import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
-from .pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline, outpaint_canvas
 
 __all__ = [
     "DEFAULT_MODEL",
-    "LatentDiffusionEditPipeline",
+    "LatentDiffusionImg2ImgPipeline",
+    "LatentDiffusionInpaintPipeline",
     "LatentDiffusionPipeline",
     "LatentDiffusionPipelineOutput",
     "outpaint_canvas",

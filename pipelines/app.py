@@ -28,9 +28,12 @@ import gradio as gr
 import numpy as np
 import PIL.Image
 
-from pipelines.cli import DEFAULT_MODEL, OneLineParser, check_model, int_at_least, resolve_device
-from pipelines.pipeline_latent_diffusion_edit import IMG2IMG_STRENGTH
-from pipelines.schedulers import SCHEDULERS, scheduler_name
+from ldm.errors import OneLineParser, UserError, one_line, run_reporting
+from pipelines.cli import DEFAULT_MODEL, embedding_arg, int_at_least, lora_arg
+from pipelines.families import require_supported_model
+from pipelines.loading import resolve_device
+from pipelines.pipeline_img2img import IMG2IMG_STRENGTH
+from pipelines.schedulers import SAMPLERS, scheduler_name
 from pipelines.studio import MAX_IMAGES, MODEL_SCHEDULER, Generation, Settings, Studio
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ OUTPAINT_SIDES = ("left", "right", "top", "bottom")
 MAX_PORT = 65535
 MAX_RESAMPLES = 8
 RESAMPLES_LABEL = "Resamples (redo each step N more times so the new area matches; DDIM/DDPM)"
+KEEP_LABEL = "Keep the unmasked pixels exactly (off: the decoded image everywhere, as stock diffusers)"
 
 
 def port(text: str) -> int:
@@ -61,7 +65,7 @@ def editor_image_and_mask(value: dict[str, Any] | None) -> tuple[PIL.Image.Image
     layer has paint (alpha > 0), black elsewhere; ``(None, None)`` without an upload.
 
     Raises:
-        ValueError: an image but no paint on it.
+        UserError: an image but no paint on it.
     """
     background = (value or {}).get("background")
     if background is None:
@@ -71,7 +75,7 @@ def editor_image_and_mask(value: dict[str, Any] | None) -> tuple[PIL.Image.Image
         alpha = np.asarray(layer.convert("RGBA").resize(background.size, PIL.Image.Resampling.NEAREST))[..., 3]
         painted |= alpha > 0
     if not painted.any():
-        raise ValueError("nothing is painted: paint the area to regenerate on the image with the brush")
+        raise UserError("nothing is painted: paint the area to regenerate on the image with the brush")
     return background.convert("RGB"), PIL.Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
 
 
@@ -93,19 +97,20 @@ class SettingsInputs:
     random_seed: gr.Checkbox
     num_images: gr.Slider
     scheduler: gr.Dropdown
+    prompt_weighting: gr.Checkbox | None = None
 
     def components(self) -> set[gr.components.Component]:
         """All of them, as the inputs of an event."""
-        return {getattr(self, field.name) for field in fields(self)}
+        return {getattr(self, field.name) for field in fields(self)} - {None}
 
     def read(self, values: dict[gr.components.Component, Any]) -> Settings:
         """The settings in an event's values.
 
         Raises:
-            ValueError: no seed typed while "Random seed" is off.
+            UserError: no seed typed while "Random seed" is off.
         """
         if not values[self.random_seed] and values[self.seed] is None:
-            raise ValueError("type a seed, or tick Random seed")
+            raise UserError("type a seed, or tick Random seed")
         return Settings(
             prompt=values[self.prompt] or "",
             negative_prompt=values[self.negative_prompt] or "",
@@ -114,6 +119,7 @@ class SettingsInputs:
             seed=None if values[self.random_seed] else values[self.seed],
             num_images=int(values[self.num_images]),
             scheduler=values[self.scheduler],
+            prompt_weighting=True if self.prompt_weighting is None else bool(values[self.prompt_weighting]),
         )
 
 
@@ -125,22 +131,28 @@ def connect(
     outputs: list[gr.components.Component],
 ) -> None:
     """On a click, run ``mode(settings, *inputs' values)`` and show its images and seed in ``outputs``, queued one at
-    a time with every other mode; a ``ValueError`` becomes a message in the page, and the pipeline's tqdm bar drives
+    a time with every other mode; a ``UserError`` becomes a message in the page, and the pipeline's tqdm bar drives
     the page's progress bar."""
 
     # Gradio finds the progress tracker by this default value.
     def run(values: dict, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:  # noqa: B008
         try:
             return gallery(mode(shared.read(values), *(values[component] for component in inputs)))
-        except ValueError as err:
-            raise gr.Error(" ".join(str(err).split()), print_exception=False) from None
+        except UserError as err:
+            raise gr.Error(one_line(err), print_exception=False) from None
 
-    button.click(run, inputs={*shared.components(), *inputs}, outputs=outputs, concurrency_id="generate",
-                 concurrency_limit=1)  # fmt: skip
+    button.click(
+        run,
+        inputs={*shared.components(), *inputs},
+        outputs=outputs,
+        concurrency_id="generate",
+        concurrency_limit=1,
+    )
 
 
 def settings_panel(studio: Studio, prompt: gr.Textbox, negative_prompt: gr.Textbox) -> SettingsInputs:
-    """The settings accordion: steps and guidance (starting at the model's defaults), seed, images, scheduler."""
+    """The settings accordion: steps and guidance (starting at the model's defaults), seed, images, scheduler,
+    prompt weighting."""
     defaults = studio.pipe.generation_defaults
     with gr.Accordion("Settings", open=True):
         with gr.Row():
@@ -151,18 +163,21 @@ def settings_panel(studio: Studio, prompt: gr.Textbox, negative_prompt: gr.Textb
             random_seed = gr.Checkbox(label="Random seed", value=True)
             num_images = gr.Slider(1, MAX_IMAGES, 1, step=1, precision=0, label="Images")
         scheduler = gr.Dropdown(
-            [MODEL_SCHEDULER, *SCHEDULERS],
+            [MODEL_SCHEDULER, *SAMPLERS],
             value=MODEL_SCHEDULER,
-            label=f"Scheduler (the model's: {scheduler_name(studio.model_scheduler)})",
+            label=f"Scheduler (the model's: {scheduler_name(studio.model.scheduler)})",
         )
-    return SettingsInputs(prompt, negative_prompt, steps, guidance_scale, seed, random_seed, num_images, scheduler)
+        prompt_weighting = gr.Checkbox(label="Prompt weighting: (word:1.3), (word), [word]", value=True)
+    return SettingsInputs(
+        prompt, negative_prompt, steps, guidance_scale, seed, random_seed, num_images, scheduler, prompt_weighting
+    )
 
 
 def build_app(studio: Studio) -> gr.Blocks:
     """The page: the prompts, a tab per mode, the shared settings, and the results."""
     size = {"minimum": studio.size_step, "maximum": studio.max_size, "step": studio.size_step, "precision": 0}
     upload = {"type": "pil", "sources": ["upload", "clipboard"]}
-    model_name = Path(studio.model).name if Path(studio.model).is_dir() else studio.model
+    model_name = Path(studio.model_name).name if Path(studio.model_name).is_dir() else studio.model_name
     with gr.Blocks(title="ldm-toolkit", analytics_enabled=False) as demo:
         gr.Markdown(f"# ldm-toolkit\nModel: `{model_name}`. Image *i* of a run has seed *seed + i*.")
         with gr.Row():
@@ -191,6 +206,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                         inpaint_strength = gr.Slider(0.05, 1.0, 1.0, step=0.05, label="Strength")
                         inpaint_blur = gr.Slider(0, 16, 0, step=0.5, label="Mask blur (px)")
                         inpaint_resamples = gr.Slider(0, MAX_RESAMPLES, 0, step=1, precision=0, label=RESAMPLES_LABEL)
+                        inpaint_keep = gr.Checkbox(label=KEEP_LABEL, value=True)
                         inpaint = gr.Button("Inpaint", variant="primary")
                     with gr.Tab("Outpaint"):
                         outpaint_image = gr.Image(label="Image to extend", **upload)
@@ -201,6 +217,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                             ]
                         outpaint_blur = gr.Slider(0, 16, 0, step=0.5, label="Mask blur (px)")
                         outpaint_resamples = gr.Slider(0, MAX_RESAMPLES, 0, step=1, precision=0, label=RESAMPLES_LABEL)
+                        outpaint_keep = gr.Checkbox(label=KEEP_LABEL, value=True)
                         outpaint = gr.Button("Outpaint", variant="primary")
                 shared = settings_panel(studio, prompt, negative_prompt)
             with gr.Column():
@@ -208,21 +225,23 @@ def build_app(studio: Studio) -> gr.Blocks:
                 seed_used = gr.Textbox(label="Seed used", interactive=False)
 
         def run_inpaint(
-            settings: Settings, value: dict | None, strength: float, blur: float, resamples: float
+            settings: Settings, value: dict | None, strength: float, blur: float, resamples: float, keep: bool
         ) -> Generation:
             image, mask = editor_image_and_mask(value)
-            return studio.inpaint(settings, image, mask, strength=strength, mask_blur=blur, resamples=int(resamples))
+            return studio.inpaint(settings, image, mask, strength, blur, int(resamples), keep_unmasked_pixels=keep)
 
         def run_outpaint(settings: Settings, image: PIL.Image.Image | None, *values: float) -> Generation:
-            *pixels, blur, resamples = values
+            *pixels, blur, resamples, keep = values
             sides = dict(zip(OUTPAINT_SIDES, map(int, pixels)))
-            return studio.outpaint(settings, image, sides, mask_blur=blur, resamples=int(resamples))
+            return studio.outpaint(settings, image, sides, blur, int(resamples), keep_unmasked_pixels=bool(keep))
 
         outputs = [results, seed_used]
         connect(txt2img, studio.text_to_image, shared, [width, height], outputs)
         connect(img2img, studio.image_to_image, shared, [img2img_image, img2img_strength], outputs)
-        connect(inpaint, run_inpaint, shared, [editor, inpaint_strength, inpaint_blur, inpaint_resamples], outputs)
-        connect(outpaint, run_outpaint, shared, [outpaint_image, *sides, outpaint_blur, outpaint_resamples], outputs)
+        inpaint_inputs = [editor, inpaint_strength, inpaint_blur, inpaint_resamples, inpaint_keep]
+        connect(inpaint, run_inpaint, shared, inpaint_inputs, outputs)
+        outpaint_inputs = [outpaint_image, *sides, outpaint_blur, outpaint_resamples, outpaint_keep]
+        connect(outpaint, run_outpaint, shared, outpaint_inputs, outputs)
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -253,6 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("outputs"), metavar="FOLDER", help="where the PNGs go (default outputs/)"
     )
     parser.add_argument("--device", default="auto", metavar="DEVICE", help="cuda, cuda:1, mps, cpu, or auto")
+    parser.add_argument(
+        "--lora",
+        type=lora_arg,
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA (diffusers or kohya .safetensors, or a LoRA folder) at SCALE (default 1); repeatable",
+    )
+    parser.add_argument(
+        "--embedding",
+        type=embedding_arg,
+        action="append",
+        default=[],
+        metavar="PATH[:TOKEN]",
+        help="add a textual-inversion embedding as TOKEN (default: its own token, else the file name); repeatable",
+    )
     return parser
 
 
@@ -261,15 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_or_status(argv)
     if isinstance(args, int):
         return args
-    try:
-        check_model(args.model)
-        studio = Studio.load(args.model, args.out, resolve_device(args.device))
-    except ValueError as err:
-        logger.debug("loading failed", exc_info=True)
-        sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
-        return 2
-    build_app(studio).launch(server_name=args.host, server_port=args.port, allowed_paths=[str(args.out.resolve())])
-    return 0
+
+    def body() -> None:
+        require_supported_model(args.model)
+        device = resolve_device(args.device)
+        studio = Studio.load(args.model, args.out, device, tuple(args.lora), tuple(args.embedding))
+        build_app(studio).launch(server_name=args.host, server_port=args.port, allowed_paths=[str(args.out.resolve())])
+
+    return run_reporting(body, "the app")
 
 
 if __name__ == "__main__":

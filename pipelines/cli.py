@@ -1,61 +1,32 @@
-"""What the generation commands (txt2img, img2img, inpaint, publish) share: one-line argument errors, argument types,
-prompt files, per-image seeds, PNGs with metadata, device / dtype choice, and loading a pipeline safely."""
+"""What the generation commands (txt2img, img2img, inpaint) share: one-line argument errors, argument types, the
+flag groups every one of them has, prompt files, and the run from parsed arguments to
+:func:`pipelines.generate.generate`."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import re
-import sys
-import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
-import diffusers
-import PIL.Image
-import torch
-import transformers
 from diffusers.utils import is_xformers_available
-from packaging.version import Version
-from PIL.PngImagePlugin import PngInfo
 
-from ldm.attention import available_attention_backends
+from ldm.attention import ATTENTION_BACKENDS, available_attention_backends
+from ldm.errors import OneLineParser, UserError, run_reporting
+from pipelines.families import require_supported_model
+from pipelines.generate import MAX_SEED, GenerationRequest, Mode, generate
 from pipelines.generation_defaults import check_guidance_interval
-from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+from pipelines.loading import DEFAULT_MODEL, DTYPES, Embedding, LoraWeights, ModelSettings, resolve_device
+from pipelines.schedulers import ALIASES, SAMPLERS, canonical_name
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL: str = str(Path(__file__).resolve().parents[1] / "models" / "shapes")
-"""The model used when ``--model`` is not given: the small shapes model that ships in the repository
-(``models/shapes``, trained by ``training/recipes/shapes.sh``)."""
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MAX_SEED = 2**63 - 1
-SLUG_LENGTH = 48
-INDEX_PATTERN = re.compile(r"^(\d+)-")
-# diffusers (by 0.42, huggingface/diffusers#14205) renamed from_pretrained's ``torch_dtype`` to ``dtype`` and warns
-# on the old name, which older releases need.
-DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+__all__ = ["DEFAULT_MODEL", "run_generation_command"]
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line (``error: ...``) instead of the usage text and the error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-    def parse_or_status(self, argv: list[str] | None) -> argparse.Namespace | int:
-        """The parsed arguments, or the exit status (0 for ``--help``, 2 for a bad argument) for a ``main`` that
-        returns its status instead of exiting."""
-        try:
-            return self.parse_args(argv)
-        except SystemExit as exit_:
-            return exit_.code if isinstance(exit_.code, int) else 2
+# ------------------------------------------------------------------------------------------------ argument types
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An ``argparse`` type: an integer >= ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -69,6 +40,7 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def float_in(low: float, high: float | None = None) -> Callable[[str], float]:
+    """An ``argparse`` type: a number in [low, high] (or >= low)."""
     allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
 
     def parse(text: str) -> float:
@@ -83,6 +55,14 @@ def float_in(low: float, high: float | None = None) -> Callable[[str], float]:
     return parse
 
 
+def strength_arg(text: str) -> float:
+    """An ``argparse`` type: an img2img / inpainting strength in (0, 1]."""
+    value = float_in(0.0, 1.0)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be in (0, 1]; 0 would return the image unchanged")
+    return value
+
+
 def interval_arg(text: str) -> tuple[float, float]:
     """An ``argparse`` type: ``LO,HI`` -> ``(lo, hi)`` with 0 <= lo < hi <= 1 (a guidance interval)."""
     try:
@@ -91,6 +71,41 @@ def interval_arg(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(
             f"expected LO,HI with 0 <= LO < HI <= 1 (0,1: guide every step; 0.5,1: the noisier half); got {text!r}"
         ) from None
+
+
+def seed_arg(text: str) -> int:
+    """An ``argparse`` type: a seed, 0 to 2**63 - 1."""
+    value = int_at_least(0)(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1; got {value}")
+    return value
+
+
+def scheduler_arg(text: str) -> str:
+    """An ``argparse`` type: a sampler name of :data:`pipelines.schedulers.SAMPLERS` (or an old alias)."""
+    try:
+        return canonical_name(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def lora_arg(text: str) -> LoraWeights:
+    """An ``argparse`` type: ``PATH[:SCALE]`` (a trailing ``:number`` is the scale; default 1)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return LoraWeights(Path(path), float(scale)) if path else LoraWeights(Path(text))
+    except ValueError:
+        return LoraWeights(Path(text))
+
+
+def embedding_arg(text: str) -> Embedding:
+    """An ``argparse`` type: ``PATH[:TOKEN]`` (a trailing ``:word`` with no path separator is the token)."""
+    path, _, token = text.rpartition(":")
+    is_token = path and len(path) > 1 and token and not any(sep in token for sep in "/\\")
+    return Embedding(Path(path), token) if is_token else Embedding(Path(text))
+
+
+# ---------------------------------------------------------------------------------------------------- flag groups
 
 
 def add_guidance_interval_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -104,202 +119,240 @@ def add_guidance_interval_argument(parser: argparse.ArgumentParser | argparse._A
     )
 
 
-def format_interval(interval: tuple[float, float]) -> str:
-    """``(0.5, 1.0)`` -> ``"0.5,1"``, the form ``interval_arg`` reads (for image metadata)."""
-    return ",".join(f"{bound:g}" for bound in interval)
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--prompt`` / ``--prompt-file``, ``--negative-prompt``, ``--batch-size``, ``--prompt-weighting``,
+    ``--long-prompts``."""
+    prompts = parser.add_argument_group("prompts (one of --prompt / --prompt-file)")
+    prompts.add_argument("--prompt", metavar="TEXT", help="the text to draw; (word:1.3) weights a part")
+    prompts.add_argument(
+        "--prompt-file",
+        type=Path,
+        metavar="FILE",
+        help="a UTF-8 file with one prompt a line (blank lines and lines starting with '#' are skipped)",
+    )
+    prompts.add_argument(
+        "--negative-prompt", metavar="TEXT", help="what to steer away from (default: the empty prompt)"
+    )
+    prompts.add_argument(
+        "--batch-size", type=int_at_least(1), metavar="N", default=1, help="prompts generated together (default 1)"
+    )
+    prompts.add_argument(
+        "--prompt-weighting",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read (word:1.3), (word) and [word] as weights, as AUTOMATIC1111 does (default: on; "
+        "--no-prompt-weighting reads the prompt as plain text, as stock diffusers does)",
+    )
+    prompts.add_argument(
+        "--long-prompts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="encode prompts longer than 75 tokens in 75-token chunks (default: on; --no-long-prompts cuts them to "
+        "their first 75 tokens, as stock diffusers does)",
+    )
 
 
-def seed_arg(text: str) -> int:
-    value = int_at_least(0)(text)
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1; got {value}")
-    return value
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
+    """``--model``, ``--device``, ``--dtype``, ``--attention``, ``--lora`` and ``--embedding``."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=default_model,
+        metavar="FOLDER_OR_HUB_ID",
+        help="a Stable Diffusion 1.x/2.x diffusers pipeline folder (with model_index.json) or a Hub id (default: "
+        "the shipped shapes model, models/shapes)",
+    )
+    model.add_argument(
+        "--device", default="auto", metavar="DEVICE", help="cuda, cuda:1, mps, cpu, or auto (default: cuda, mps, cpu)"
+    )
+    model.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="weights' precision (default auto: float16 on cuda and mps, float32 on cpu)",
+    )
+    model.add_argument(
+        "--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="attention implementation (default sdpa)"
+    )
+    model.add_argument(
+        "--lora",
+        type=lora_arg,
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA (.safetensors in diffusers' or kohya's layout, or the folder training wrote) at SCALE "
+        "(default 1); repeat for several",
+    )
+    model.add_argument(
+        "--embedding",
+        type=embedding_arg,
+        action="append",
+        default=[],
+        metavar="PATH[:TOKEN]",
+        help="add a textual-inversion embedding (diffusers' learned_embeds or AUTOMATIC1111's file) as TOKEN "
+        "(default: the token in a diffusers file, else the file name); repeat for several",
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The sampling flags every generation command has; returns the group, for a command's own sampling flags."""
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument(
+        "--scheduler",
+        type=scheduler_arg,
+        metavar="NAME",
+        help=f"sampler (default: the one saved with the model): {', '.join(SAMPLERS)} (also {', '.join(ALIASES)})",
+    )
+    sampling.add_argument(
+        "--steps",
+        type=int_at_least(1),
+        metavar="N",
+        help="denoising steps (at strength 1) (default: the model's generation_defaults.json; 50 for Stable "
+        "Diffusion)",
+    )
+    sampling.add_argument(
+        "--guidance-scale",
+        type=float_in(0.0),
+        metavar="G",
+        help="classifier-free guidance; <= 1 disables it (default: the model's; 7.5 for Stable Diffusion)",
+    )
+    add_guidance_interval_argument(sampling)
+    sampling.add_argument(
+        "--guidance-rescale",
+        type=float_in(0.0, 1.0),
+        default=0.0,
+        metavar="PHI",
+        help="guidance rescale phi in [0, 1] (0: off)",
+    )
+    sampling.add_argument(
+        "--clip-skip",
+        type=int_at_least(1),
+        metavar="N",
+        help="condition on the text encoder's hidden states this many layers before the last (AUTOMATIC1111's "
+        "Clip skip N+1)",
+    )
+    sampling.add_argument(
+        "--eta", type=float_in(0.0), default=0.0, metavar="ETA", help="DDIM eta (0: deterministic); ddim only"
+    )
+    sampling.add_argument(
+        "--seed",
+        type=seed_arg,
+        metavar="N",
+        help="seed of the first image; image i gets seed + i (default: a random seed)",
+    )
+    sampling.add_argument(
+        "--num-images", type=int_at_least(1), default=1, metavar="N", help="images per prompt (default 1)"
+    )
+    return sampling
+
+
+def add_output_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out``."""
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs"), metavar="FOLDER", help="output folder (default outputs/)"
+    )
+
+
+def build_generation_parser(prog: str, description: str) -> tuple[OneLineParser, argparse._ArgumentGroup]:
+    """A parser with every shared generation flag; returns it and its sampling group (for a command's own flags)."""
+    parser = OneLineParser(prog=prog, description=description)
+    add_prompt_arguments(parser)
+    add_model_arguments(parser)
+    sampling = add_sampling_arguments(parser)
+    add_output_argument(parser)
+    return parser, sampling
+
+
+# ------------------------------------------------------------------------------------------------------- checks
 
 
 def read_prompts(path: Path) -> list[str]:
     """The prompts in a text file: one a line, stripped; blank lines and lines starting with ``#`` are skipped.
 
     Raises:
-        ValueError: the file is missing, unreadable, not UTF-8, or holds no prompt.
+        UserError: the file is missing, unreadable, not UTF-8, or holds no prompt.
     """
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise ValueError(f"prompt file {path} does not exist; pass an existing text file to --prompt-file") from None
+        raise UserError(f"prompt file {path} does not exist; pass an existing text file to --prompt-file") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"prompt file {path} is not UTF-8 text ({err.reason}); save it as UTF-8") from None
+        raise UserError(f"prompt file {path} is not UTF-8 text ({err.reason}); save it as UTF-8") from None
     except OSError as err:
-        raise ValueError(f"cannot read prompt file {path}: {err.strerror}") from None
+        raise UserError(f"cannot read prompt file {path}: {err.strerror}") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts; write one prompt a line ('#' lines are comments)")
+        raise UserError(f"prompt file {path} has no prompts; write one prompt a line ('#' lines are comments)")
     return prompts
 
 
-def image_seeds(seed: int, num_images: int, start: int = 0) -> list[int]:
-    """The seeds of images ``start .. start + num_images - 1`` of a run whose first image has seed ``seed``."""
-    return [seed + start + i for i in range(num_images)]
-
-
-def generators_for(seeds: list[int]) -> list[torch.Generator]:
-    """One CPU ``torch.Generator`` per image, seeded with its seed (CPU noise is the same on every device)."""
-    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-
-def slugify(text: str, max_length: int = SLUG_LENGTH) -> str:
-    """A file-name-safe ASCII slug of a prompt: ``"A Fox, (snow:1.2)!"`` -> ``"a-fox-snow-1-2"``."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    return slug[:max_length].rstrip("-") or "image"
-
-
-def next_index(folder: Path) -> int:
-    """The number after the highest ``NNNNN-`` prefix of the PNGs in ``folder`` (0 for none)."""
-    indices = [int(m.group(1)) for p in folder.glob("*.png") if (m := INDEX_PATTERN.match(p.name))]
-    return max(indices, default=-1) + 1
-
-
-def save_png(image: PIL.Image.Image, folder: Path, index: int, seed: int, metadata: dict[str, str]) -> Path:
-    """Write ``image`` as ``<index>-<seed>-<slug of the prompt>.png`` with ``metadata`` as PNG text chunks.
-
-    Never overwrites: a taken name moves on to the next index. Returns the path written.
-    """
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, value)
-    slug = slugify(metadata.get("prompt", ""))
-    while True:
-        path = folder / f"{index:05d}-{seed}-{slug}.png"
-        try:
-            with path.open("xb") as file:
-                image.save(file, format="PNG", pnginfo=info)
-            return path
-        except FileExistsError:
-            index += 1
-
-
-def batches(items: list[str], size: int) -> Iterator[tuple[int, list[str]]]:
-    """``(index of the first item, items)`` for consecutive batches of ``size`` items."""
-    for start in range(0, len(items), size):
-        yield start, items[start : start + size]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda, then mps, then cpu; otherwise the named device, which must be available.
+def check_args(args: argparse.Namespace) -> list[str]:
+    """The checks that need no model weights (the prompts, the output folder, the device, the attention backend,
+    the model's family); returns the prompts.
 
     Raises:
-        ValueError: an unknown device name, or a CUDA / MPS device this machine does not have.
+        UserError: naming the fix.
     """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:<n> or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices; use cuda:0")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` -> float16 on cuda and mps, float32 elsewhere; otherwise the named dtype."""
-    if name == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    return DTYPES[name]
-
-
-def check_model(model: str) -> None:
-    """Cheap checks on ``--model`` before loading: an existing folder must be a diffusers pipeline folder, and a
-    name that is clearly a path (absolute, ``./``, ``~``, nested folders) must exist.
-
-    Raises:
-        ValueError: naming the fix.
-    """
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir() or not (path / "model_index.json").is_file():
-            raise ValueError(
-                f"--model {model} is not a diffusers pipeline folder (no model_index.json); pass a folder saved with "
-                "save_pretrained, or a Hub id"
-            )
-        return
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) and ".." not in model
-    if not looks_like_hub_id or model.startswith((".", "~")):
-        raise ValueError(f"--model {model}: no such folder; pass a diffusers pipeline folder or a Hub id")
-
-
-def load_pipeline(model: str, dtype: torch.dtype) -> LatentDiffusionPipeline:
-    """``LatentDiffusionPipeline.from_pretrained`` with safetensors weights where the folder has them.
-
-    Raises:
-        ValueError: the model could not be loaded (the message says which model and why).
-    """
-    path = Path(model).expanduser()
-    has_safetensors = path.is_dir() and any(path.rglob("*.safetensors"))
-    try:
-        with loading_bars_hidden():
-            return LatentDiffusionPipeline.from_pretrained(
-                str(path) if path.is_dir() else model,
-                use_safetensors=True if has_safetensors else None,
-                **{DTYPE_KWARG: dtype},
-            )
-    except (OSError, ValueError) as err:
-        tried = "" if path.is_dir() else " (no such folder, so it was tried as a Hub id)"
-        raise ValueError(
-            f"could not load --model {model}{tried}: {err}; pass a diffusers pipeline folder (with model_index.json) "
-            "or a Hub id that is downloaded or reachable"
-        ) from err
-
-
-@contextlib.contextmanager
-def loading_bars_hidden() -> Iterator[None]:
-    """Hide diffusers' and transformers' per-component loading bars, so stderr holds the sampling progress bar (and
-    an error is one line); their global switches are restored afterwards."""
-    switches = [diffusers.utils.logging, transformers.utils.logging]
-    enabled = [switch.is_progress_bar_enabled() for switch in switches]
-    for switch in switches:
-        switch.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for switch, was_enabled in zip(switches, enabled, strict=True):
-            if was_enabled:
-                switch.enable_progress_bar()
-
-
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], torch.device]:
-    """The checks that need no model; returns the prompts and the device. Errors exit through ``parser.error``."""
-    if args.model is None:
-        parser.error("--model is required: pass a diffusers pipeline folder or a Hub id")
     if (args.prompt is None) == (args.prompt_file is None):
-        parser.error("pass exactly one of --prompt TEXT or --prompt-file FILE")
+        raise UserError("pass exactly one of --prompt TEXT or --prompt-file FILE")
     if args.prompt is not None and not args.prompt.strip():
-        parser.error("--prompt is empty; pass the text to draw")
+        raise UserError("--prompt is empty; pass the text to draw")
     if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file; pass a folder (it is created if missing)")
-    try:
-        prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
-        device = resolve_device(args.device)
-        check_model(args.model)
-    except ValueError as err:
-        parser.error(str(err))
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
+    device = resolve_device(args.device)
+    require_supported_model(args.model)
     if args.attention not in available_attention_backends(device):
         reason = "is not installed (pip install xformers)" if not is_xformers_available() else "needs a CUDA device"
-        parser.error(f"--attention xformers: xformers {reason}; use --attention sdpa (or sliced)")
-    return prompts, device
+        raise UserError(f"--attention xformers: xformers {reason}; use --attention sdpa (or sliced)")
+    return prompts
 
 
-def report_error(err: Exception, what: str) -> int:
-    """Write ``err`` to stderr as one ``error: ...`` line (library messages can span lines; the traceback goes to the
-    debug log) and return the exit status 2, for a command's ``main``."""
-    logger.debug("%s failed", what, exc_info=err)
-    sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
-    return 2
+def model_settings(args: argparse.Namespace) -> ModelSettings:
+    """The model part of the parsed arguments."""
+    return ModelSettings(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        loras=tuple(args.lora),
+        embeddings=tuple(args.embedding),
+    )
+
+
+def generation_request(args: argparse.Namespace, prompts: list[str], mode: Mode) -> GenerationRequest:
+    """The request the parsed arguments describe."""
+    return GenerationRequest(
+        prompts=tuple(prompts),
+        mode=mode,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
+        guidance_rescale=args.guidance_rescale,
+        clip_skip=args.clip_skip,
+        eta=args.eta,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        prompt_weighting=args.prompt_weighting,
+        long_prompts=args.long_prompts,
+    )
+
+
+def run_generation_command(
+    parser: OneLineParser, argv: list[str] | None, make_mode: Callable[[argparse.Namespace], Mode]
+) -> int:
+    """Parse ``argv``, check, generate and print each path written; returns the exit status. A bad argument or any
+    :class:`~ldm.errors.UserError` is one ``error: ...`` line and status 2; other errors keep their traceback."""
+    args = parser.parse_or_status(argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> None:
+        prompts = check_args(args)
+        request = generation_request(args, prompts, make_mode(args))
+        generate(request, model_settings(args), args.out, on_saved=lambda path: print(path, flush=True))
+
+    return run_reporting(body, "generation")

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-from pipelines.cli import DTYPES, OneLineParser, loading_bars_hidden, report_error
+from ldm.errors import OneLineParser, UserError, run_reporting
+from pipelines.families import require_supported_model, single_file_family
 from pipelines.kohya_lora import export_kohya_lora
+from pipelines.loading import DTYPES, loading_bars_hidden
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
-from pipelines.publish import PublishError, load_for_publishing
+from pipelines.publish import load_for_publishing
 from pipelines.single_file import SAFETENSORS_SUFFIX, check_checkpoint_format, export_single_file
 
 logger = logging.getLogger(__name__)
@@ -39,17 +41,18 @@ MODE_ARGUMENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 OPTION_FLAGS = ("--model", "--config", "--out", "--lora", "--dtype")
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """A conversion step failed; the message says what and what to do."""
 
 
 def _load_model(model: Path, allow_pickle: bool) -> LatentDiffusionPipeline:
-    """The ``--model`` folder's pipeline, from safetensors weights (pickle ones only with ``allow_pickle``)."""
-    try:
-        with loading_bars_hidden():
-            return load_for_publishing(model, allow_pickle)
-    except PublishError as err:
-        raise ConvertError(str(err)) from err
+    """The ``--model`` folder's pipeline, from safetensors weights (pickle ones only with ``allow_pickle``).
+
+    Raises:
+        UserError: no such folder, a model of an unsupported family, pickle weights without ``allow_pickle``.
+    """
+    with loading_bars_hidden():
+        return load_for_publishing(model, allow_pickle)
 
 
 def _new_file(path: Path, flag: str) -> None:
@@ -61,6 +64,7 @@ def _new_file(path: Path, flag: str) -> None:
 
 
 def _check_format(path: Path, allow_pickle: bool) -> None:
+    """The pickle gate, as a :class:`ConvertError`."""
     try:
         check_checkpoint_format(path, allow_pickle)
     except ValueError as err:
@@ -91,6 +95,9 @@ def from_single_file(file: Path, config: str, out: Path, allow_pickle: bool) -> 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"--out {out} exists and is not an empty folder; pass a new folder")
     _check_format(file, allow_pickle)
+    require_supported_model(config, flag="--config")
+    if file.suffix == SAFETENSORS_SUFFIX:
+        single_file_family(file)
     try:
         with loading_bars_hidden():
             pipe = LatentDiffusionPipeline.from_single_file(
@@ -186,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         mode = check_args(parser, args)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
-    try:
+
+    def body() -> None:
         if mode == "--to-single-file":
             dtype = DTYPES[args.dtype] if args.dtype else None
             written = to_single_file(args.model, args.to_single_file, dtype, args.allow_pickle)
@@ -194,10 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             written = from_single_file(args.from_single_file, args.config, args.out, args.allow_pickle)
         else:
             written = to_kohya_lora(args.model, args.lora, args.to_kohya_lora, args.allow_pickle)
-    except ConvertError as err:
-        return report_error(err, "conversion")
-    print(written, flush=True)
-    return 0
+        print(written, flush=True)
+
+    return run_reporting(body, "conversion")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ldm.errors import UserError
+
 FILENAME = "generation_defaults.json"
 FULL_INTERVAL = (0.0, 1.0)
 
@@ -22,7 +24,7 @@ def check_guidance_interval(interval: object) -> tuple[float, float]:
     """``(lo, hi)`` with 0 <= lo < hi <= 1 as a tuple of floats.
 
     Raises:
-        ValueError: anything else, naming the fix.
+        UserError: anything else, naming the fix.
     """
     if (
         not isinstance(interval, (tuple, list))
@@ -30,7 +32,7 @@ def check_guidance_interval(interval: object) -> tuple[float, float]:
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
         or not 0 <= interval[0] < interval[1] <= 1
     ):
-        raise ValueError(
+        raise UserError(
             "guidance_interval must be (lo, hi) with 0 <= lo < hi <= 1: guidance is applied at the timesteps t with "
             f"lo <= t / T <= hi ((0, 1): every step; (0.5, 1): the noisier half); got {interval!r}"
         )
@@ -47,13 +49,13 @@ class GenerationDefaults:
 
     def __post_init__(self) -> None:
         if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
-            raise ValueError(f"num_inference_steps must be an integer >= 1; got {self.num_inference_steps!r}")
+            raise UserError(f"num_inference_steps must be an integer >= 1; got {self.num_inference_steps!r}")
         if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1; got {self.num_inference_steps}")
+            raise UserError(f"num_inference_steps must be an integer >= 1; got {self.num_inference_steps}")
         if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
-            raise ValueError(f"guidance_scale must be a number >= 0; got {self.guidance_scale!r}")
+            raise UserError(f"guidance_scale must be a number >= 0; got {self.guidance_scale!r}")
         if not 0 <= self.guidance_scale < math.inf:
-            raise ValueError(f"guidance_scale must be a finite number >= 0; got {self.guidance_scale}")
+            raise UserError(f"guidance_scale must be a finite number >= 0; got {self.guidance_scale}")
         object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
 
     @classmethod
@@ -61,7 +63,7 @@ class GenerationDefaults:
         """The defaults saved in ``folder`` (Stable Diffusion's if it has no ``generation_defaults.json``).
 
         Raises:
-            ValueError: the file is not a JSON object of known keys with valid values (the message names the file).
+            UserError: the file is not a JSON object of known keys with valid values (the message names the file).
         """
         path = Path(folder) / FILENAME
         if not path.is_file():
@@ -69,15 +71,15 @@ class GenerationDefaults:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it") from None
+            raise UserError(f"{path} is not valid JSON ({err}); fix or delete it") from None
         known = {f.name for f in fields(cls)}
         if not isinstance(data, dict) or set(data) - known:
             unknown = sorted(set(data) - known) if isinstance(data, dict) else data
-            raise ValueError(f"{path}: unknown settings {unknown}; the known ones are {sorted(known)}")
+            raise UserError(f"{path}: unknown settings {unknown}; the known ones are {sorted(known)}")
         try:
             return cls(**data)
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise UserError(f"{path}: {err}") from None
 
     def save(self, folder: str | Path) -> Path:
         """Write ``generation_defaults.json`` into ``folder``; returns its path."""

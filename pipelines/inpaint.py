@@ -4,7 +4,9 @@
 area of the mask (same size as the image) and keeps the rest; ``--outpaint left=64,right=32`` instead extends the
 image by that many pixels per side (``left``, ``right``, ``top``, ``bottom``) and fills the new area. Works with a
 plain text-to-image model and with a 9-channel inpainting model; with a plain one ``--resamples 2`` makes the new
-area agree with the kept one (RePaint's resampling, 3x the time). Output conventions as ``txt2img`` / ``img2img``.
+area agree with the kept one (RePaint's resampling, 3x the time). The unmasked pixels are pasted back from the
+original unless ``--no-keep-unmasked-pixels`` (then the whole image is the decoded one, as stock diffusers returns
+it). Every other flag and output convention is ``txt2img``'s.
 """
 
 from __future__ import annotations
@@ -12,16 +14,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from ldm.errors import OneLineParser, UserError
 from pipelines.cli import float_in, int_at_least
-from pipelines.img2img import build_parser, load_image, run_edit_command
-from pipelines.pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline, outpaint_canvas
-
-logger = logging.getLogger(__name__)
-
-OUTPAINT_SIDES = ("left", "right", "top", "bottom")
+from pipelines.cli import run_generation_command as run
+from pipelines.generate import OUTPAINT_SIDES, Inpaint, Outpaint
+from pipelines.img2img import build_edit_parser, load_image
+from pipelines.pipeline_inpaint import INPAINT_STRENGTH
 
 
 def parse_outpaint(text: str) -> dict[str, int]:
@@ -40,12 +40,12 @@ def parse_outpaint(text: str) -> dict[str, int]:
     return sides
 
 
-def build_inpaint_parser() -> argparse.ArgumentParser:
-    """``img2img``'s arguments plus ``--mask`` / ``--outpaint`` and ``--mask-blur``."""
-    parser = build_parser(
+def build_parser() -> OneLineParser:
+    """``img2img``'s arguments plus ``--mask`` / ``--outpaint`` and how the new area is blended in."""
+    parser = build_edit_parser(
         "python -m pipelines.inpaint",
         "Regenerate the masked area of an image, or extend it (outpainting); prints the path of each PNG written.",
-        default_strength=1.0,
+        default_strength=INPAINT_STRENGTH,
     )
     area = parser.add_argument_group("area to regenerate (one of --mask / --outpaint)")
     area.add_argument("--mask", type=Path, metavar="FILE", help="a mask of the image's size: white = regenerate")
@@ -63,35 +63,34 @@ def build_inpaint_parser() -> argparse.ArgumentParser:
         help="redo each step N more times from its re-noised result (RePaint) so the new area matches the kept one; "
         "costs (1 + N) x the time; text-to-image models with DDIM or DDPM (default 0)",
     )
+    area.add_argument(
+        "--keep-unmasked-pixels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="paste the original pixels back outside the mask (default: on; --no-keep-unmasked-pixels returns the "
+        "decoded image everywhere, as stock diffusers does)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``inpaint`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (2 for bad arguments)."""
-    parser = build_inpaint_parser()
 
-    def inputs(args: argparse.Namespace) -> Callable:
+    def mode(args: argparse.Namespace) -> Inpaint | Outpaint:
         if (args.mask is None) == (args.outpaint is None):
-            parser.error("pass exactly one of --mask FILE or --outpaint SIDE=PX,...")
-        common = {"mask_blur": str(args.mask_blur), "resamples": str(args.resamples)}
-        if args.mask is not None:
-            try:
-                mask = load_image(args.mask, mode="L", what="mask (white = regenerate)")
-            except ValueError as err:
-                parser.error(str(err))
-            return lambda pipe: (args.input_image, mask, {"mask": str(args.mask), **common})
+            raise UserError("pass exactly one of --mask FILE or --outpaint SIDE=PX,...")
+        image = load_image(args.image)
+        blend = {"mask_blur": args.mask_blur, "resamples": args.resamples}
+        blend |= {"keep_unmasked_pixels": args.keep_unmasked_pixels, "source": str(args.image)}
+        if args.outpaint is not None:
+            return Outpaint(image, args.outpaint, **blend)
+        mask = load_image(args.mask, mode="L", what="mask (white = regenerate)")
+        return Inpaint(image, mask, strength=args.strength, mask_source=str(args.mask), **blend)
 
-        def outpaint(pipe: LatentDiffusionEditPipeline) -> tuple:
-            canvas, mask = outpaint_canvas(args.input_image, **args.outpaint, multiple=pipe.vae_scale_factor)
-            spec = ",".join(f"{side}={px}" for side, px in args.outpaint.items())
-            return canvas, mask, {"outpaint": spec, **common}
-
-        return outpaint
-
-    return run_edit_command(parser, argv, inputs)
+    return run(build_parser(), argv, mode)
 
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logger.setLevel(logging.INFO)
+    logging.getLogger("pipelines.generate").setLevel(logging.INFO)
     sys.exit(main())

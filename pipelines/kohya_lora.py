@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from ldm.errors import UserError
 from pipelines.single_file import SAFETENSORS_SUFFIX, save_safetensors_atomically, stored
 
 KOHYA_UNET_PREFIX = "lora_unet_"
@@ -28,13 +29,13 @@ def _adapter(unet: UNet2DConditionModel, adapter_name: str | None) -> str:
     """
     adapters = list(getattr(unet, "peft_config", {}) or {})
     if not adapters:
-        raise ValueError("the U-Net has no LoRA adapter; add one (training.models.add_lora) or load one first")
+        raise UserError("the U-Net has no LoRA adapter; add one (training.models.add_lora) or load one first")
     if adapter_name is None:
         if len(adapters) > 1:
-            raise ValueError(f"the U-Net has several LoRA adapters {adapters}; pass adapter_name= one of them")
+            raise UserError(f"the U-Net has several LoRA adapters {adapters}; pass adapter_name= one of them")
         return adapters[0]
     if adapter_name not in adapters:
-        raise ValueError(f"the U-Net has no LoRA adapter {adapter_name!r}; it has {adapters}")
+        raise UserError(f"the U-Net has no LoRA adapter {adapter_name!r}; it has {adapters}")
     return adapter_name
 
 
@@ -55,7 +56,7 @@ def kohya_lora_state_dict(
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
         if module.use_dora.get(adapter) or module.lora_bias.get(adapter):
-            raise ValueError(f"{name}: DoRA and LoRA-bias adapters have no kohya LoRA layout; export a plain LoRA")
+            raise UserError(f"{name}: DoRA and LoRA-bias adapters have no kohya LoRA layout; export a plain LoRA")
         down, up = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         # peft scales by lora_alpha / r (or / sqrt(r) with rsLoRA); kohya by alpha / rank: store the same scale.
         alpha = torch.tensor(module.scaling[adapter] * module.r[adapter], dtype=torch.float32)
@@ -75,6 +76,6 @@ def export_kohya_lora(
     """
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
-        raise ValueError(f"the LoRA file must be a {SAFETENSORS_SUFFIX} file; got {path}")
+        raise UserError(f"the LoRA file must be a {SAFETENSORS_SUFFIX} file; got {path}")
     state = kohya_lora_state_dict(unet, adapter_name, dtype)
     return save_safetensors_atomically(state, path, metadata={"format": "pt", "ss_network_module": "networks.lora"})

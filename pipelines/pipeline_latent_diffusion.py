@@ -3,8 +3,9 @@
 prompt -> CLIP tokens -> CLIP text embeddings -> U-Net denoising loop in latent space with classifier-free guidance
 -> VAE decode -> image. With the same components, scheduler, seed and arguments it returns the same images as
 diffusers' stock ``StableDiffusionPipeline``; on top of that it encodes prompts longer than 77 tokens in chunks instead
-of truncating them, reads prompt weights such as ``(word:1.3)``, chooses the attention backend in one call, and retries
-a half-precision VAE decode in float32 when it overflows (the "black image" bug) instead of returning NaNs.
+of truncating them (each prompt of a batch gets the image it gets alone), reads prompt weights such as ``(word:1.3)``
+when asked (``prompt_weighting=True``), chooses the attention backend in one call, and retries a half-precision VAE
+decode in float32 when it overflows (the "black image" bug) instead of returning NaNs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +24,25 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import FrozenDict
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    IPAdapterMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline, retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, unscale_lora_layers
+from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, deprecate, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ldm.attention import set_attention_backend
+from ldm.errors import UserError
 from ldm.guidance import guide, uses_classifier_free_guidance
 from ldm.text import encode_prompts, prompt_chunk_count
+from ldm.tokenizer import CLIP_MAX_LENGTH
 from pipelines.generation_defaults import FILENAME as GENERATION_DEFAULTS_FILE
 from pipelines.generation_defaults import FULL_INTERVAL, GenerationDefaults, check_guidance_interval
 from pipelines.single_file import check_checkpoint_format
@@ -49,6 +58,63 @@ class LatentDiffusionPipelineOutput(BaseOutput):
     the final latents, as ``output_type`` asked."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+@dataclass
+class TextConditioning:
+    """What the U-Net is conditioned on for one call: the prompt embeddings ``(B * n, L, D)``, the negative ones (None
+    when the call does not guide), the padding mask of the embeddings (None: attend to all) and the U-Net's added
+    conditions (``added_cond_kwargs``: IP-Adapter image embeddings; None without)."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    added_cond_kwargs: dict[str, Any] | None
+
+
+@dataclass
+class CallSetup:
+    """A call's settled arguments, as :meth:`LatentDiffusionPipeline.start_call` returns them: the conditioning, the
+    step count and guidance interval (the model's ``generation_defaults`` where not given), the batch, and what the
+    denoising loop takes from the call (generator, eta, callbacks)."""
+
+    conditioning: TextConditioning
+    num_inference_steps: int
+    guidance_interval: tuple[float, float]
+    batch_size: int
+    num_images: int
+    device: torch.device
+    generator: torch.Generator | list[torch.Generator] | None
+    eta: float
+    callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None
+    callback_on_step_end_tensor_inputs: list[str]
+    callback: Callable | None = None
+    callback_steps: int | None = None
+
+
+class StepHook:
+    """What a pipeline adds to each step of LatentDiffusionPipeline.denoise; this base adds nothing."""
+
+    resamples: int = 0  # redo each step this many more times from renoise(i, latents) (RePaint)
+
+    def unet_input(self, model_input: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The U-Net's input after ``scale_model_input``; may concat channels (doubled when ``guided``)."""
+        return model_input
+
+    def after_step(self, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents after step ``i`` (inpainting puts the known region back)."""
+        return latents
+
+    def renoise(self, i: int, latents: torch.Tensor) -> torch.Tensor:
+        """Step ``i``'s result noised back to its timestep, to redo the step (needed when ``resamples`` > 0)."""
+        raise NotImplementedError
+
+    def callback_tensors(self, guided: bool) -> dict[str, torch.Tensor]:
+        """The hook's tensors a ``callback_on_step_end`` may ask for by name (stock inpainting's ``mask``, ...)."""
+        return {}
+
+    def set_callback_tensors(self, tensors: dict[str, torch.Tensor], guided: bool) -> None:
+        """Take back the hook's tensors among those a ``callback_on_step_end`` returned."""
 
 
 def _fix_legacy_scheduler_config(scheduler: KarrasDiffusionSchedulers | None) -> None:
@@ -75,9 +141,14 @@ def _load_generation_defaults(model: str, kwargs: dict[str, Any]) -> GenerationD
         from huggingface_hub.errors import EntryNotFoundError
 
         try:
-            path = hf_hub_download(model, GENERATION_DEFAULTS_FILE, revision=kwargs.get("revision"),
-                                   cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
-                                   local_files_only=kwargs.get("local_files_only", False))  # fmt: skip
+            path = hf_hub_download(
+                model,
+                GENERATION_DEFAULTS_FILE,
+                revision=kwargs.get("revision"),
+                cache_dir=kwargs.get("cache_dir"),
+                token=kwargs.get("token"),
+                local_files_only=kwargs.get("local_files_only", False),
+            )
         except (EntryNotFoundError, OSError, ValueError):
             logger.debug("no %s for %s", GENERATION_DEFAULTS_FILE, model, exc_info=True)
             return GenerationDefaults()
@@ -90,6 +161,7 @@ class LatentDiffusionPipeline(
     StableDiffusionMixin,
     StableDiffusionLoraLoaderMixin,
     TextualInversionLoaderMixin,
+    IPAdapterMixin,
     FromSingleFileMixin,
 ):
     """Text-to-image generation with a latent diffusion model, a drop-in for ``StableDiffusionPipeline``.
@@ -99,14 +171,27 @@ class LatentDiffusionPipeline(
         text_encoder: a CLIP text transformer (``CLIPTextModel``, or :class:`ldm.text.OpenCLIPTextEncoder`).
         tokenizer: its ``CLIPTokenizer`` (:func:`ldm.tokenizer.build_clip_tokenizer` builds one offline).
         unet: the conditional noise-prediction U-Net.
-        scheduler: any diffusers scheduler (DDIM, DDPM, PNDM, Euler, DPM-Solver++, UniPC, ...).
+        scheduler: any diffusers scheduler (DDIM, DDPM, PNDM, Euler, DPM-Solver++, UniPC, LCM, ...).
+        safety_checker, feature_extractor, requires_safety_checker: accepted as stock takes them (so
+            ``LatentDiffusionPipeline(**stock_pipe.components)`` works) and kept, but no safety check is run.
+        image_encoder: a ``CLIPVisionModelWithProjection`` for IP-Adapters (``load_ip_adapter`` loads one).
 
     Loads any Stable Diffusion 1.x / 2.x folder or Hub id with ``from_pretrained`` (a safety checker in it is not
     loaded), and saves folders that stock ``StableDiffusionPipeline.from_pretrained`` loads; ``from_single_file``
-    reads one-file checkpoints in the original SD layout.
+    reads one-file checkpoints in the original SD layout. ``from_pipe`` shares components with a stock pipeline
+    either way; LoRAs (LCM-LoRA included), textual inversions and IP-Adapters load through diffusers' mixins.
+
+    Where it differs from stock (each switchable): prompts longer than 77 tokens are encoded in chunks, not
+    truncated (``long_prompts=False`` truncates them as stock); ``prompt_weighting=True`` reads ``(word:1.3)``
+    weights (off by default, so brackets are text as in stock); ``guidance_interval`` guides only part of the steps
+    (default every step, unless the model's ``generation_defaults.json`` says otherwise); a half-precision VAE decode
+    that overflows is redone in float32; no safety checker runs; unknown keyword arguments raise a ``TypeError``
+    instead of being ignored.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+    _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -116,10 +201,29 @@ class LatentDiffusionPipeline(
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
+        safety_checker: Any = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        requires_safety_checker: bool = False,
     ):
         super().__init__()
         _fix_legacy_scheduler_config(scheduler)
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        if safety_checker is not None:
+            logger.warning(
+                "%s keeps the safety_checker it is given but does not run it; check images yourself if you need to",
+                type(self).__name__,
+            )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Set once a half-precision decode has overflowed: later decodes go straight to float32.
@@ -132,9 +236,21 @@ class LatentDiffusionPipeline(
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any):
         """``DiffusionPipeline.from_pretrained``, plus the model's recommended sampling settings
-        (``generation_defaults.json`` in the folder or Hub repository, when it has one)."""
+        (``generation_defaults.json`` in the folder or Hub repository, when it has one). A safety checker in the
+        folder is not loaded unless passed as ``safety_checker=``."""
+        kwargs.setdefault("safety_checker", None)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.generation_defaults = _load_generation_defaults(str(pretrained_model_name_or_path), kwargs)
+        return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
+        """``DiffusionPipeline.from_pipe`` (share the components of another pipeline, stock's or ours), keeping the
+        ``generation_defaults`` of a pipeline of ours."""
+        pipe = super().from_pipe(pipeline, **kwargs)
+        defaults = getattr(pipeline, "generation_defaults", None)
+        if isinstance(defaults, GenerationDefaults):
+            pipe.generation_defaults = defaults
         return pipe
 
     @classmethod
@@ -158,6 +274,54 @@ class LatentDiffusionPipeline(
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.generation_defaults != GenerationDefaults():
             self.generation_defaults.save(save_directory)
+
+    # ------------------------------------------------------------------------------------- call state (as in stock)
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the running call (a ``callback_on_step_end`` may change ``_guidance_scale``)."""
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        """The guidance rescale phi of the running call."""
+        return self._guidance_rescale
+
+    @property
+    def clip_skip(self) -> int | None:
+        """The running call's ``clip_skip``."""
+        return self._clip_skip
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current step guides: g > 1, and never for an LCM U-Net (guidance is in its embedding)."""
+        return uses_classifier_free_guidance(self._guidance_scale) and self.unet.config.time_cond_proj_dim is None
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        """The running call's ``cross_attention_kwargs``."""
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        """How many timesteps the running call visits."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a callback to skip the remaining steps (as in stock)."""
+        return self._interrupt
+
+    def _start_call(
+        self,
+        guidance_scale: float,
+        guidance_rescale: float,
+        clip_skip: int | None,
+        cross_attention_kwargs: dict[str, Any] | None,
+    ) -> None:
+        """Set the call state that the properties (``guidance_scale``, ``do_classifier_free_guidance``, ...) read."""
+        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs, self._interrupt = clip_skip, cross_attention_kwargs, False
 
     # ------------------------------------------------------------------------------------------------ set-up helpers
 
@@ -201,10 +365,15 @@ class LatentDiffusionPipeline(
             ValueError: a guidance interval that is not (lo, hi) with 0 <= lo < hi <= 1.
         """
         defaults = self.generation_defaults
-        return (defaults.num_inference_steps if num_inference_steps is None else num_inference_steps,
-                defaults.guidance_scale if guidance_scale is None else guidance_scale,
-                defaults.guidance_interval if guidance_interval is None
-                else check_guidance_interval(guidance_interval))  # fmt: skip
+        if num_inference_steps is None:
+            num_inference_steps = defaults.num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = defaults.guidance_scale
+        if guidance_interval is None:
+            guidance_interval = defaults.guidance_interval
+        else:
+            guidance_interval = check_guidance_interval(guidance_interval)
+        return num_inference_steps, guidance_scale, guidance_interval
 
     # ---------------------------------------------------------------------------------------------------- 1. inputs
 
@@ -226,81 +395,81 @@ class LatentDiffusionPipeline(
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
     ) -> None:
-        """Raise a ``ValueError`` that names the fix for any argument the pipeline cannot use."""
+        """Raise a ``UserError`` that names the fix for any argument the pipeline cannot use."""
         factor = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % factor != 0:
-                raise ValueError(
+                raise UserError(
                     f"{name} must be a positive multiple of {factor} (the VAE downsamples by {factor}); got {value}. "
                     f"Try {max(factor, round(value / factor) * factor) if isinstance(value, int) else 512}."
                 )
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps}")
+            raise UserError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps}")
         if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 disables guidance, 5-8 is usual); got {guidance_scale}")
+            raise UserError(f"guidance_scale must be >= 0 (1 disables guidance, 5-8 is usual); got {guidance_scale}")
         if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(
+            raise UserError(
                 f"guidance_rescale must be in [0, 1] (0 disables it, 0.7 is usual); got {guidance_rescale}"
             )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt}")
+            raise UserError(f"num_images_per_prompt must be an integer >= 1; got {num_images_per_prompt}")
         if eta < 0:
-            raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like); got {eta}")
+            raise UserError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like); got {eta}")
         if "eta" in self._scheduler_step_kwargs(None, eta):
             if eta > 1:
-                raise ValueError(
+                raise UserError(
                     f"eta must be in [0, 1] (0 is deterministic DDIM, 1 is DDPM-like; above 1 the step's noise "
                     f"exceeds its variance and the images come out NaN); got {eta}"
                 )
             if eta == 1 and float(self.scheduler.alphas_cumprod[-1]) == 0:
-                raise ValueError(
+                raise UserError(
                     "eta 1 on this zero-terminal-SNR schedule gives NaN images: DDIM's first step takes the square "
                     "root of 1 - a - (1 - a), which can round below 0; use eta 0.99 or less, or the DDPM scheduler "
                     "for ancestral sampling"
                 )
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+            raise UserError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
 
         if prompt is not None and prompt_embeds is not None:
-            raise ValueError("pass either prompt or prompt_embeds, not both")
+            raise UserError("pass either prompt or prompt_embeds, not both")
         if prompt is None and prompt_embeds is None:
-            raise ValueError("pass a prompt (a string or a list of strings) or prompt_embeds")
+            raise UserError("pass a prompt (a string or a list of strings) or prompt_embeds")
         if prompt is not None and not (
             isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
         ):
-            raise ValueError(f"prompt must be a string or a list of strings; got {type(prompt).__name__}")
+            raise UserError(f"prompt must be a string or a list of strings; got {type(prompt).__name__}")
         if isinstance(prompt, list) and len(prompt) == 0:
-            raise ValueError("prompt is an empty list; pass at least one prompt")
+            raise UserError("prompt is an empty list; pass at least one prompt")
         if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+            raise UserError("pass either negative_prompt or negative_prompt_embeds, not both")
         batch_size = self._batch_size(prompt, prompt_embeds)
         if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
-            raise ValueError(
+            raise UserError(
                 f"negative_prompt has {len(negative_prompt)} entries but there are {batch_size} prompts; pass one "
                 "negative prompt per prompt, or a single string for all"
             )
         if prompt_embeds is not None and negative_prompt_embeds is not None:
             if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(
+                raise UserError(
                     f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                     f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
                 )
         num_images = batch_size * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(
+            raise UserError(
                 f"got {len(generator)} generators for {num_images} images ({batch_size} prompts x "
                 f"{num_images_per_prompt} per prompt); pass one generator per image, or a single generator"
             )
         if latents is not None:
             expected = (num_images, self.unet.config.in_channels, height // factor, width // factor)
             if tuple(latents.shape) != expected:
-                raise ValueError(
+                raise UserError(
                     f"latents have shape {tuple(latents.shape)} but {expected} is needed for {num_images} images of "
                     f"{height}x{width} (batch, latent channels, height / {factor}, width / {factor})"
                 )
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
                 f"{self._callback_tensor_inputs}"
             )
@@ -312,6 +481,47 @@ class LatentDiffusionPipeline(
         if isinstance(prompt, list):
             return len(prompt)
         return prompt_embeds.shape[0]
+
+    def check_ip_adapter_inputs(
+        self, ip_adapter_image: PipelineImageInput | None, ip_adapter_image_embeds: list[torch.Tensor] | None
+    ) -> None:
+        """Raise a ``UserError`` naming the fix for IP-Adapter inputs the pipeline cannot use."""
+        if ip_adapter_image is None and ip_adapter_image_embeds is None:
+            return
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise UserError("pass either ip_adapter_image or ip_adapter_image_embeds, not both")
+        if getattr(self.unet, "encoder_hid_proj", None) is None:
+            raise UserError("ip_adapter_image needs an IP-Adapter: call pipe.load_ip_adapter(...) first")
+        if ip_adapter_image is not None and self.image_encoder is None:
+            raise UserError(
+                "ip_adapter_image needs an image_encoder (a CLIPVisionModelWithProjection); load the IP-Adapter with "
+                "its image encoder, or pass ip_adapter_image_embeds"
+            )
+        if ip_adapter_image_embeds is not None and (
+            not isinstance(ip_adapter_image_embeds, list) or any(e.ndim not in (3, 4) for e in ip_adapter_image_embeds)
+        ):
+            raise UserError(
+                "ip_adapter_image_embeds must be a list of 3D or 4D tensors, one per IP-Adapter (with guidance, "
+                "[negative; positive] along the first axis, as prepare_ip_adapter_image_embeds returns them)"
+            )
+
+    @staticmethod
+    def _deprecated_callback(kwargs: dict[str, Any]) -> tuple[Callable | None, int | None]:
+        """Stock's deprecated ``callback`` / ``callback_steps`` arguments, with stock's warnings."""
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        if kwargs:
+            raise TypeError(f"__call__() got unexpected keyword arguments {sorted(kwargs)}")
+        message = (
+            "Passing `{}` as an input argument to `__call__` is deprecated, consider using `callback_on_step_end`"
+        )
+        if callback is not None:
+            deprecate("callback", "1.0.0", message.format("callback"))
+        if callback_steps is not None:
+            deprecate("callback_steps", "1.0.0", message.format("callback_steps"))
+            if not isinstance(callback_steps, int) or callback_steps <= 0:
+                raise UserError(f"callback_steps must be a positive integer; got {callback_steps!r}")
+        return callback, callback_steps
 
     # ---------------------------------------------------------------------------------------------------- 2. prompt
 
@@ -326,45 +536,55 @@ class LatentDiffusionPipeline(
         negative_prompt_embeds: torch.Tensor | None = None,
         lora_scale: float | None = None,
         clip_skip: int | None = None,
+        prompt_weighting: bool = False,
+        long_prompts: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode prompts (and negative prompts, when guiding) to CLIP hidden states ``(B * n, 77 * chunks, D)``.
 
-        A prompt of up to 75 tokens without weight syntax gives exactly stock diffusers' embeddings. Longer prompts
-        are encoded in 75-token chunks that are concatenated (see :func:`ldm.text.encode_prompts`); the prompt and
-        its negative are padded to the same number of chunks so the two guidance passes share one batch.
+        A prompt of up to 75 tokens gives exactly stock diffusers' embeddings (with ``prompt_weighting`` on, only
+        when it has no weight syntax). Longer prompts are encoded in 75-token chunks that are concatenated (see
+        :func:`ldm.text.encode_prompts`); a batch is padded to its longest prompt's chunk count with chunks of the
+        empty prompt (:meth:`prompt_padding_mask` says which positions are such padding). ``prompt_weighting``
+        reads A1111's ``(word:1.3)`` / ``[word]`` weights; off (the default, as stock), brackets are text.
+        ``long_prompts=False`` cuts every prompt to its first 75 tokens instead, as stock does (with its warning).
+        With both ``prompt_embeds`` and ``negative_prompt_embeds`` given, no tokenizer or text encoder is needed.
+
+        Raises:
+            UserError: a negative prompt longer than the ``prompt_embeds`` given.
         """
-        if lora_scale is not None and USE_PEFT_BACKEND:
+        text_encoder = self.text_encoder
+        if lora_scale is not None and USE_PEFT_BACKEND and text_encoder is not None:
             self._lora_scale = lora_scale
-            scale_lora_layers(self.text_encoder, lora_scale)
+            scale_lora_layers(text_encoder, lora_scale)
 
-        batch_size = self._batch_size(prompt, prompt_embeds)
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        negatives: list[str] | None = None
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negative_prompt = negative_prompt or ""
-            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-            negatives = self.maybe_convert_prompt(negatives, self.tokenizer)
-        if prompts is not None:
-            prompts = self.maybe_convert_prompt(prompts, self.tokenizer)
-
-        chunk_length = self.tokenizer.model_max_length
-        num_chunks = max(prompt_chunk_count(self.tokenizer, p) for p in (prompts or []) + (negatives or [""]))
-        encode = {"clip_skip": clip_skip, "device": device, "dtype": self._text_dtype()}
+        prompts, negatives = self._prompt_texts(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_classifier_free_guidance
+        )
+        truncate = not long_prompts
+        encode = {
+            "clip_skip": clip_skip,
+            "device": device,
+            "dtype": self._text_dtype(),
+            "weighting": prompt_weighting,
+            "truncate": truncate,
+        }
         if prompt_embeds is None:
-            prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, prompts, num_chunks=num_chunks, **encode)
+            num_chunks = max(self._chunk_counts(prompts, negatives, prompt_weighting, truncate))
+            prompt_embeds = encode_prompts(text_encoder, self.tokenizer, prompts, num_chunks=num_chunks, **encode)
         if negatives is not None:
-            prompt_chunks = prompt_embeds.shape[1] // chunk_length
-            if num_chunks > prompt_chunks:
-                raise ValueError(
-                    f"negative_prompt needs {num_chunks} chunks of {chunk_length} tokens but prompt_embeds has "
+            prompt_chunks = prompt_embeds.shape[1] // CLIP_MAX_LENGTH
+            needed = max(prompt_chunk_count(self.tokenizer, n, prompt_weighting, truncate) for n in negatives)
+            if needed > prompt_chunks:
+                raise UserError(
+                    f"negative_prompt needs {needed} chunks of {CLIP_MAX_LENGTH} tokens but prompt_embeds has "
                     f"{prompt_chunks}; shorten the negative prompt or pass negative_prompt_embeds"
                 )
             negative_prompt_embeds = encode_prompts(
-                self.text_encoder, self.tokenizer, negatives, num_chunks=prompt_chunks, **encode
+                text_encoder, self.tokenizer, negatives, num_chunks=prompt_chunks, **encode
             )
 
-        if lora_scale is not None and USE_PEFT_BACKEND:
-            unscale_lora_layers(self.text_encoder, lora_scale)
+        if lora_scale is not None and USE_PEFT_BACKEND and text_encoder is not None:
+            unscale_lora_layers(text_encoder, lora_scale)
 
         prompt_embeds = prompt_embeds.to(device=device, dtype=self._text_dtype())
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
@@ -373,10 +593,113 @@ class LatentDiffusionPipeline(
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
 
+    def encode_conditioning(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        num_images_per_prompt: int,
+        device: torch.device,
+        prompt_weighting: bool,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        long_prompts: bool = True,
+    ) -> TextConditioning:
+        """The prompt (and, when guiding, negative prompt) embeddings, their padding mask and the IP-Adapter image
+        embeddings of this call (call :meth:`_start_call` first: guidance, ``clip_skip`` and the LoRA scale are read
+        from the call state)."""
+        do_cfg = self.do_classifier_free_guidance
+        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_cfg,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+            prompt_weighting=prompt_weighting,
+            long_prompts=long_prompts,
+        )
+        attention_mask = self.prompt_padding_mask(
+            prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_weighting, device, long_prompts
+        )
+        added_cond_kwargs = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, prompt_embeds.shape[0], do_cfg
+            )
+            added_cond_kwargs = {"image_embeds": image_embeds}
+        return TextConditioning(
+            prompt_embeds, negative_prompt_embeds if do_cfg else None, attention_mask, added_cond_kwargs
+        )
+
+    def prompt_padding_mask(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        prompt_weighting: bool,
+        device: torch.device,
+        long_prompts: bool = True,
+    ) -> torch.Tensor | None:
+        """Which positions of :meth:`encode_prompt`'s embeddings the U-Net attends to, ``(B * n, 77 * chunks)``.
+
+        Each prompt (with its negative, padded to the pair's chunk count as A1111 does) has its own chunk count; the
+        chunks a batch adds beyond it to reach its longest prompt are masked, so a prompt's image does not depend on
+        the other prompts of its batch. None when no row is padded (or for precomputed embeddings): then the U-Net
+        gets no mask and the call is stock's.
+        """
+        if prompt is None:
+            return None
+        prompts, negatives = self._prompt_texts(prompt, negative_prompt, None, None, do_classifier_free_guidance)
+        counts = self._chunk_counts(prompts, negatives, prompt_weighting, not long_prompts)
+        if min(counts) == max(counts):
+            return None
+        positions = torch.arange(max(counts) * CLIP_MAX_LENGTH, device=device)
+        lengths = torch.tensor(counts, device=device)[:, None] * CLIP_MAX_LENGTH
+        return (positions[None, :] < lengths).long().repeat_interleave(num_images_per_prompt, dim=0)
+
+    def _prompt_texts(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        do_classifier_free_guidance: bool,
+    ) -> tuple[list[str] | None, list[str] | None]:
+        """The prompts and negative prompts still to encode, as lists (textual-inversion tokens expanded)."""
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        negatives: list[str] | None = None
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+            negatives = self.maybe_convert_prompt(negatives, self.tokenizer)
+        if prompts is not None and prompt_embeds is None:
+            prompts = self.maybe_convert_prompt(prompts, self.tokenizer)
+        return prompts, negatives
+
+    def _chunk_counts(
+        self, prompts: list[str], negatives: list[str] | None, weighting: bool, truncate: bool = False
+    ) -> list[int]:
+        """Per prompt, the chunks it and its negative need (at least 1; exactly 1 with ``truncate``)."""
+        negatives = negatives or [""] * len(prompts)
+        count = partial(prompt_chunk_count, self.tokenizer, weighting=weighting, truncate=truncate)
+        return [max(count(p), count(n)) for p, n in zip(prompts, negatives, strict=True)]
+
     def _text_dtype(self) -> torch.dtype:
         if self.text_encoder is not None:
             return self.text_encoder.dtype
         return self.unet.dtype
+
+    # IP-Adapter image embeddings exactly as stock computes them (from self.image_encoder / feature_extractor).
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
 
     # --------------------------------------------------------------------------------------------------- 3. latents
 
@@ -404,6 +727,19 @@ class LatentDiffusionPipeline(
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
+    # ----------------------------------------------------------------------------------------------------- 4. loop
+
+    get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+
+    def guidance_embedding(self, num_images: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """An LCM U-Net's guidance condition (``unet.config.time_cond_proj_dim`` set): the embedding of g - 1 that
+        stock passes as ``timestep_cond``; None for other U-Nets."""
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        scale = torch.tensor(self.guidance_scale - 1).repeat(num_images)
+        return self.get_guidance_scale_embedding(scale, embedding_dim=dim).to(device=device, dtype=dtype)
+
     def _scheduler_step_kwargs(
         self, generator: torch.Generator | list[torch.Generator] | None, eta: float
     ) -> dict[str, Any]:
@@ -415,6 +751,286 @@ class LatentDiffusionPipeline(
         if "generator" in accepted:
             kwargs["generator"] = generator
         return kwargs
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        num_inference_steps: int,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        *,
+        guidance_scale: float,
+        guidance_rescale: float,
+        step_kwargs: dict[str, Any],
+        guidance_interval: tuple[float, float] = FULL_INTERVAL,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        step_hook: StepHook | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        callback: Callable | None = None,
+        callback_steps: int | None = None,
+    ) -> torch.Tensor:
+        """The sampling loop: at each timestep the U-Net's guided prediction, then the scheduler's step x_t -> x_{t-1}.
+
+        With guidance the unconditional and conditional passes go through the U-Net as one batch ``[neg; pos]``, at
+        the timesteps t with ``lo <= t / T <= hi`` for ``guidance_interval`` (lo, hi) (Kynkaanniemi et al. 2024);
+        at the others the conditional pass alone. ``negative_prompt_embeds`` None means no guidance (a single
+        conditional pass). ``self.guidance_scale`` is read at every step, so ``callback_on_step_end`` may change it
+        (to 1 or below it drops guidance for the remaining steps); ``self.interrupt`` skips the remaining steps.
+
+        The callback sees stock's tensors: ``prompt_embeds`` is ``[neg; pos]`` at guided steps; returned tensors
+        replace ours (a ``prompt_embeds`` of the doubled batch is split back into the two halves).
+
+        ``step_hook`` (a :class:`StepHook`) adds what image editing needs: channels concatenated to the U-Net input,
+        a replacement of the latents after each step, and RePaint resampling of each step.
+        ``timestep_cond`` (LCM's guidance embedding) and ``added_cond_kwargs`` (IP-Adapter image embeddings) go to
+        the U-Net as in stock. ``prompt_attention_mask`` / ``negative_attention_mask`` ``(B, L)`` mask padded
+        positions of the embeddings (a batch of prompts with different chunk counts); None attends to all.
+        """
+        hook = step_hook or StepHook()
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        lo, hi = (bound * num_train_timesteps for bound in guidance_interval)
+
+        def guided_at(t: torch.Tensor) -> bool:
+            return negative_prompt_embeds is not None and self.do_classifier_free_guidance and lo <= float(t) <= hi
+
+        def step(i: int, t: torch.Tensor, latents: torch.Tensor, guided: bool) -> torch.Tensor:
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = hook.unet_input(self.scheduler.scale_model_input(model_input, t), guided)
+            embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+            mask = prompt_attention_mask
+            if guided and prompt_attention_mask is not None:
+                mask = torch.cat([negative_attention_mask, prompt_attention_mask])
+            cond_kwargs = added_cond_kwargs
+            if added_cond_kwargs is not None and not guided and ip_guided:
+                # IP-Adapter embeddings are [neg; pos] when the call guides; an unguided step takes the positive half.
+                cond_kwargs = {"image_embeds": [e.chunk(2)[1] for e in added_cond_kwargs["image_embeds"]]}
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=embeds,
+                timestep_cond=timestep_cond,
+                cross_attention_kwargs=cross_attention_kwargs,
+                added_cond_kwargs=cond_kwargs,
+                encoder_attention_mask=mask,
+                return_dict=False,
+            )[0]
+            if guided:
+                noise_pred = guide(noise_pred, self._guidance_scale, self._guidance_rescale)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            return hook.after_step(i, latents)
+
+        ip_guided = negative_prompt_embeds is not None and self.do_classifier_free_guidance
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                guided = guided_at(t)
+                latents = step(i, t, latents, guided)
+                for _ in range(hook.resamples):
+                    latents = step(i, t, hook.renoise(i, latents), guided)
+
+                if callback_on_step_end is not None:
+                    latents, prompt_embeds, negative_prompt_embeds = self._step_end_callback(
+                        callback_on_step_end,
+                        tensor_inputs,
+                        i,
+                        t,
+                        guided,
+                        latents,
+                        prompt_embeds,
+                        negative_prompt_embeds,
+                        hook,
+                    )
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+                    if callback is not None and i % (callback_steps or 1) == 0:
+                        callback(i // getattr(self.scheduler, "order", 1), t, latents)
+        return latents
+
+    def start_call(
+        self,
+        prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        *,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        num_images_per_prompt: int,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        guidance_rescale: float,
+        guidance_interval: tuple[float, float] | None,
+        eta: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        cross_attention_kwargs: dict[str, Any] | None,
+        clip_skip: int | None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+        ip_adapter_image: PipelineImageInput | None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None,
+        prompt_weighting: bool,
+        long_prompts: bool,
+        deprecated: dict[str, Any],
+    ) -> CallSetup:
+        """Steps 1 and 2 of every call of this pipeline and its img2img / inpaint subclasses: fill in the model's
+        defaults, check the arguments (``deprecated`` is the call's ``**kwargs``: stock's ``callback`` and
+        ``callback_steps``), set the call state the properties read, and encode the prompts."""
+        callback, callback_steps = self._deprecated_callback(deprecated)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        num_inference_steps, guidance_scale, guidance_interval = self.sampling_settings(
+            num_inference_steps, guidance_scale, guidance_interval
+        )
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            guidance_rescale,
+            num_images_per_prompt,
+            eta,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            generator,
+            latents,
+            output_type,
+            tensor_inputs,
+        )
+        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
+        self._start_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
+        device = self._execution_device
+        conditioning = self.encode_conditioning(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_images_per_prompt,
+            device,
+            prompt_weighting,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            long_prompts,
+        )
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        return CallSetup(
+            conditioning,
+            num_inference_steps,
+            guidance_interval,
+            batch_size,
+            batch_size * num_images_per_prompt,
+            device,
+            generator,
+            eta,
+            callback_on_step_end,
+            tensor_inputs,
+            callback,
+            callback_steps,
+        )
+
+    def run_denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        num_inference_steps: int,
+        setup: CallSetup,
+        step_hook: StepHook | None = None,
+    ) -> torch.Tensor:
+        """:meth:`denoise` with this call's state, conditioning and (for an LCM U-Net) guidance embedding."""
+        conditioning = setup.conditioning
+        return self.denoise(
+            latents,
+            timesteps,
+            num_inference_steps,
+            conditioning.prompt_embeds,
+            conditioning.negative_prompt_embeds,
+            guidance_scale=self.guidance_scale,
+            guidance_rescale=self.guidance_rescale,
+            guidance_interval=setup.guidance_interval,
+            step_kwargs=self._scheduler_step_kwargs(setup.generator, setup.eta),
+            cross_attention_kwargs=self.cross_attention_kwargs,
+            callback_on_step_end=setup.callback_on_step_end,
+            callback_on_step_end_tensor_inputs=setup.callback_on_step_end_tensor_inputs,
+            step_hook=step_hook,
+            timestep_cond=self.guidance_embedding(latents.shape[0], latents.device, latents.dtype),
+            added_cond_kwargs=conditioning.added_cond_kwargs,
+            prompt_attention_mask=conditioning.attention_mask,
+            negative_attention_mask=conditioning.attention_mask,
+            callback=setup.callback,
+            callback_steps=setup.callback_steps,
+        )
+
+    def finish_call(
+        self,
+        latents: torch.Tensor,
+        setup: CallSetup,
+        output_type: str,
+        return_dict: bool,
+        images: Any = None,
+    ) -> LatentDiffusionPipelineOutput | tuple:
+        """Step 5 of every call: ``images`` (when not given, ``latents`` decoded with the call's generator) in
+        ``output_type``, or the latents themselves for ``"latent"``; the offload hooks freed; stock's output."""
+        if output_type == "latent":
+            images = latents
+        elif images is None:
+            images = self.decode_latents(latents, setup.generator)
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return LatentDiffusionPipelineOutput(images=images)
+
+    def _step_end_callback(
+        self,
+        callback_on_step_end: Callable,
+        tensor_inputs: list[str],
+        i: int,
+        t: torch.Tensor,
+        guided: bool,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        hook: StepHook,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Call ``callback_on_step_end(pipe, i, t, tensors)`` with the tensors it names, as stock passes them
+        (``prompt_embeds`` is ``[negative; positive]`` at a guided step), and take back the ones it returns; a
+        returned ``prompt_embeds`` of the doubled batch is split back into the two halves."""
+        both = None
+        tensors = {"latents": latents, "negative_prompt_embeds": negative_prompt_embeds}
+        if "prompt_embeds" in tensor_inputs:
+            both = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+            tensors["prompt_embeds"] = both
+        tensors.update(hook.callback_tensors(guided))
+        outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in tensor_inputs})
+        latents = outputs.pop("latents", latents)
+        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+        returned = outputs.pop("prompt_embeds", both)
+        hook.set_callback_tensors(outputs, guided)
+        if returned is not both:
+            if guided and returned.shape[0] == 2 * prompt_embeds.shape[0]:
+                negative_prompt_embeds, prompt_embeds = returned.chunk(2)
+            else:
+                prompt_embeds = returned
+        return latents, prompt_embeds, negative_prompt_embeds
 
     # ---------------------------------------------------------------------------------------------------- 5. decode
 
@@ -437,85 +1053,6 @@ class LatentDiffusionPipeline(
             self.vae.to(dtype)
         return image
 
-    # ----------------------------------------------------------------------------------------------------- 4. loop
-
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        num_inference_steps: int,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None,
-        *,
-        guidance_scale: float,
-        guidance_rescale: float,
-        step_kwargs: dict[str, Any],
-        guidance_interval: tuple[float, float] = FULL_INTERVAL,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        extra_channels: torch.Tensor | None = None,
-        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-        resamples: int = 0,
-        renoise: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The sampling loop: at each timestep the U-Net's guided prediction, then the scheduler's step x_t -> x_{t-1}.
-
-        With guidance the unconditional and conditional passes go through the U-Net as one batch ``[neg; pos]``, at
-        the timesteps t with ``lo <= t / T <= hi`` for ``guidance_interval`` (lo, hi) (Kynkaanniemi et al. 2024);
-        at the others the conditional pass alone. ``extra_channels`` (one copy per image) are concatenated to the
-        U-Net input (an inpainting U-Net's mask and masked image);
-        ``after_step(i, latents)`` may replace the latents after each step (inpainting puts the known region back).
-        ``resamples`` > 0 redoes every step ``i`` that many more times, each time from ``renoise(i, latents)``: the
-        step's result noised back to its timestep (RePaint's resampling; it needs a scheduler whose ``step`` keeps no
-        state between calls). ``negative_prompt_embeds`` None means no guidance (a single conditional pass).
-        """
-        do_cfg = negative_prompt_embeds is not None
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
-        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
-        lo, hi = (bound * num_train_timesteps for bound in guidance_interval)
-
-        def step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-            guided = do_cfg and lo <= float(t) <= hi
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            if extra_channels is not None:
-                channels = torch.cat([extra_channels] * 2) if guided else extra_channels
-                model_input = torch.cat([model_input, channels], dim=1)
-            noise_pred = self.unet(
-                model_input,
-                t,
-                encoder_hidden_states=embeds if guided else prompt_embeds,
-                cross_attention_kwargs=cross_attention_kwargs,
-                return_dict=False,
-            )[0]
-            if guided:
-                noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            return after_step(i, latents) if after_step is not None else latents
-
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                latents = step(i, t, latents)
-                for _ in range(resamples):
-                    latents = step(i, t, renoise(i, latents))
-
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    tensors["negative_prompt_embeds"] = negative_prompt_embeds
-                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs})
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-        return latents
-
     # ------------------------------------------------------------------------------------------------------ __call__
 
     @torch.no_grad()
@@ -535,19 +1072,25 @@ class LatentDiffusionPipeline(
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
-        guidance_interval: tuple[float, float] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        prompt_weighting: bool = False,
+        long_prompts: bool = True,
+        **kwargs: Any,
     ) -> LatentDiffusionPipelineOutput | tuple:
         """Generate images from text.
 
         Args:
-            prompt: the text(s) to draw. Longer than 77 tokens is fine; ``(word:1.3)`` weights a part.
+            prompt: the text(s) to draw. Longer than 77 tokens is fine (each prompt of a batch gets the image it
+                gets alone). With ``prompt_weighting``, ``(word:1.3)`` weights a part.
             height, width: image size in pixels, multiples of the VAE factor (default: the model's native size).
             num_inference_steps: denoising steps (the scheduler picks which of the training timesteps to visit);
                 default: the model's ``generation_defaults`` (50 for a Stable Diffusion folder).
@@ -560,67 +1103,65 @@ class LatentDiffusionPipeline(
             generator: a ``torch.Generator`` (or one per image) for reproducible results.
             latents: initial noise of shape ``(B, C, H/f, W/f)``, instead of drawing it.
             prompt_embeds, negative_prompt_embeds: precomputed text embeddings instead of prompts.
+            ip_adapter_image, ip_adapter_image_embeds: an image prompt for the IP-Adapter(s) loaded with
+                ``load_ip_adapter`` (one image per adapter), or its precomputed embeddings, as in stock.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`LatentDiffusionPipelineOutput` instead of a tuple.
             cross_attention_kwargs: passed to the attention processors (``{"scale": s}`` scales LoRA layers).
             guidance_rescale: phi of Lin et al. 2024 in [0, 1]; counters over-exposure at high guidance.
+            clip_skip: use the hidden states this many layers before the text encoder's last.
+            callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` called after each step; the tensors
+                named in ``callback_on_step_end_tensor_inputs`` (default ``["latents"]``) are passed and may be
+                replaced; it may change ``pipe._guidance_scale`` or set ``pipe._interrupt``.
             guidance_interval: ``(lo, hi)``: guide only at the timesteps t with ``lo <= t / T <= hi`` (Kynkaanniemi
                 et al. 2024), the others take the conditional pass alone (faster); default: the model's
                 ``generation_defaults`` ((0, 1), every step, for a Stable Diffusion folder).
-            clip_skip: use the hidden states this many layers before the text encoder's last.
-            callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` called after each step; the tensors
-                named in ``callback_on_step_end_tensor_inputs`` are passed and may be replaced.
+            prompt_weighting: read AUTOMATIC1111's emphasis syntax (``(word)`` x1.1, ``[word]`` /1.1,
+                ``(word:1.3)``) in prompts and negative prompts; off (default) they are literal text, as in stock.
+            long_prompts: encode prompts longer than 75 tokens in 75-token chunks (default); off, they are cut to
+                their first 75 tokens with a warning, as in stock.
+            callback, callback_steps: deprecated (as in stock): ``callback(step, t, latents)`` every
+                ``callback_steps`` steps.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         height = height or self.default_size
         width = width or self.default_size
-        num_inference_steps, guidance_scale, guidance_interval = self.sampling_settings(
-            num_inference_steps, guidance_scale, guidance_interval
+        # 1.-2. Check the inputs; encode the prompt (and the negative prompt when guiding) and the IP-Adapter image.
+        setup = self.start_call(
+            prompt,
+            height,
+            width,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            guidance_interval=guidance_interval,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            prompt_weighting=prompt_weighting,
+            long_prompts=long_prompts,
+            deprecated=kwargs,
         )
-
-        # 1. Check inputs.
-        self.check_inputs(
-            prompt, height, width, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt,
-            eta, negative_prompt, prompt_embeds, negative_prompt_embeds, generator, latents, output_type,
-            callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
-        device = self._execution_device
-        do_cfg = uses_classifier_free_guidance(guidance_scale)
-        num_images = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
-
-        # 2. Encode the prompt; with guidance, [negative; positive] go through the U-Net as one batch.
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            lora_scale=lora_scale, clip_skip=clip_skip,
-        )  # fmt: skip
 
         # 3. Sampling timesteps and the initial noise x_T.
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
+            self.scheduler, setup.num_inference_steps, setup.device, timesteps, sigmas
         )
-        latents = self.prepare_latents(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
-        step_kwargs = self._scheduler_step_kwargs(generator, eta)
+        dtype = setup.conditioning.prompt_embeds.dtype
+        latents = self.prepare_latents(setup.num_images, height, width, dtype, setup.device, generator, latents)
 
         # 4. The denoising loop: x_t -> x_{t-1} with the guided prediction.
-        latents = self.denoise(
-            latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds if do_cfg else None,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, step_kwargs=step_kwargs,
-            guidance_interval=guidance_interval,
-            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
+        latents = self.run_denoise(latents, timesteps, num_inference_steps, setup)
 
         # 5. Decode the latents and convert to the requested output type.
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.decode_latents(latents, generator)
-            image = self.image_processor.postprocess(image, output_type=output_type)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return LatentDiffusionPipelineOutput(images=image)
+        return self.finish_call(latents, setup, output_type, return_dict)

@@ -29,8 +29,11 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCar
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from pipelines.cli import OneLineParser, int_at_least, loading_bars_hidden
+from ldm.errors import OneLineParser, UserError, run_reporting
+from pipelines.cli import int_at_least
+from pipelines.families import require_supported_model
 from pipelines.grid import sample_grid
+from pipelines.loading import loading_bars_hidden
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ SPACE_PACKAGES = ("ldm", "pipelines")
 SPACE_MODEL_FOLDER = "model"
 
 
-class PublishError(Exception):
+class PublishError(UserError):
     """A publishing step failed; the message says what and what to do."""
 
 
@@ -92,11 +95,13 @@ def load_for_publishing(model_dir: Path, allow_pickle: bool) -> LatentDiffusionP
 
     Raises:
         PublishError: no such pipeline folder, pickle-only weights without ``allow_pickle``, or a failed load.
+        UserError: a model of a family this version does not run.
     """
     if not model_dir.exists():
         raise PublishError(f"--model {model_dir}: no such folder; pass a diffusers pipeline folder")
     if not model_dir.is_dir() or not (model_dir / "model_index.json").is_file():
         raise PublishError(f"--model {model_dir} is not a diffusers pipeline folder (no model_index.json)")
+    require_supported_model(str(model_dir))
     pickled = pickle_only_components(model_dir)
     if pickled and not allow_pickle:
         raise PublishError(
@@ -105,8 +110,8 @@ def load_for_publishing(model_dir: Path, allow_pickle: bool) -> LatentDiffusionP
         )
     try:
         return LatentDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=None if pickled else True)
-    except (OSError, ValueError) as err:
-        raise PublishError(f"could not load --model {model_dir}: {err}") from err
+    except OSError as err:
+        raise PublishError(f"could not load --model {model_dir}: {err}; pass a complete pipeline folder") from err
 
 
 def read_card(model_dir: Path, repo_id: str) -> tuple[ModelCardData, str]:
@@ -118,8 +123,15 @@ def read_card(model_dir: Path, repo_id: str) -> tuple[ModelCardData, str]:
     """
     existing = model_dir / "README.md"
     if not existing.is_file():
-        use = ["## Use", "", "```python", "from pipelines import LatentDiffusionPipeline", "",
-               f'pipe = LatentDiffusionPipeline.from_pretrained("{repo_id}")', "```"]  # fmt: skip
+        use = [
+            "## Use",
+            "",
+            "```python",
+            "from pipelines import LatentDiffusionPipeline",
+            "",
+            f'pipe = LatentDiffusionPipeline.from_pretrained("{repo_id}")',
+            "```",
+        ]
         return ModelCardData(), "\n".join([f"# {repo_id.split('/')[-1]}", "", *use, ""])
     try:
         card = ModelCard(existing.read_text(encoding="utf-8"))
@@ -162,8 +174,13 @@ def stage(config: PublishConfig, staging: Path) -> Path:
         shutil.copyfile(model_dir / "samples.png", staging / "samples.png")
         files.append("samples.png")
     elif config.samples:
-        grid = sample_grid(pipe, list(SAMPLE_PROMPTS), seed=SAMPLE_SEED, num_inference_steps=config.sample_steps,
-                           guidance_scale=SAMPLE_GUIDANCE_SCALE)  # fmt: skip
+        grid = sample_grid(
+            pipe,
+            list(SAMPLE_PROMPTS),
+            seed=SAMPLE_SEED,
+            num_inference_steps=config.sample_steps,
+            guidance_scale=SAMPLE_GUIDANCE_SCALE,
+        )
         grid.save(staging / "samples.png")
         files.append("samples.png")
     for figure in FIGURES:
@@ -192,8 +209,14 @@ def space_card(config: PublishConfig) -> SpaceCard:
     except importlib.metadata.PackageNotFoundError:
         raise PublishError("--space needs gradio installed (pip install -r requirements.txt)") from None
     name = config.repo_id.split("/")[-1]
-    data = SpaceCardData(title=name, sdk="gradio", sdk_version=gradio_version, app_file="app.py",
-                         license=config.license or "other", tags=list(REQUIRED_TAGS))  # fmt: skip
+    data = SpaceCardData(
+        title=name,
+        sdk="gradio",
+        sdk_version=gradio_version,
+        app_file="app.py",
+        license=config.license or "other",
+        tags=list(REQUIRED_TAGS),
+    )
     body = (
         f"# {name}\n\nA text-to-image demo: the model in `{SPACE_MODEL_FOLDER}/` served by `app.py` (text to image, "
         "img2img, inpainting, outpainting). To run it elsewhere: `pip install -r requirements.txt gradio` and "
@@ -236,8 +259,9 @@ def upload(staging: Path, config: PublishConfig) -> str:
     sdk = {"space_sdk": "gradio"} if config.space else {}
     try:
         api.create_repo(config.repo_id, private=config.private, exist_ok=True, token=None, **kind, **sdk)
-        info = api.upload_folder(repo_id=config.repo_id, folder_path=staging, commit_message=config.commit_message,
-                                 token=None, **kind)  # fmt: skip
+        info = api.upload_folder(
+            repo_id=config.repo_id, folder_path=staging, commit_message=config.commit_message, token=None, **kind
+        )
     except (OSError, ValueError) as err:  # HfHubHTTPError and connection errors are OSErrors
         raise PublishError(f"could not upload to {config.repo_id}: {type(err).__name__}: {err}") from err
     return str(getattr(info, "commit_url", info))
@@ -283,9 +307,12 @@ def build_parser() -> OneLineParser:
         help="publish a Gradio Space (the web demo with the model) instead of the model",
     )
     parser.add_argument(
-        "--sample-steps", type=int_at_least(1), default=PublishConfig.sample_steps, metavar="N",
+        "--sample-steps",
+        type=int_at_least(1),
+        default=PublishConfig.sample_steps,
+        metavar="N",
         help=f"sampling steps of a drawn sample grid (default {PublishConfig.sample_steps})",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -294,17 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_or_status(argv)
     if isinstance(args, int):
         return args
-    config = PublishConfig(model=args.model, repo_id=args.repo_id, private=args.private, license=args.license,
-                           commit_message=args.commit_message, allow_pickle=args.allow_pickle,
-                           samples=not args.no_samples, sample_steps=args.sample_steps, space=args.space)  # fmt: skip
-    try:
-        result = publish(config, dry_run=args.dry_run)
-    except PublishError as err:
-        logger.debug("publishing failed", exc_info=True)
-        sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
-        return 2
-    print(result, flush=True)
-    return 0
+    config = PublishConfig(
+        model=args.model,
+        repo_id=args.repo_id,
+        private=args.private,
+        license=args.license,
+        commit_message=args.commit_message,
+        allow_pickle=args.allow_pickle,
+        samples=not args.no_samples,
+        sample_steps=args.sample_steps,
+        space=args.space,
+    )
+    return run_reporting(lambda: print(publish(config, dry_run=args.dry_run), flush=True), "publishing")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import safetensors.torch
 import torch
 from transformers import CLIPTextModel
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
@@ -87,9 +89,9 @@ def unet_module_map(config: Mapping[str, Any]) -> ModuleMap:
     """
     layers, down, up = config["layers_per_block"], config["down_block_types"], config["up_block_types"]
     if not isinstance(layers, int):
-        raise ValueError(f"single-file export needs one layers_per_block for every level; this U-Net has {layers}")
+        raise UserError(f"single-file export needs one layers_per_block for every level; this U-Net has {layers}")
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        raise ValueError(
+        raise UserError(
             f"single-file export needs a UNetMidBlock2DCrossAttn mid block; got {config['mid_block_type']}"
         )
     table = dict(UNET_TOP_LEVEL)
@@ -154,7 +156,7 @@ def _renamed(state_dict: Mapping[str, torch.Tensor], table: ModuleMap, prefix: s
             have no original name (naming the first few), so the file would be incomplete.
     """
     if any(".base_layer." in key or ".lora_" in key for key in state_dict):
-        raise ValueError(
+        raise UserError(
             f"the {what} has LoRA layers loaded; fuse them first (pipe.fuse_lora(); pipe.unload_lora_weights()), or "
             "export the LoRA alone with pipelines.kohya_lora.export_kohya_lora"
         )
@@ -166,7 +168,7 @@ def _renamed(state_dict: Mapping[str, torch.Tensor], table: ModuleMap, prefix: s
         else:
             renamed[prefix + original] = tensor
     if unmapped:
-        raise ValueError(
+        raise UserError(
             f"{len(unmapped)} {what} weights have no place in the original Stable Diffusion layout (e.g. "
             f"{unmapped[:3]}); single-file export supports SD 1.x/2.x-shaped models"
         )
@@ -200,7 +202,7 @@ def text_encoder_to_original(text_encoder: torch.nn.Module) -> dict[str, torch.T
         ValueError: another text encoder (an open_clip tower is SD 2's layout, not this one).
     """
     if not isinstance(text_encoder, CLIPTextModel):
-        raise ValueError(
+        raise UserError(
             f"single-file export writes SD 1.x's CLIPTextModel layout; this pipeline's text encoder is a "
             f"{type(text_encoder).__name__}"
         )
@@ -252,11 +254,12 @@ def export_single_file(pipe: Any, path: str | Path, *, dtype: torch.dtype | None
     architecture as ``config`` (``LatentDiffusionPipeline.from_single_file(path, config=FOLDER)``).
 
     Raises:
-        ValueError: ``path`` does not end in ``.safetensors``, or the pipeline has no such layout.
+        UserError: ``path`` does not end in ``.safetensors``.
+        ValueError: the pipeline has no such layout.
     """
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
-        raise ValueError(f"the single file must be a {SAFETENSORS_SUFFIX} file; got {path}")
+        raise UserError(f"the single file must be a {SAFETENSORS_SUFFIX} file; got {path}")
     state = {key: stored(tensor, dtype) for key, tensor in pipeline_to_original(pipe).items()}
     return save_safetensors_atomically(state, path, metadata={"format": "pt"})
 
@@ -266,11 +269,11 @@ def check_checkpoint_format(path: str | Path, allow_pickle: bool) -> None:
     ``.pth`` files are pickles, and unpickling can run code.
 
     Raises:
-        ValueError: a pickle file without ``allow_pickle``.
+        UserError: a pickle file without ``allow_pickle``.
     """
     if allow_pickle or str(path).lower().endswith(SAFETENSORS_SUFFIX):
         return
-    raise ValueError(
+    raise UserError(
         f"{path} is not a {SAFETENSORS_SUFFIX} file: pickle checkpoints (.ckpt, .bin, .pt, .pth) can run code when "
         "loaded; convert it to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust the file"
     )

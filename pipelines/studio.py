@@ -1,43 +1,40 @@
 """The generation behind the web app (:mod:`pipelines.app`): one loaded model, text-to-image and the editing modes
-(img2img, inpainting, outpainting), and the PNGs they write, as plain functions that need neither Gradio nor a
-browser.
+(img2img, inpainting, outpainting), as plain functions that need neither Gradio nor a browser.
 
-Every image is saved as ``txt2img`` saves it (:func:`pipelines.cli.save_png`: numbered on in the output folder, the
-settings and seed as PNG text metadata), and the page shows those files, so a downloaded image still says how it was
-made. Image ``i`` of a request has seed ``seed + i`` (the ``txt2img`` convention), so text-to-image gives the same
-images as ``python -m pipelines.txt2img`` with the same settings. A setting that cannot work raises ``ValueError``
-with a message that says what to change; the page shows it.
+Each mode builds a :class:`~pipelines.generate.GenerationRequest` and runs it through
+:func:`pipelines.generate.generate`, the path ``txt2img``, ``img2img`` and ``inpaint`` take, so an image made here is
+the one the command makes with the same settings, with the same PNG metadata. A setting that cannot work raises
+:class:`~ldm.errors.UserError` with a message that says what to change; the page shows it.
 """
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import PIL.Image
 import torch
 
-from pipelines.cli import (
-    MAX_SEED,
-    format_interval,
-    generators_for,
-    image_seeds,
-    load_pipeline,
-    next_index,
-    resolve_dtype,
-    save_png,
+from ldm.errors import UserError
+from pipelines.generate import (
+    Generation,
+    GenerationRequest,
+    ImageToImage,
+    Inpaint,
+    Mode,
+    Outpaint,
+    TextToImage,
+    generate,
 )
+from pipelines.loading import Embedding, LoadedModel, LoraWeights, ModelSettings, load_model
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
-from pipelines.pipeline_latent_diffusion_edit import LatentDiffusionEditPipeline, outpaint_canvas
-from pipelines.schedulers import SCHEDULERS, make_scheduler, scheduler_name
+from pipelines.schedulers import SAMPLERS
+
+__all__ = ["MAX_IMAGES", "MODEL_SCHEDULER", "Generation", "Settings", "Studio", "fit_image"]
 
 MODEL_SCHEDULER = "model's"
 """The scheduler choice that keeps the one saved with the model."""
 MAX_IMAGES = 4
-RANDOM_SEEDS = 2**32
-"""A random seed is drawn below this (as ``txt2img`` draws one): short enough to read off the page and retype."""
 
 
 @dataclass(frozen=True)
@@ -52,30 +49,31 @@ class Settings:
     seed: int | None = None
     num_images: int = 1
     scheduler: str = MODEL_SCHEDULER
+    prompt_weighting: bool = True
 
     def check(self) -> None:
-        """Raises ``ValueError`` naming the setting to change."""
-        if not self.prompt.strip():
-            raise ValueError("the prompt is empty; type what the image should show")
+        """Raises :class:`UserError` naming the setting to change (the app's limits; the rest is the request's)."""
         if not 1 <= self.num_images <= MAX_IMAGES:
-            raise ValueError(f"number of images must be 1 to {MAX_IMAGES}; got {self.num_images}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be at least 1; got {self.steps}")
-        if self.guidance_scale is not None and not self.guidance_scale >= 0:
-            raise ValueError(f"guidance scale must be >= 0 (<= 1 turns guidance off); got {self.guidance_scale}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
-            raise ValueError(f"the seed must be a whole number from 0 to 2**63 - 1, or random; got {self.seed}")
-        if self.scheduler not in (MODEL_SCHEDULER, *SCHEDULERS):
-            raise ValueError(
-                f"unknown scheduler {self.scheduler!r}; choose one of {MODEL_SCHEDULER}, {', '.join(SCHEDULERS)}"
+            raise UserError(f"number of images must be 1 to {MAX_IMAGES}; got {self.num_images}")
+        if self.scheduler not in (MODEL_SCHEDULER, *SAMPLERS):
+            raise UserError(
+                f"unknown scheduler {self.scheduler!r}; choose one of {MODEL_SCHEDULER}, {', '.join(SAMPLERS)}"
             )
 
-
-class Generation(NamedTuple):
-    """The PNGs one request wrote (image ``i`` has seed ``seed + i``) and that first seed."""
-
-    paths: list[Path]
-    seed: int
+    def request(self, mode: Mode) -> GenerationRequest:
+        """The generation request of these settings in ``mode``."""
+        self.check()
+        return GenerationRequest(
+            prompts=(self.prompt,),
+            mode=mode,
+            negative_prompt=self.negative_prompt or None,
+            num_images=self.num_images,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            scheduler=None if self.scheduler == MODEL_SCHEDULER else self.scheduler,
+            seed=self.seed,
+            prompt_weighting=self.prompt_weighting,
+        )
 
 
 def fit_image(image: PIL.Image.Image, max_side: int, multiple: int) -> PIL.Image.Image:
@@ -88,30 +86,42 @@ def fit_image(image: PIL.Image.Image, max_side: int, multiple: int) -> PIL.Image
 
 
 class Studio:
-    """A loaded model, the folder its images go to, and a method per mode.
+    """A loaded model, the folder its images go to, and a method per mode. Calls are meant to come one at a time
+    (the app queues them): a request's scheduler choice is set on the model."""
 
-    Text-to-image runs on ``pipe``; the editing modes on a :class:`LatentDiffusionEditPipeline` sharing its weights.
-    Calls are meant to come one at a time (the app queues them): a request's scheduler choice is set on the model.
-    """
-
-    def __init__(self, pipe: LatentDiffusionPipeline, model: str, out: Path):
-        self.pipe = pipe
-        self.edit_pipe = LatentDiffusionEditPipeline.sharing(pipe)
-        self.model_scheduler = pipe.scheduler
+    def __init__(self, model: LoadedModel, out: Path):
         self.model = model
         self.out = out
 
     @classmethod
-    def load(cls, model: str, out: Path, device: torch.device) -> Studio:
-        """Load ``model`` (a pipeline folder or Hub id) onto ``device`` (float16 on cuda and mps, float32 elsewhere).
+    def load(
+        cls,
+        model: str,
+        out: Path,
+        device: torch.device,
+        loras: tuple[LoraWeights, ...] = (),
+        embeddings: tuple[Embedding, ...] = (),
+    ) -> Studio:
+        """Load ``model`` (a pipeline folder or Hub id) onto ``device`` (float16 on cuda and mps, float32 elsewhere)
+        with ``loras`` and ``embeddings`` applied.
 
         Raises:
-            ValueError: the model does not load, or ``out`` is a file.
+            UserError: the model does not load, or ``out`` is a file.
         """
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; pass a folder (it is created if missing)")
-        pipe = load_pipeline(model, resolve_dtype("auto", device))
-        return cls(pipe.to(device), model, out)
+            raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
+        settings = ModelSettings(model, device=str(device), loras=loras, embeddings=embeddings)
+        return cls(load_model(settings), out)
+
+    @property
+    def pipe(self) -> LatentDiffusionPipeline:
+        """The text-to-image pipeline."""
+        return self.model.pipe
+
+    @property
+    def model_name(self) -> str:
+        """The ``--model`` the studio was loaded from."""
+        return self.model.settings.model
 
     @property
     def default_size(self) -> int:
@@ -129,22 +139,19 @@ class Studio:
         return self.pipe.vae_scale_factor
 
     def text_to_image(self, settings: Settings, width: int, height: int) -> Generation:
-        """Draw ``settings.num_images`` images of ``width`` x ``height`` pixels; the PNGs carry ``txt2img``'s
-        metadata."""
+        """Draw ``settings.num_images`` images of ``width`` x ``height`` pixels."""
         for name, side in (("width", width), ("height", height)):
             if not (side % self.size_step == 0 and self.size_step <= side <= self.max_size):
-                raise ValueError(
+                raise UserError(
                     f"{name} must be a multiple of {self.size_step} from {self.size_step} to {self.max_size}; "
                     f"got {side}"
                 )
-        metadata = {"guidance_rescale": "0.0", "height": str(height), "width": str(width)}
-        return self._generate(self.pipe, settings, {"height": height, "width": width}, metadata)
+        return self._generate(settings, TextToImage(height=height, width=width))
 
     def image_to_image(self, settings: Settings, image: PIL.Image.Image | None, strength: float) -> Generation:
         """Redraw ``image`` with the prompt (SDEdit); ``strength`` in (0, 1] is how much of it is redone."""
         image = self._fit(image, "upload the image to redraw")
-        metadata = {"mode": "img2img", "strength": str(float(strength))}
-        return self._edit(settings, image, {"image": image, "strength": strength}, metadata)
+        return self._generate(settings, ImageToImage(image, strength=float(strength)))
 
     def inpaint(
         self,
@@ -154,16 +161,16 @@ class Studio:
         strength: float = 1.0,
         mask_blur: float = 0.0,
         resamples: int = 0,
+        keep_unmasked_pixels: bool = True,
     ) -> Generation:
         """Regenerate the white area of ``mask`` (any size: it is scaled to the image) and keep the rest;
         ``resamples`` > 0 redoes each step that many more times so the new area agrees with the kept one."""
         image = self._fit(image, "upload an image and paint the area to regenerate")
         if mask is None:
-            raise ValueError("paint the area to regenerate on the image")
+            raise UserError("paint the area to regenerate on the image")
         mask = mask.convert("L").resize(image.size, PIL.Image.Resampling.NEAREST)
-        inputs = {"image": image, "mask_image": mask, "strength": strength}
-        metadata = {"mode": "inpaint", "strength": str(float(strength))}
-        return self._edit(settings, image, {**inputs, **self._blend(mask_blur, resamples)}, metadata)
+        mode = Inpaint(image, mask, float(strength), float(mask_blur), int(resamples), keep_unmasked_pixels)
+        return self._generate(settings, mode)
 
     def outpaint(
         self,
@@ -172,74 +179,17 @@ class Studio:
         sides: dict[str, int],
         mask_blur: float = 0.0,
         resamples: int = 0,
+        keep_unmasked_pixels: bool = True,
     ) -> Generation:
         """Extend ``image`` by ``sides`` pixels (``left``, ``right``, ``top``, ``bottom``) and fill the new area."""
         image = self._fit(image, "upload the image to extend")
-        canvas, mask = outpaint_canvas(image, **sides, multiple=self.size_step)
-        inputs = {"image": canvas, "mask_image": mask, "strength": 1.0, **self._blend(mask_blur, resamples)}
-        spec = ",".join(f"{side}={px}" for side, px in sides.items() if px)
-        return self._edit(settings, canvas, inputs, {"mode": "outpaint", "outpaint": spec})
-
-    # ------------------------------------------------------------------------------------------------------ helpers
-
-    @staticmethod
-    def _blend(mask_blur: float, resamples: int) -> dict[str, Any]:
-        """How a masked edit joins the new area to the kept one: the pipeline's ``mask_blur`` and ``resamples``."""
-        return {"mask_blur": float(mask_blur), "resamples": int(resamples)}
+        mode = Outpaint(image, dict(sides), float(mask_blur), int(resamples), keep_unmasked_pixels)
+        return self._generate(settings, mode)
 
     def _fit(self, image: PIL.Image.Image | None, missing: str) -> PIL.Image.Image:
         if image is None:
-            raise ValueError(f"no image: {missing}")
+            raise UserError(f"no image: {missing}")
         return fit_image(image, self.max_size, self.size_step)
 
-    def _edit(
-        self, settings: Settings, image: PIL.Image.Image, inputs: dict[str, Any], metadata: dict[str, str]
-    ) -> Generation:
-        size = {"height": str(image.height), "width": str(image.width)}
-        blend = {key: str(inputs[key]) for key in ("mask_blur", "resamples") if key in inputs}
-        return self._generate(self.edit_pipe, settings, inputs, {**metadata, **blend, **size})
-
-    def _generate(
-        self,
-        pipe: LatentDiffusionPipeline,
-        settings: Settings,
-        inputs: dict[str, Any],
-        metadata: dict[str, str],
-    ) -> Generation:
-        """Check the settings, sample with ``pipe`` and save the PNGs with the settings and ``metadata``."""
-        settings.check()
-        scheduler = self.model_scheduler
-        if settings.scheduler != MODEL_SCHEDULER:
-            scheduler = make_scheduler(settings.scheduler, self.model_scheduler.config)
-        self.pipe.scheduler = self.edit_pipe.scheduler = scheduler
-        steps, guidance_scale, interval = pipe.sampling_settings(settings.steps, settings.guidance_scale)
-        seed = settings.seed if settings.seed is not None else secrets.randbelow(RANDOM_SEEDS)
-        seeds = image_seeds(seed, settings.num_images)
-        images = pipe(
-            prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt or None,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            guidance_interval=interval,
-            num_images_per_prompt=settings.num_images,
-            generator=generators_for(seeds),
-            output_type="pil",
-            **inputs,
-        ).images
-        common = {
-            "prompt": settings.prompt,
-            "negative_prompt": settings.negative_prompt,
-            "steps": str(steps),
-            "guidance_scale": str(guidance_scale),
-            "guidance_interval": format_interval(interval),
-            "eta": "0.0",
-            "scheduler": scheduler_name(scheduler),
-            "model": self.model,
-            **metadata,
-        }
-        self.out.mkdir(parents=True, exist_ok=True)
-        paths = [
-            save_png(image, self.out, next_index(self.out), image_seed, {**common, "seed": str(image_seed)})
-            for image, image_seed in zip(images, seeds, strict=True)
-        ]
-        return Generation(paths, seed)
+    def _generate(self, settings: Settings, mode: Mode) -> Generation:
+        return generate(settings.request(mode), self.model, self.out)

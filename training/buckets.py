@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8, so every image side must be a multiple of 8
@@ -127,7 +129,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         if drop_last:
             unused = sum(len(indices) % batch_size for indices in self.members.values())
             if len(self) == 0:
-                raise ValueError(
+                raise UserError(
                     f"no bucket holds batch_size={batch_size} images, so drop_last=True leaves no batch; "
                     "lower the batch size or pass drop_last=False"
                 )

@@ -4,8 +4,7 @@ Each checkpoint is a folder ``step-000123`` of safetensors and JSON files with a
 which folders count as complete, listing, resuming and pruning are ``training.checkpoint_folders``. This module
 writes and reads the folders: the atomic writes, the manifest, and how several processes share the work. How a state
 dict becomes a safetensors file and a JSON skeleton, and how the RNG states are taken and put back, is
-``training.state_io``; :class:`StopSignal` lives in ``training.signals``. Both the folder functions and
-:class:`StopSignal` are re-exported here. Nothing is pickled.
+``training.state_io``; :class:`StopSignal` lives in ``training.signals``. Nothing is pickled.
 
 Typical use in a training loop::
 
@@ -37,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.files import fsync_dir, fsync_file, read_json, sha256_file, write_json
+from ldm.errors import UserError
 from training.checkpoint_folders import (
     FORMAT,
     FORMAT_VERSION,
@@ -47,16 +48,11 @@ from training.checkpoint_folders import (
     complete_checkpoints,
     describe_available,
     hidden_sibling,
-    latest_checkpoint,
-    list_checkpoints,
     prune_checkpoints,
     read_manifest,
     require_complete,
-    resolve_resume,
     step_dir_name,
 )
-from training.files import fsync_dir, fsync_file, read_json, sha256_file, write_json
-from training.signals import StopSignal
 from training.state_io import (
     capture_rng_state,
     decode_plain,
@@ -70,16 +66,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 __all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "MANIFEST",
     "Stateful",
-    "StopSignal",
-    "latest_checkpoint",
-    "list_checkpoints",
     "load_checkpoint",
-    "prune_checkpoints",
-    "resolve_resume",
     "save_checkpoint",
 ]
 
@@ -355,7 +343,7 @@ def load_checkpoint(
     saved = manifest["objects"]
     missing = [name for name in objects if name not in saved]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} has no object(s) {missing}; it has {sorted(saved)}. Pass the names used "
             "when saving, or start this object fresh by leaving it out of `objects`"
         )
@@ -371,12 +359,12 @@ def load_checkpoint(
             "continue the same random streams"
         )
         if strict_rng:
-            raise ValueError(message + ", or pass strict_rng=False to accept different random streams")
+            raise UserError(message + ", or pass strict_rng=False to accept different random streams")
         logger.warning("%s; continuing with different random streams (strict_rng=False)", message)
     if verify:
         for name, entry in manifest["files"].items():
             if "sha256" in entry and sha256_file(path / name) != entry["sha256"]:
-                raise ValueError(
+                raise UserError(
                     f"checkpoint file {path / name} is corrupt (its sha256 differs from the manifest); "
                     f"resume from another checkpoint. {describe_available(path.parent)}"
                 )
@@ -386,7 +374,7 @@ def load_checkpoint(
         try:
             obj.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
+            raise UserError(
                 f"cannot load {name!r} from {path}: {exc}. The object must have the same structure as "
                 f"when saved (a {saved[name]})"
             ) from exc

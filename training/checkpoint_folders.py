@@ -17,7 +17,7 @@ folder is *complete* only if its manifest exists and lists files that all exist 
 complete folders are ever resumed from or counted by ``total_limit``.
 
 This module decides which folders count and removes the ones that no longer should; writing and reading a checkpoint
-is ``training.checkpoint``, which re-exports the public names here.
+is ``training.checkpoint``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from training.files import fsync_dir, read_json
+from common.files import fsync_dir, read_json
+from ldm.errors import UserError
 
 __all__ = [
     "FORMAT",
@@ -119,7 +120,7 @@ def require_complete(path: Path, action: str, checkpoints_dir: str | Path) -> No
     """Raise ``ValueError`` saying why ``path`` cannot be used to ``action`` and which checkpoints can."""
     reason = _incomplete_reason(path)
     if reason is not None:
-        raise ValueError(
+        raise UserError(
             f"cannot {action} {path}: it is not a complete checkpoint because {reason}. "
             f"{describe_available(checkpoints_dir)}"
         )

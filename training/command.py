@@ -1,19 +1,20 @@
 """What the training commands built on :mod:`training.loop` share besides the loop: their common settings
-(:class:`LoopConfig`), the set-up (accelerator, data with a held-out part, LR schedule), ``metrics.json`` and ``main``.
+(:class:`LoopConfig`), the set-up (:func:`start_run`: accelerator, generator, resume; data with a held-out part, LR
+schedule, the loop and its ``metrics.json``), the step logs, evaluation mode, and ``main``.
 
 A command's config extends :class:`LoopConfig` with its model and objective settings (and may redeclare a field to
 change its default); its ``train(config)`` reads top to bottom: set-up, data, model, optimizer, the loop, the final
-model; its ``main`` is :func:`run_command`.
+model; its ``main`` is :func:`run_command`, which reports bad input (:class:`ldm.errors.UserError`) in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -24,16 +25,16 @@ from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
+from ldm.errors import run_reporting
 from training import launch
-from training.buckets import make_generator
+from training.buckets import BucketBatchSampler, make_generator
+from training.checkpoint import Stateful
+from training.checkpoint_folders import resolve_resume
 from training.config import ConfigError, help_field, parse_config, to_dict
-from training.data import (
-    BucketBatchSampler,
-    ImageCaptionDataset,
-    ImageCaptionRecords,
-    collate,
-    load_image_caption_records,
-)
+from training.data import ImageCaptionDataset, collate
+from training.loop import TrainLoop
+from training.record_formats import ImageCaptionRecords
+from training.records import load_image_caption_records
 
 logger = logging.getLogger("training")
 
@@ -89,8 +90,16 @@ class LoopConfig:
         """Checks of the shared settings, each naming the fix; a command's ``validate`` calls this first."""
         if not self.dataset:
             raise ConfigError("dataset is required: an image folder, save_to_disk folder, parquet file or Hub id")
-        positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
-                    "validation_steps", "max_validation_images", "log_steps", "max_nan_steps")  # fmt: skip
+        positive = (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "checkpointing_steps",
+            "validation_steps",
+            "max_validation_images",
+            "log_steps",
+            "max_nan_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -106,6 +115,55 @@ class LoopConfig:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Set-up and data
+
+
+@dataclass
+class Run:
+    """What every training command sets up first (:func:`start_run`): the accelerator, the one generator of every
+    random draw of the loop (its state is in each checkpoint), the folders and the checkpoint to resume from."""
+
+    config: LoopConfig
+    accelerator: Accelerator
+    generator: torch.Generator
+    output_dir: Path
+    checkpoints_dir: Path
+    resume_from: Path | None
+
+    def start_loop(
+        self, dataloader: DataLoader, stateful: Mapping[str, Stateful], epoch_setters: Sequence[Any] = ()
+    ) -> tuple[TrainLoop, MetricsFile]:
+        """The run's :class:`TrainLoop` over the prepared ``dataloader``, resumed from :attr:`resume_from` when set,
+        and its ``metrics.json`` (a resumed run keeps the history up to its step)."""
+        loop = TrainLoop(
+            self.accelerator,
+            dataloader,
+            self.config,
+            checkpoints_dir=self.checkpoints_dir,
+            stateful=stateful,
+            generators={"train": self.generator},
+            epoch_setters=epoch_setters,
+        )
+        loop.resume(self.resume_from)
+        return loop, MetricsFile(self.output_dir / "metrics.json", resumed_step=loop.resumed_step)
+
+
+def start_run(config: LoopConfig, project: str) -> Run:
+    """Validate ``config``, start the accelerator (:func:`make_accelerator`, tracker ``project``), seed the loop's
+    generator per process (``seed + process index``) and find the checkpoint ``config.resume`` names."""
+    config.validate()
+    output_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config, project)
+    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    checkpoints_dir = output_dir / "checkpoints"
+    resume_from = resolve_resume(checkpoints_dir, config.resume)
+    return Run(config, accelerator, generator, output_dir, checkpoints_dir, resume_from)
+
+
+def step_logs(lr_scheduler: Any, grad_norm: float | None, **values: float) -> dict[str, float]:
+    """The values logged at the end of an optimizer step: ``values``, the learning rate (of the first parameter
+    group) and the gradient norm when it was clipped."""
+    logs = values | {"lr": lr_scheduler.get_last_lr()[0]}
+    return logs | ({} if grad_norm is None else {"grad_norm": grad_norm})
 
 
 def make_accelerator(config: LoopConfig, project: str) -> Accelerator:
@@ -162,10 +220,12 @@ def make_train_dataloader(
 ) -> tuple[DataLoader, BucketBatchSampler]:
     """Batches of one bucket each, reshuffled per epoch from ``config.seed``; full batches with several processes
     (accelerate drops a group of batches whose last one is short)."""
-    batch_sampler = BucketBatchSampler(dataset.bucket_of_index, config.train_batch_size, seed=config.seed,
-                                       drop_last=accelerator.num_processes > 1)  # fmt: skip
-    dataloader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                            num_workers=config.dataloader_workers)  # fmt: skip
+    batch_sampler = BucketBatchSampler(
+        dataset.bucket_of_index, config.train_batch_size, seed=config.seed, drop_last=accelerator.num_processes > 1
+    )
+    dataloader = DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=config.dataloader_workers
+    )
     return dataloader, batch_sampler
 
 
@@ -206,6 +266,17 @@ def evaluation_batches(dataset: ImageCaptionDataset, batch_size: int, limit: int
         yield collate([dataset[i] for i in range(start, min(start + batch_size, count))])
 
 
+@contextlib.contextmanager
+def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in evaluation mode for the block, then back in the mode it was in (for a measurement mid-run)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 class MetricsFile:
     """``metrics.json`` of a run: a ``history`` of evaluations (step and values) and summary fields, rewritten
     atomically after each change. A resumed run keeps the history up to the step it resumed from."""
@@ -240,16 +311,16 @@ class MetricsFile:
 # The command line
 
 
-def run_command(config_cls: type[T], train: Callable[[T], Path], argv: list[str] | None, *, prog: str,
-                description: str) -> int:  # fmt: skip
-    """A training command's ``main``: parse the config (flags and/or ``--config FILE``), train, print the folder
-    written, and turn bad input (``ConfigError``, ``ValueError``) into a one-line ``error:`` and exit status 2."""
-    config = parse_config(config_cls, argv, prog=prog, description=description)
-    try:
-        folder = train(config)
+def run_command(config_cls: type[T], train: Callable[[T], Path], argv: list[str] | None, module: str, doc: str) -> int:
+    """A training command's ``main``: parse the config (flags and/or ``--config FILE``; ``python -m module``, described
+    by the first paragraph of the module's ``doc``), train, print the folder written. Bad input (a
+    :class:`ldm.errors.UserError`: a config value, a dataset, a model folder) is one ``error:`` line and exit status 2
+    (:func:`ldm.errors.run_reporting`); any other exception keeps its traceback."""
+    prog = f"python -m {module}"
+
+    def body() -> None:
+        folder = train(parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0]))
         if PartialState().is_main_process:  # under torchrun every process returns; one line is printed
             print(folder)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the library wrote
-        return 2
-    return 0
+
+    return run_reporting(body, prog)

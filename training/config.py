@@ -19,11 +19,14 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from ldm.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the field and what is allowed."""
+class ConfigError(UserError):
+    """A bad config key or value; the message names the field and what is allowed (a :class:`UserError`, so a
+    command reports it in one line)."""
 
 
 def help_field(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -106,21 +109,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".toml":
+    if path.suffix == ".toml":
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # pragma: no cover - Python 3.10
             import tomli as tomllib
-        data = tomllib.loads(text)
+        parse, errors = tomllib.loads, (tomllib.TOMLDecodeError,)
     elif path.suffix == ".json":
-        data = json.loads(text)
+        parse, errors = json.loads, (json.JSONDecodeError,)
     else:
-        raise ConfigError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+        import yaml
+
+        parse, errors = (lambda text: yaml.safe_load(text) or {}), (yaml.YAMLError,)
+    try:
+        data = parse(text)
+    except errors as err:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold key: value pairs at the top level")
     return data
@@ -171,14 +178,15 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
 
 
 def parse_config(cls: type[T], argv: list[str] | None, *, prog: str, description: str) -> T:
-    """Defaults < ``--config FILE`` < flags. Bad input exits with a one-line ``error:`` message (status 2)."""
+    """Defaults < ``--config FILE`` < flags.
+
+    An unknown flag exits as argparse does (status 2); a bad value, key or config file raises :class:`ConfigError`
+    naming the field, which a command reports in one line (:func:`ldm.errors.run_reporting`).
+    """
     parser = build_parser(cls, prog, description)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)
-    try:
-        data = read_config_file(config_file) if config_file else {}
-        data = {str(k).replace("-", "_"): v for k, v in data.items()}
-        data.update(args)
-        return from_dict(cls, data, source=f"config file {config_file}" if config_file else "the arguments")
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
+    data = read_config_file(config_file) if config_file else {}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.update(args)
+    return from_dict(cls, data, source=f"config file {config_file}" if config_file else "the arguments")

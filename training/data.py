@@ -3,7 +3,6 @@
 :class:`ImageCaptionDataset` turns records (read by :func:`load_image_caption_records`, checked by
 :func:`scan_images`) into training samples; every random choice in it is a function of ``(seed, epoch, index)``, so a
 resumed run sees the same samples. :func:`collate` stacks them into batches of one bucket (:mod:`training.buckets`).
-The records API is re-exported here, so ``from training.data import load_image_caption_records`` keeps working.
 """
 
 from __future__ import annotations
@@ -17,42 +16,16 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from .buckets import LATENT_FACTOR, BucketBatchSampler, assign_buckets, make_buckets, make_generator
-from .records import (
-    CAPTION_COLUMNS,
-    IMAGE_COLUMNS,
-    IMAGE_EXTENSIONS,
-    MAX_LISTED,
-    METADATA_FILES,
-    DataSummary,
-    ImageCaptionRecord,
-    ImageCaptionRecords,
-    SourceFormat,
-    detect_format,
-    load_image_caption_records,
-    scan_images,
-)
+from common.images import to_rgb
+from training.buckets import LATENT_FACTOR, BucketBatchSampler, assign_buckets, make_buckets, make_generator
+from training.record_formats import DataSummary, ImageCaptionRecords
 
 __all__ = [
-    "CAPTION_COLUMNS",
-    "IMAGE_COLUMNS",
-    "IMAGE_EXTENSIONS",
-    "MAX_LISTED",
-    "METADATA_FILES",
-    "BucketBatchSampler",
     "CropMode",
-    "DataSummary",
     "ImageCaptionDataset",
-    "ImageCaptionRecord",
-    "ImageCaptionRecords",
     "Interpolation",
-    "SourceFormat",
     "collate",
-    "detect_format",
-    "load_image_caption_records",
     "resize_and_crop",
-    "scan_images",
-    "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,19 +33,6 @@ logger = logging.getLogger(__name__)
 CropMode = Literal["center", "random"]
 Interpolation = Literal["bicubic", "lanczos"]
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy of ``image``: transparency composited on white, palette and grayscale expanded, 16-bit scaled."""
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode.startswith("I"):  # 16-bit grayscale: convert("L") would clip at 255 instead of scaling
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255 / 65535 if image.mode.startswith("I;16") or values.max() > 255 else 1.0
-        return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
 
 
 def resize_and_crop(

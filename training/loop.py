@@ -39,8 +39,10 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training.checkpoint import Stateful, StopSignal, load_checkpoint, save_checkpoint
+from ldm.errors import UserError
+from training.checkpoint import Stateful, load_checkpoint, save_checkpoint
 from training.config import to_dict
+from training.signals import StopSignal
 from training.validation import loss_curve_png
 
 logger = logging.getLogger("training")
@@ -96,6 +98,7 @@ class TrainLoop:
         self.generators = generators
         self.epoch_setters = tuple(epoch_setters)
         self.step = 0
+        self.resumed_step: int | None = None  # the step of the checkpoint the run resumed from, if any
         self.losses: list[tuple[int, float]] = []  # (step, loss) of every applied update
         self.stopping = False  # a stop signal seen by any process, agreed on by all at the same step
         self._stop: StopSignal | None = None
@@ -149,15 +152,19 @@ class TrainLoop:
         if checkpoint is None:
             return None
         meta = load_checkpoint(checkpoint, self.stateful, generators=self.generators, accelerator=self.accelerator)
-        self.step = int(meta["step"])
+        self.step = self.resumed_step = int(meta["step"])
         logger.info("resumed from %s at step %d", checkpoint, self.step)
         return meta
 
     # ---------------------------------------------------------------------------------------------- the loop
     def __enter__(self) -> TrainLoop:
         self._stop = StopSignal().__enter__()
-        self._progress = tqdm(total=self.settings.max_train_steps, initial=self.step, desc="steps",
-                              disable=not self.accelerator.is_main_process)  # fmt: skip
+        self._progress = tqdm(
+            total=self.settings.max_train_steps,
+            initial=self.step,
+            desc="steps",
+            disable=not self.accelerator.is_main_process,
+        )
         self._first_step = self.step
         self._started = self._window_started = time.perf_counter()
         return self
@@ -180,7 +187,7 @@ class TrainLoop:
             raise RuntimeError("iterate TrainLoop.batches() inside `with loop:` (it installs the stop signal)")
         batches_per_epoch = len(self.dataloader)
         if batches_per_epoch == 0:
-            raise ValueError("the training data gives no batch per epoch; lower --train-batch-size")
+            raise UserError("the training data gives no batch per epoch; lower --train-batch-size")
         accumulation = self.settings.gradient_accumulation_steps
         # accelerate also ends an optimizer step at the end of every epoch (its sync_with_dataloader default), so an
         # epoch holds ceil(batches / accumulation) steps, the last of them possibly with fewer micro-batches
@@ -276,9 +283,14 @@ class TrainLoop:
         if dataclasses.is_dataclass(self.settings):
             meta["config"] = to_dict(self.settings)
         return save_checkpoint(
-            self.checkpoints_dir, self.step, self.stateful, generators=self.generators, meta=meta,
-            accelerator=self.accelerator, total_limit=self.settings.checkpoints_total_limit,
-        )  # fmt: skip
+            self.checkpoints_dir,
+            self.step,
+            self.stateful,
+            generators=self.generators,
+            meta=meta,
+            accelerator=self.accelerator,
+            total_limit=self.settings.checkpoints_total_limit,
+        )
 
 
 def _fmt(value: float) -> str:

@@ -1,15 +1,19 @@
-"""Loading the models a training run starts from, and the trainable views of the U-Net (full, LoRA, EMA).
+"""Loading the models a training run starts from, and the trainable views of them (full, LoRA).
 
-Fine-tuning starts from a pipeline folder or Hub id; training from scratch builds a U-Net of an ``ldm`` preset and
+Fine-tuning starts from a pipeline folder or Hub id of a family the project runs (checked up front by
+:func:`pipelines.families.require_supported_model`); training from scratch builds a U-Net of an ``ldm`` preset and
 takes the (frozen) VAE and text encoder from given folders. Either way the training noise schedule is a
 ``DDPMScheduler`` and the sampler saved with the model keeps the same training schedule.
+
+A module the optimizer updates is a :class:`TrainedModule`: its parameters and learning rate, what a checkpoint keeps
+of it (the module, or a view such as :class:`LoraState`), and the module the forward pass calls once
+``accelerator.prepare`` has wrapped it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.errors import UserError
 from ldm.presets import build_unet, get_preset
+from pipelines.families import require_supported_model
+from training.checkpoint import Stateful
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +35,8 @@ LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 @dataclass
 class TrainingModels:
     """What a text-to-image run trains with. ``sampler`` is the scheduler saved with the final pipeline; the two
-    sources are where the frozen VAE and text encoder came from."""
+    sources are where the VAE and text encoder came from (``text_encoder_source`` is None for a text encoder
+    initialised here, which nothing can reload)."""
 
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
@@ -37,7 +45,42 @@ class TrainingModels:
     noise_scheduler: DDPMScheduler
     sampler: SchedulerMixin
     vae_source: str
-    text_encoder_source: str
+    text_encoder_source: str | None
+
+
+@dataclass(eq=False)
+class TrainedModule:
+    """A module the optimizer updates.
+
+    Attributes:
+        name: its name in checkpoints (``unet``, ``text_encoder``).
+        module: the module itself (unwrapped: what validation and the final save use).
+        learning_rate: the peak learning rate of its parameter group.
+        state: what a checkpoint holds of it: the module, or a view of the part that is trained (:class:`LoraState`).
+        runner: what the forward pass calls: ``module`` until ``accelerator.prepare`` wraps it (DDP, autocast).
+    """
+
+    name: str
+    module: torch.nn.Module
+    learning_rate: float
+    state: Stateful
+    runner: torch.nn.Module = field(default=None)  # type: ignore[assignment]  # set to module after init
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner = self.module
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates (those that require gradients)."""
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+
+def freeze(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+    """Make ``module`` a frozen, evaluation-mode part on ``device``, cast to ``dtype`` (a mixed-precision copy)."""
+    module.requires_grad_(False).eval().to(device)
+    if dtype != torch.float32:
+        module.to(dtype=dtype)
 
 
 def _subfolder(path: str, name: str) -> dict[str, Any]:
@@ -49,10 +92,12 @@ def _subfolder(path: str, name: str) -> dict[str, Any]:
 
 
 def load_component(cls: Any, path: str, name: str) -> Any:
+    """``cls.from_pretrained`` of the ``name`` component in ``path`` (a pipeline folder, a folder with ``name/``, the
+    component's own folder, or a Hub id); a failure is a :class:`UserError` naming what to pass."""
     try:
         return cls.from_pretrained(**_subfolder(path, name))
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"could not load the {name} from {path!r} ({err}); pass a diffusers pipeline folder, a folder with "
             f"{name}/ in it, or a Hub id"
         ) from None
@@ -66,22 +111,36 @@ def load_training_models(
     text_encoder: str | None,
     prediction_type: str | None,
     zero_terminal_snr: bool,
+    fresh_text_encoder_seed: int | None = None,
 ) -> TrainingModels:
     """Load (fine-tune) or build (from scratch) the models of a text-to-image run.
 
     ``vae`` / ``text_encoder`` override the pipeline's when fine-tuning, and are required when training from a
     preset. ``prediction_type`` None keeps the model's (``epsilon`` for a new one). ``zero_terminal_snr`` rescales
     the betas so the last step is pure noise (Lin et al. 2024), which needs v-prediction and trailing timesteps.
+    ``fresh_text_encoder_seed``: replace the text encoder's weights by a fresh initialisation of its architecture
+    from this seed (the same weights on every process; its tokenizer is kept).
+
+    Raises:
+        UserError: a model of a family this version does not run, a component that cannot be loaded, or settings
+            that do not fit together.
     """
     if (pretrained_model is None) == (preset is None):
-        raise ValueError("pass exactly one of pretrained_model (fine-tune) and preset (train from scratch)")
+        raise UserError("pass exactly one of --pretrained-model (fine-tune) and --preset (train from scratch)")
     if preset is not None and (vae is None or text_encoder is None):
-        raise ValueError("training from a preset needs --vae and --text-encoder folders (they stay frozen)")
+        raise UserError("training from a preset needs --vae and --text-encoder folders (they stay frozen)")
+    if pretrained_model is not None:
+        require_supported_model(pretrained_model, flag="--pretrained-model")
 
     vae_source, text_source = vae or pretrained_model, text_encoder or pretrained_model
     vae_model = load_component(AutoencoderKL, vae_source, "vae")
     text_model = load_component(CLIPTextModel, text_source, "text_encoder")
     tokenizer = load_component(CLIPTokenizer, text_source, "tokenizer")
+    if fresh_text_encoder_seed is not None:
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left alone
+            torch.manual_seed(fresh_text_encoder_seed)
+            text_model = type(text_model)(text_model.config)
+        text_source = None
     if pretrained_model is not None:
         unet = load_component(UNet2DConditionModel, pretrained_model, "unet")
         base_config = dict(load_component(DDPMScheduler, pretrained_model, "scheduler").config)
@@ -92,14 +151,14 @@ def load_training_models(
         base_config = dict(DDPMScheduler.from_config(vars(spec.scheduler)).config)
         sampler_cls = DDIMScheduler
     if unet.config.cross_attention_dim != text_model.config.hidden_size:
-        raise ValueError(
+        raise UserError(
             f"the U-Net's cross_attention_dim ({unet.config.cross_attention_dim}) does not match the text encoder's "
             f"hidden size ({text_model.config.hidden_size}); pick a preset or text encoder that agree"
         )
 
     prediction_type = prediction_type or base_config.get("prediction_type", "epsilon")
     if zero_terminal_snr and prediction_type != "v_prediction":
-        raise ValueError(
+        raise UserError(
             "zero_terminal_snr makes the last timestep pure noise, where an epsilon target carries no information "
             "about the image; use --prediction-type v_prediction with it"
         )
@@ -109,16 +168,6 @@ def load_training_models(
     noise_scheduler = DDPMScheduler.from_config(base_config, **schedule)
     sampler = sampler_cls.from_config(noise_scheduler.config)
     return TrainingModels(vae_model, text_model, tokenizer, unet, noise_scheduler, sampler, vae_source, text_source)
-
-
-def reload_frozen(models: TrainingModels, *, text_encoder: bool = True) -> TrainingModels:
-    """The same models with the VAE (and the text encoder, unless ``text_encoder=False``: it was trained) loaded
-    afresh (full precision) from their sources."""
-    vae = load_component(AutoencoderKL, models.vae_source, "vae")
-    if not text_encoder:
-        return dataclasses.replace(models, vae=vae)
-    encoder = load_component(CLIPTextModel, models.text_encoder_source, "text_encoder")
-    return dataclasses.replace(models, vae=vae, text_encoder=encoder)
 
 
 def _sampler_class(pretrained_model: str) -> type[SchedulerMixin]:
@@ -161,7 +210,10 @@ class LoraState:
         result = set_peft_model_state_dict(self.unet, state_dict)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise ValueError(f"the checkpoint's LoRA weights do not fit this U-Net: unexpected keys {unexpected[:5]}")
+            raise UserError(
+                f"the checkpoint's LoRA weights do not fit this U-Net (unexpected keys {unexpected[:5]}); resume from "
+                "a checkpoint of a run with the same --lora-rank and model"
+            )
 
 
 def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
@@ -174,6 +226,7 @@ def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
     # The adapter's config (rank and alpha) goes into the file's metadata: without it, diffusers loads the LoRA
     # with alpha = rank, the wrong strength for any LoRA trained with another --lora-alpha.
     metadata = next(iter(unet.peft_config.values())).to_dict()
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                              unet_lora_adapter_metadata=metadata)  # fmt: skip
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+    )
     return Path(folder) / "pytorch_lora_weights.safetensors"

@@ -6,6 +6,7 @@ Every random draw (timesteps, noise, noise offset, caption dropout, the VAE post
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,8 @@ def diffusion_training_loss(
     alphas_cumprod: Tensor,
     config: ObjectiveConfig,
     generator: torch.Generator,
+    *,
+    added_cond_kwargs: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """The weighted noise-prediction loss of one batch (DDPM's L_simple, or min-SNR-gamma weighted; eps or v target).
 
@@ -64,6 +67,7 @@ def diffusion_training_loss(
         alphas_cumprod: the training schedule's alpha_bar ``(T,)``.
         config: parameterisation, weighting and noise offset.
         generator: the source of the timesteps and noise (CPU).
+        added_cond_kwargs: the U-Net's extra conditioning (SDXL's pooled text embedding and size/crop ids), if any.
     Returns:
         The scalar loss (float32).
     """
@@ -73,7 +77,13 @@ def diffusion_training_loss(
     timesteps, noise = timesteps.to(latents.device), noise.to(latents.device, latents.dtype)
     alphas_cumprod = alphas_cumprod.to(latents.device)
     noisy_latents = q_sample(latents, timesteps, noise, alphas_cumprod)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        added_cond_kwargs=None if added_cond_kwargs is None else dict(added_cond_kwargs),
+        return_dict=False,
+    )[0]
     target = training_target(latents, noise, timesteps, alphas_cumprod, config.prediction_type)
     weights = None
     if config.snr_gamma is not None:

@@ -4,7 +4,7 @@
 memory-mapped Arrow table), its captions, and the counts of what was skipped; never decoded pixels. The readers here
 turn one format each into records: an ``imagefolder`` with metadata files, kohya-ss ``.txt`` side-car ``captions``,
 and a ``datasets`` table (``save_to_disk``, ``parquet``, ``hub``). Use them through
-:func:`training.records.load_image_caption_records`, which detects the format, and which re-exports the types.
+:func:`training.records.load_image_caption_records`, which detects the format.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from typing import Any, Literal
 import datasets
 from PIL import Image
 from tqdm.auto import tqdm
+
+from common.images import IMAGE_EXTENSIONS
+from ldm.errors import UserError
 
 __all__ = [
     "CAPTION_COLUMNS",
@@ -45,7 +48,6 @@ SourceFormat = Literal["imagefolder", "captions", "save_to_disk", "parquet", "hu
 
 IMAGE_COLUMNS = ("image", "img", "file_name", "path")
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"})
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
@@ -141,14 +143,14 @@ def _resolve_column(kind: str, requested: str | None, columns: Sequence[str], de
     listing = ", ".join(columns)
     if requested is not None:
         if requested not in columns:
-            raise ValueError(
+            raise UserError(
                 f"{kind} column {requested!r} not found; the dataset has columns: {listing}; pass {option}"
             )
         return requested
     for name in defaults:
         if name in columns:
             return name
-    raise ValueError(
+    raise UserError(
         f"no {kind} column found (looked for {', '.join(defaults)}); the dataset has columns: {listing}; pass {option}"
     )
 
@@ -162,12 +164,12 @@ def _as_captions(cell: object) -> tuple[str, ...]:
 def _finish(records: ImageCaptionRecords, hint: str) -> ImageCaptionRecords:
     """Raise at once when ``records`` has no image or no caption; otherwise log what was skipped."""
     if records.total == 0:
-        raise ValueError(
+        raise UserError(
             f"no images found in {records.source} (read as {records.format}); expected image files "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}) with captions, or a dataset with rows"
         )
     if not records.records:
-        raise ValueError(f"0 of {records.total} images in {records.source} have a caption; {hint}")
+        raise UserError(f"0 of {records.total} images in {records.source} have a caption; {hint}")
     if records.skipped_no_caption:
         logger.warning(
             "%d of %d images in %s have no usable caption and are skipped",
@@ -205,7 +207,7 @@ def load_imagefolder(
                 else:
                     logger.warning("%s:%d is not a JSON object; skipping the line", metadata, line_number)
     if not rows:
-        raise ValueError(f"the metadata files of {source} have no rows: {', '.join(map(str, metadata_files))}")
+        raise UserError(f"the metadata files of {source} have no rows: {', '.join(map(str, metadata_files))}")
     columns = list(dict.fromkeys(key for _, row in rows for key in row))
     if image_column == "image" and "image" not in columns and "file_name" in columns:
         image_column = "file_name"  # datasets' imagefolder exposes file_name as an "image" column
@@ -287,7 +289,7 @@ def open_table(
         loaded = datasets.load_from_disk(source)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"split {split!r} not found in {source}; it has splits: {', '.join(loaded)}")
+                raise UserError(f"split {split!r} not found in {source}; it has splits: {', '.join(loaded)}")
             loaded = loaded[split]
         return loaded, source
     if fmt == "parquet":
@@ -299,17 +301,17 @@ def open_table(
         else:
             files = sorted(file for file in glob.glob(source, recursive=True) if file.endswith(".parquet"))
         if not files:
-            raise ValueError(f"no .parquet files match {source}")
+            raise UserError(f"no .parquet files match {source}")
         return datasets.Dataset.from_parquet(files, cache_dir=cache_dir), os.path.dirname(files[0])
     try:
         loaded = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as err:  # the Hub, the network and dataset scripts fail in many ways; all mean the same here
-        raise ValueError(
+        raise UserError(
             f"{source} is not a local file or folder, and datasets.load_dataset could not load it as a Hub dataset "
             f"(split {split!r}): {err}"
         ) from err
     if not isinstance(loaded, datasets.Dataset):
-        raise ValueError(
+        raise UserError(
             f"datasets.load_dataset({source!r}, split={split!r}) gave a {type(loaded).__name__}, not a Dataset; "
             "pass one split name (streaming datasets are not supported)"
         )
@@ -331,7 +333,7 @@ def records_from_table(
         images = table.select_columns([image_key]).cast_column(image_key, datasets.Image(decode=False))
         images = images.with_format(None)  # a saved dataset may carry a torch/numpy format: we want raw cells
     except Exception as err:  # pyarrow and datasets raise several types for an impossible cast
-        raise ValueError(
+        raise UserError(
             f"column {image_key!r} of {source} does not hold images (its type is {table.features[image_key]}); "
             "pass --image-column with a column of images, image bytes or paths"
         ) from err

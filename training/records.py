@@ -13,7 +13,7 @@
 Records keep a reference to each image (a file path, or a row of the memory-mapped Arrow table), never decoded
 pixels. :func:`scan_images` opens every image once to check it and record its size; unreadable files are skipped,
 counted and logged, never fatal. :mod:`training.data` turns the records into training samples. The record types and
-the reader of each format are in :mod:`training.record_formats`; they are re-exported here.
+the reader of each format are in :mod:`training.record_formats`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,10 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
+from ldm.errors import UserError
 from training.record_formats import (
-    CAPTION_COLUMNS,
-    IMAGE_COLUMNS,
     IMAGE_EXTENSIONS,
     METADATA_FILES,
-    DataSummary,
-    ImageCaptionRecord,
     ImageCaptionRecords,
     SourceFormat,
     load_captions,
@@ -44,15 +41,7 @@ from training.record_formats import (
 )
 
 __all__ = [
-    "CAPTION_COLUMNS",
-    "IMAGE_COLUMNS",
-    "IMAGE_EXTENSIONS",
     "MAX_LISTED",
-    "METADATA_FILES",
-    "DataSummary",
-    "ImageCaptionRecord",
-    "ImageCaptionRecords",
-    "SourceFormat",
     "detect_format",
     "load_image_caption_records",
     "scan_images",
@@ -124,7 +113,7 @@ def _detect(source: str) -> tuple[SourceFormat, _Listing | None]:
     if path.is_file():
         if path.suffix == ".parquet":
             return "parquet", None
-        raise ValueError(
+        raise UserError(
             f"{source} is a file but not a .parquet file; pass a folder of images, a .parquet file or glob, "
             "a folder written by datasets' save_to_disk, or a Hub dataset id"
         )
@@ -137,7 +126,7 @@ def _detect(source: str) -> tuple[SourceFormat, _Listing | None]:
         return ("parquet" if listing.parquet_files else "captions"), listing
     if _HUB_ID.fullmatch(source) and ".." not in source:
         return "hub", None
-    raise ValueError(f"{source} is not an existing file or folder, nor a Hub dataset id such as 'user/name'")
+    raise UserError(f"{source} is not an existing file or folder, nor a Hub dataset id such as 'user/name'")
 
 
 def _walk(folder: Path) -> _Listing:
@@ -204,7 +193,7 @@ def scan_images(records: ImageCaptionRecords, *, num_workers: int = 4, progress:
             records.source,
         )
     if not kept:
-        raise ValueError(
+        raise UserError(
             f"none of the {len(records)} captioned images of {records.source} could be read; the first error: "
             f"{records.image_name(0)}: {errors[0]}"
         )

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _TAG = "__type__"
@@ -189,7 +191,7 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor], what: str) -> Any:
         return {k: _decode(v, tensors, what) for k, v in value.items()}
     if tag in ("tensor", "ndarray"):
         if value["key"] not in tensors:
-            raise ValueError(
+            raise UserError(
                 f"{what}: tensor {value['key']!r} is listed in the JSON but missing from the safetensors "
                 "file; the checkpoint is damaged, resume from another one"
             )
@@ -209,7 +211,7 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor], what: str) -> Any:
     if tag == "dtype":
         dtype = getattr(torch, value["name"], None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"{what}: unknown torch dtype {value['name']!r}; this torch version cannot load it")
+            raise UserError(f"{what}: unknown torch dtype {value['name']!r}; this torch version cannot load it")
         return dtype
     if tag == "size":
         return torch.Size(value["dims"])
@@ -217,7 +219,7 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor], what: str) -> Any:
         return torch.device(value["name"])
     if tag == "bytes":
         return base64.b64decode(value["base64"])
-    raise ValueError(f"{what}: unknown value type {tag!r} in the JSON; it was written by a newer version of the code")
+    raise UserError(f"{what}: unknown value type {tag!r} in the JSON; it was written by a newer version of the code")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
     saved = state["generators"]
     missing = sorted(set(generators) - set(saved))
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{source} has no state for generator(s) {missing}; it has {sorted(saved)}. "
             "Pass the generator names used when it was saved"
         )
@@ -280,7 +282,7 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
         try:
             gen.set_state(saved[name].cpu())
         except RuntimeError as exc:
-            raise ValueError(
+            raise UserError(
                 f"cannot restore generator {name!r} (a {gen.device} generator) from the state saved "
                 f"for a {state['generator_devices'].get(name)} generator in {source}: {exc}"
             ) from exc

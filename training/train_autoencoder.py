@@ -40,21 +40,20 @@ from diffusers.utils import make_image_grid
 from torch import Tensor
 
 from ldm.presets import PRESETS, build_vae, get_preset
-from training.checkpoint import resolve_resume
 from training.command import (
     LoopConfig,
-    MetricsFile,
     evaluation_batches,
+    evaluation_mode,
     load_records,
-    make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     make_train_dataloader,
     run_command,
+    start_run,
+    step_logs,
 )
 from training.config import ConfigError, help_field, to_dict
 from training.data import ImageCaptionDataset
-from training.loop import TrainLoop
 from training.models import load_component
 
 logger = logging.getLogger("training")
@@ -156,8 +155,9 @@ class AutoencoderObjective(torch.nn.Module):
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         reconstruction = self.vae.decode(latents).sample
-        return autoencoder_loss(pixels, reconstruction, posterior, reconstruction_loss=self.reconstruction_loss,
-                                kl_weight=self.kl_weight)  # fmt: skip
+        return autoencoder_loss(
+            pixels, reconstruction, posterior, reconstruction_loss=self.reconstruction_loss, kl_weight=self.kl_weight
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -186,18 +186,14 @@ def evaluate_reconstructions(
 ) -> tuple[float, PIL.Image.Image]:
     """Mean PSNR (dB, per image then averaged) of the first ``limit`` images of ``dataset`` reconstructed from the
     posterior mean, and a PNG-ready grid: up to 8 originals over their reconstructions."""
-    was_training = vae.training
-    vae.eval()
     scores, shown = [], []
-    try:
+    with evaluation_mode(vae):
         for batch in evaluation_batches(dataset, batch_size, limit):
             originals = ((batch["pixel_values"].to(device) + 1) / 2).clamp(0, 1)
             reconstructions = reconstruct(vae, batch["pixel_values"].to(device))
             scores.append(psnr(reconstructions, originals).cpu())
             if len(shown) < SHOWN_IMAGES:
                 shown += list(zip(originals.cpu(), reconstructions.cpu()))[: SHOWN_IMAGES - len(shown)]
-    finally:
-        vae.train(was_training)
     images = [_to_pil(o) for o, _ in shown] + [_to_pil(r) for _, r in shown]
     return float(torch.cat(scores).mean()), make_image_grid(images, rows=2, cols=len(shown))
 
@@ -216,17 +212,13 @@ def latent_scaling_factor(
     correction, as ``torch.std``), from float64 sums; scaling by it gives the diffusion model unit-variance latents,
     as Stable Diffusion's 0.18215 does for its VAE.
     """
-    was_training = vae.training
-    vae.eval()
     total = squares = torch.zeros((), dtype=torch.float64)
     count = images = 0
-    try:
+    with evaluation_mode(vae):
         for batch in evaluation_batches(dataset, batch_size, limit):
             latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.mean.double().cpu()
             total, squares = total + latents.sum(), squares + latents.square().sum()
             count, images = count + latents.numel(), images + latents.shape[0]
-    finally:
-        vae.train(was_training)
     variance = (squares - total**2 / count) / (count - 1)
     return float(1 / variance.sqrt()), images
 
@@ -239,13 +231,8 @@ def train(config: AutoencoderTrainConfig) -> Path:
     """Run (or resume) the training described by ``config``; returns the output folder (with ``vae/`` inside), or
     the checkpoints folder when a stop signal ended the run early."""
     # ---------------------------------------------------------------------------------------------------- set-up
-    config.validate()
-    output_dir = Path(config.output_dir)
-    accelerator = make_accelerator(config, "autoencoder")
-    # One generator per process for every random draw of the loop (posterior samples); its state is checkpointed.
-    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
-    checkpoints_dir = output_dir / "checkpoints"
-    resume_from = resolve_resume(checkpoints_dir, config.resume)
+    run = start_run(config, "autoencoder")
+    accelerator, output_dir = run.accelerator, run.output_dir
 
     # ---------------------------------------------------------------------------------------------------- model
     vae = build_autoencoder(config)
@@ -259,8 +246,7 @@ def train(config: AutoencoderTrainConfig) -> Path:
 
     # ------------------------------------------------------------------------------------------------------ data
     records, held_out_records = load_records(config)
-    dataset = ImageCaptionDataset(records, resolution=resolution, crop=config.crop, flip=config.flip,
-                                  seed=config.seed)  # fmt: skip
+    dataset = ImageCaptionDataset(records, resolution=resolution, crop=config.crop, flip=config.flip, seed=config.seed)
     dataloader, batch_sampler = make_train_dataloader(dataset, config, accelerator)
     # The measurements see every image whole and unflipped.
     measure_train = ImageCaptionDataset(records, resolution=resolution, seed=config.seed)
@@ -270,61 +256,76 @@ def train(config: AutoencoderTrainConfig) -> Path:
     params = [p for p in vae.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, accelerator)
-    objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(objective, optimizer, dataloader,
-                                                                         lr_scheduler)  # fmt: skip
-    loop = TrainLoop(accelerator, dataloader, config, checkpoints_dir=checkpoints_dir,
-                     stateful={"vae": vae, "optimizer": optimizer, "lr_scheduler": lr_scheduler},
-                     generators={"train": generator}, epoch_setters=(batch_sampler, dataset))  # fmt: skip
-    resumed = loop.resume(resume_from) is not None
-    metrics = MetricsFile(output_dir / "metrics.json", resumed_step=loop.step if resumed else None)
+    objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        objective, optimizer, dataloader, lr_scheduler
+    )
+    stateful = {"vae": vae, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+    loop, metrics = run.start_loop(dataloader, stateful, epoch_setters=(batch_sampler, dataset))
 
     def validate() -> None:
         if held_out is None or not accelerator.is_main_process:
             return
         value, grid = evaluate_reconstructions(
-            vae, held_out, batch_size=config.train_batch_size, limit=config.max_validation_images,
+            vae,
+            held_out,
+            batch_size=config.train_batch_size,
+            limit=config.max_validation_images,
             device=accelerator.device,
-        )  # fmt: skip
+        )
         path = output_dir / "samples" / f"step-{loop.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         metrics.add(loop.step, {"psnr": value})
         accelerator.log({"val_psnr": value}, step=loop.step)
-        logger.info("step %d: held-out PSNR %.2f dB (posterior mean), originals over reconstructions: %s",
-                    loop.step, value, path)  # fmt: skip
+        logger.info(
+            "step %d: held-out PSNR %.2f dB (posterior mean), originals over reconstructions: %s",
+            loop.step,
+            value,
+            path,
+        )
 
     # ------------------------------------------------------------------------------------------------- the loop
     logger.info("%s; %d batches an epoch, %d steps", dataset.summary(), len(dataloader), config.max_train_steps)
-    if not resumed:
+    if loop.resumed_step is None:
         validate()  # the baseline, before any update
     with loop:
         for batch in loop.batches():
             with accelerator.accumulate(objective):
-                loss, rec, kl = objective(batch["pixel_values"].to(accelerator.device), generator)
+                loss, rec, kl = objective(batch["pixel_values"].to(accelerator.device), run.generator)
                 grad_norm = loop.backward_and_step(loss, optimizer, lr_scheduler, params)
             if not accelerator.sync_gradients:
                 continue
-            logs = {"reconstruction": rec.item(), "kl": kl.item(), "lr": lr_scheduler.get_last_lr()[0]}
-            loop.end_step(logs | ({} if grad_norm is None else {"grad_norm": grad_norm}))
+            loop.end_step(step_logs(lr_scheduler, grad_norm, reconstruction=rec.item(), kl=kl.item()))
             loop.checkpoint_if_due()
             if loop.due(config.validation_steps):
                 validate()
     if loop.stopped_early:
         accelerator.end_training()
-        return checkpoints_dir
+        return run.checkpoints_dir
 
     # ------------------------------------------------------------------------------------------- the final model
     if accelerator.is_main_process:
         scaling_factor, used = latent_scaling_factor(
-            vae, measure_train, batch_size=config.train_batch_size, limit=config.scaling_images,
+            vae,
+            measure_train,
+            batch_size=config.train_batch_size,
+            limit=config.scaling_images,
             device=accelerator.device,
-        )  # fmt: skip
+        )
         vae.register_to_config(scaling_factor=scaling_factor)
         vae.save_pretrained(output_dir / "vae", safe_serialization=True)
-        logger.info("latent scaling_factor %.5f (1 / std over %d training images); VAE saved to %s",
-                    scaling_factor, used, output_dir / "vae")  # fmt: skip
-        summary = loop.summary() | {"scaling_factor": scaling_factor, "scaling_images": used,
-                                    "data": dataset.summary_dict(), "config": to_dict(config)}  # fmt: skip
+        logger.info(
+            "latent scaling_factor %.5f (1 / std over %d training images); VAE saved to %s",
+            scaling_factor,
+            used,
+            output_dir / "vae",
+        )
+        summary = loop.summary() | {
+            "scaling_factor": scaling_factor,
+            "scaling_images": used,
+            "data": dataset.summary_dict(),
+            "config": to_dict(config),
+        }
         if metrics.data["history"]:
             summary["final_psnr"] = metrics.data["history"][-1]["psnr"]
             last = output_dir / "samples" / f"step-{metrics.data['history'][-1]['step']:06d}.png"
@@ -339,8 +340,7 @@ def train(config: AutoencoderTrainConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: train as the flags (and/or ``--config FILE``) say; print the output folder."""
-    return run_command(AutoencoderTrainConfig, train, argv, prog="python -m training.train_autoencoder",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    return run_command(AutoencoderTrainConfig, train, argv, "training.train_autoencoder", __doc__)
 
 
 if __name__ == "__main__":

@@ -45,22 +45,22 @@ from transformers import (
 
 from ldm.presets import PRESETS, build_text_encoder, get_preset
 from ldm.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
-from training.checkpoint import resolve_resume
 from training.command import (
     LR_SCHEDULES,
     LoopConfig,
-    MetricsFile,
     evaluation_batches,
+    evaluation_mode,
     load_records,
-    make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     make_train_dataloader,
     run_command,
+    start_run,
+    step_logs,
 )
 from training.config import ConfigError, help_field, to_dict
-from training.data import ImageCaptionDataset, ImageCaptionRecords
-from training.loop import TrainLoop
+from training.data import ImageCaptionDataset
+from training.record_formats import ImageCaptionRecords
 
 logger = logging.getLogger("training")
 
@@ -143,8 +143,12 @@ def build_tokenizer(config: TextEncoderTrainConfig, records: list[ImageCaptionRe
         return build_clip_tokenizer()
     captions = sorted({caption for rs in records for record in rs.records for caption in record.captions})
     tokenizer = build_clip_tokenizer(texts=captions)
-    logger.info("vocabulary of the %d distinct captions: %d tokens (CLIP's has %d)", len(captions), len(tokenizer),
-                CLIP_VOCAB_SIZE)  # fmt: skip
+    logger.info(
+        "vocabulary of the %d distinct captions: %d tokens (CLIP's has %d)",
+        len(captions),
+        len(tokenizer),
+        CLIP_VOCAB_SIZE,
+    )
     return tokenizer
 
 
@@ -176,8 +180,9 @@ def build_clip(config: TextEncoderTrainConfig, vocab_size: int = CLIP_VOCAB_SIZE
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> Tensor:
     """Token ids (B, 77) as Stable Diffusion encodes a prompt: BOS, tokens, EOS, padded, truncated at 77."""
-    return tokenizer(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
-                     return_tensors="pt").input_ids  # fmt: skip
+    return tokenizer(
+        captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def contrastive_loss(logits_per_text: Tensor, input_ids: Tensor) -> Tensor:
@@ -241,9 +246,7 @@ def evaluate_retrieval(
     Returns ``top1``, ``top5``, their chance levels (``chance_top1``, ``chance_top5``, averaged over images by
     :func:`retrieval_chance`), and the numbers of ``images`` and ``captions``.
     """
-    was_training = clip.training
-    clip.eval()
-    try:
+    with evaluation_mode(clip):
         image_embeds, own_captions = [], []
         for batch in evaluation_batches(dataset, batch_size, limit):
             image_embeds.append(_embed_images(clip, batch["pixel_values"].to(device)).cpu())
@@ -255,8 +258,6 @@ def evaluate_retrieval(
             own.append([candidates.setdefault(row, len(candidates)) for row in ids])
         ids = torch.tensor(list(candidates), dtype=torch.long)
         text_embeds = torch.cat([_embed_texts(clip, chunk.to(device)).cpu() for chunk in ids.split(batch_size)])
-    finally:
-        clip.train(was_training)
     similarity = torch.cat(image_embeds) @ text_embeds.t()  # (images, candidates)
     hits = {1: [], 5: []}
     chance = {1: [], 5: []}
@@ -279,18 +280,14 @@ def train(config: TextEncoderTrainConfig) -> Path:
     """Run (or resume) the training described by ``config``; returns the output folder (with ``text_encoder/`` and
     ``tokenizer/`` inside), or the checkpoints folder when a stop signal ended the run early."""
     # ---------------------------------------------------------------------------------------------------- set-up
-    config.validate()
-    output_dir = Path(config.output_dir)
-    accelerator = make_accelerator(config, "text-encoder")
-    # The data order is the loop's only randomness; the generator is checkpointed for any draw added later.
-    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
-    checkpoints_dir = output_dir / "checkpoints"
-    resume_from = resolve_resume(checkpoints_dir, config.resume)
+    run = start_run(config, "text-encoder")
+    accelerator, output_dir = run.accelerator, run.output_dir
 
     # ------------------------------------------------------------------------------------------------------ data
     records, held_out_records = load_records(config)
-    dataset = ImageCaptionDataset(records, resolution=config.resolution, crop=config.crop, flip=config.flip,
-                                  seed=config.seed)  # fmt: skip
+    dataset = ImageCaptionDataset(
+        records, resolution=config.resolution, crop=config.crop, flip=config.flip, seed=config.seed
+    )
     dataloader, batch_sampler = make_train_dataloader(dataset, config, accelerator)
     held_out = None
     if held_out_records is not None:
@@ -302,41 +299,55 @@ def train(config: TextEncoderTrainConfig) -> Path:
     if config.gradient_checkpointing:
         clip.gradient_checkpointing_enable()
     clip.train()
-    logger.info("CLIP with %.2fM parameters (text tower %.2fM)", sum(p.numel() for p in clip.parameters()) / 1e6,
-                sum(p.numel() for p in clip.text_model.parameters()) / 1e6)  # fmt: skip
+    logger.info(
+        "CLIP with %.2fM parameters (text tower %.2fM)",
+        sum(p.numel() for p in clip.parameters()) / 1e6,
+        sum(p.numel() for p in clip.text_model.parameters()) / 1e6,
+    )
 
     # ------------------------------------------------------------------------------------------------- optimizer
     params = [p for p in clip.parameters() if p.requires_grad]
     # As CLIP: no weight decay on gains, biases and the temperature (decay would pull the temperature to 1).
-    groups: Any = [{"params": [p for p in params if p.ndim >= 2]},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    groups: Any = [
+        {"params": [p for p in params if p.ndim >= 2]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     optimizer = make_optimizer(groups, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, accelerator)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(clip, optimizer, dataloader, lr_scheduler)
-    loop = TrainLoop(accelerator, dataloader, config, checkpoints_dir=checkpoints_dir,
-                     stateful={"clip": clip, "optimizer": optimizer, "lr_scheduler": lr_scheduler},
-                     generators={"train": generator}, epoch_setters=(batch_sampler, dataset))  # fmt: skip
-    resumed = loop.resume(resume_from) is not None
-    metrics = MetricsFile(output_dir / "metrics.json", resumed_step=loop.step if resumed else None)
+    stateful = {"clip": clip, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+    loop, metrics = run.start_loop(dataloader, stateful, epoch_setters=(batch_sampler, dataset))
 
     def validate() -> None:
         if held_out is None or held_out_records is None or not accelerator.is_main_process:
             return
         scores = evaluate_retrieval(
-            clip, tokenizer, held_out, held_out_records, batch_size=config.train_batch_size,
-            limit=config.max_validation_images, device=accelerator.device,
-        )  # fmt: skip
+            clip,
+            tokenizer,
+            held_out,
+            held_out_records,
+            batch_size=config.train_batch_size,
+            limit=config.max_validation_images,
+            device=accelerator.device,
+        )
         metrics.add(loop.step, {"top1": scores["top1"], "top5": scores["top5"]})
         metrics.update(**{k: scores[k] for k in ("chance_top1", "chance_top5", "images", "captions")})
         accelerator.log({"val_top1": scores["top1"], "val_top5": scores["top5"]}, step=loop.step)
-        logger.info("step %d: held-out caption retrieval top-1 %.3f, top-5 %.3f (chance %.3f, %.3f; %d images, "
-                    "%d captions)", loop.step, scores["top1"], scores["top5"], scores["chance_top1"],
-                    scores["chance_top5"], scores["images"], scores["captions"])  # fmt: skip
+        logger.info(
+            "step %d: held-out caption retrieval top-1 %.3f, top-5 %.3f (chance %.3f, %.3f; %d images, %d captions)",
+            loop.step,
+            scores["top1"],
+            scores["top5"],
+            scores["chance_top1"],
+            scores["chance_top5"],
+            scores["images"],
+            scores["captions"],
+        )
 
     # ------------------------------------------------------------------------------------------------- the loop
     logger.info("%s; %d batches an epoch, %d steps", dataset.summary(), len(dataloader), config.max_train_steps)
     max_logit_scale = math.log(config.max_logit_scale)
-    if not resumed:
+    if loop.resumed_step is None:
         validate()  # the baseline, before any update
     with loop:
         for batch in loop.batches():
@@ -349,14 +360,13 @@ def train(config: TextEncoderTrainConfig) -> Path:
                     clip.logit_scale.clamp_(0, max_logit_scale)
             if not accelerator.sync_gradients:
                 continue
-            logs = {"lr": lr_scheduler.get_last_lr()[0], "logit_scale": clip.logit_scale.exp().item()}
-            loop.end_step(logs | ({} if grad_norm is None else {"grad_norm": grad_norm}))
+            loop.end_step(step_logs(lr_scheduler, grad_norm, logit_scale=clip.logit_scale.exp().item()))
             loop.checkpoint_if_due()
             if loop.due(config.validation_steps):
                 validate()
     if loop.stopped_early:
         accelerator.end_training()
-        return checkpoints_dir
+        return run.checkpoints_dir
 
     # ------------------------------------------------------------------------------------------- the final model
     if accelerator.is_main_process:
@@ -365,16 +375,20 @@ def train(config: TextEncoderTrainConfig) -> Path:
         clip.save_pretrained(output_dir / "clip", safe_serialization=True)
         size = {"height": config.resolution, "width": config.resolution}
         # Training saw pixels in [-1, 1]: a processor that rescales to [0, 1] then normalises by 0.5 gives the same.
-        CLIPImageProcessor(size={"shortest_edge": config.resolution}, crop_size=size, image_mean=[0.5] * 3,
-                           image_std=[0.5] * 3).save_pretrained(output_dir / "clip")  # fmt: skip
+        CLIPImageProcessor(
+            size={"shortest_edge": config.resolution}, crop_size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ).save_pretrained(output_dir / "clip")
         tokenizer.save_pretrained(output_dir / "clip")
         summary = loop.summary() | {"data": dataset.summary_dict(), "config": to_dict(config)}
         if metrics.data["history"]:
             summary |= {f"final_{k}": metrics.data["history"][-1][k] for k in ("top1", "top5")}
         metrics.update(**summary)
         loop.save_loss_curve(output_dir / "loss.png")
-        logger.info("text encoder and tokenizer saved to %s (text_encoder/, tokenizer/), the CLIP to %s",
-                    output_dir, output_dir / "clip")  # fmt: skip
+        logger.info(
+            "text encoder and tokenizer saved to %s (text_encoder/, tokenizer/), the CLIP to %s",
+            output_dir,
+            output_dir / "clip",
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
@@ -382,8 +396,7 @@ def train(config: TextEncoderTrainConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: train as the flags (and/or ``--config FILE``) say; print the output folder."""
-    return run_command(TextEncoderTrainConfig, train, argv, prog="python -m training.train_text_encoder",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    return run_command(TextEncoderTrainConfig, train, argv, "training.train_text_encoder", __doc__)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from training.plots import line_chart
+from common.plots import line_chart
 
 
 def loss_curve_png(steps: Sequence[int], losses: Sequence[float], path: str | Path) -> Path:
@@ -20,8 +20,16 @@ def loss_curve_png(steps: Sequence[int], losses: Sequence[float], path: str | Pa
     return line_chart(path, series, title="training loss", xlabel="step", ylabel="loss", logy=True, markers=False)
 
 
-def write_model_card(folder: str | Path, *, base_model: str, data: dict[str, Any], config: dict[str, Any],
-                     steps: int, sample_grid_file: str | None, lora: bool) -> Path:  # fmt: skip
+def write_model_card(
+    folder: str | Path,
+    *,
+    base_model: str,
+    data: dict[str, Any],
+    config: dict[str, Any],
+    steps: int,
+    sample_grid_file: str | None,
+    lora: bool,
+) -> Path:
     """A ``README.md`` model card with Hub metadata: what the model started from, the data, the recipe, samples."""
     folder = Path(folder)
     tags = ["text-to-image", "diffusers", "latent-diffusion"] + (["lora"] if lora else [])
@@ -36,8 +44,16 @@ def write_model_card(folder: str | Path, *, base_model: str, data: dict[str, Any
     lines += ["```json", json.dumps(config, indent=2, default=str), "```", ""]
     if sample_grid_file:
         lines += ["## Samples", "", f"![validation samples]({sample_grid_file})", ""]
-    lines += ["## Use", "", "```python", "from pipelines import LatentDiffusionPipeline", "",
-              'pipe = LatentDiffusionPipeline.from_pretrained("path/to/this/folder")', "```", ""]  # fmt: skip
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from pipelines import LatentDiffusionPipeline",
+        "",
+        'pipe = LatentDiffusionPipeline.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+    ]
     path = folder / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

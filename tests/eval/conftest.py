@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from ldm.tokenizer import build_clip_tokenizer
-from pipelines.cli import save_png
+from pipelines.generate import save_png
 
 TINY_OPEN_CLIP = "test-tiny-open-clip"
 PROMPTS = ["a red circle on the left", "a blue square on the right", "noise", "a green circle"]
@@ -32,10 +32,18 @@ def tiny_open_clip(tmp_path_factory) -> str:
 
 
 def _clip_config() -> CLIPConfig:
-    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          projection_dim=16)  # fmt: skip
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
+    text = CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=16
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
 
 
@@ -46,8 +54,9 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         CLIPModel(_clip_config()).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
-                       image_std=[0.5] * 3).save_pretrained(path)  # fmt: skip
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(path)
     build_clip_tokenizer().save_pretrained(path)
     return path
 
@@ -55,8 +64,10 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 def prompt_images(n: int = 4, size: tuple[int, int] = (32, 32)) -> list[Image.Image]:
     """``n`` images to go with :data:`PROMPTS`: red, blue, noise, green, then again."""
     colours = [(220, 30, 30), (40, 60, 220), None, (30, 170, 60)]
-    return [Image.new("RGB", size, colours[i % 4]) if colours[i % 4] else Image.effect_noise(size, 60).convert("RGB")
-            for i in range(n)]  # fmt: skip
+    return [
+        Image.new("RGB", size, colours[i % 4]) if colours[i % 4] else Image.effect_noise(size, 60).convert("RGB")
+        for i in range(n)
+    ]
 
 
 def txt2img_folder(folder: Path, n: int = 4) -> Path:

@@ -1,5 +1,5 @@
 """eval.adherence scores only what a prompt asks and writes a JSON report and a grid of misses; the command runs on
-txt2img output and on an image folder (the analyzer itself: test_shape_analysis)."""
+txt2img output and on an image folder (the analyzer itself: tests/shapes/test_analysis.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from eval.adherence import adherence_prompts, main, misses_grid, score_images
-from training.make_shapes_dataset import main as make_dataset_main
-from training.shapes import ANCHORS, ATTRIBUTES, ShapeSpec, parse_prompt, render
+from shapes.make_dataset import main as make_dataset_main
+from shapes.world import ANCHORS, ATTRIBUTES, ShapeSpec, parse_prompt, render
 
 
 def _scene(colour: str, shape: str, position: str, size: int = 64) -> Image.Image:

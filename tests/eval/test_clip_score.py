@@ -59,8 +59,9 @@ def test_transformers_clip_score_matches_the_clip_model_forward(tiny_clip_dir: P
     # transformers' own forward: logits_per_image = exp(logit_scale) * cos(image_i, text_j).
     clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
     pixel_values = CLIPImageProcessor.from_pretrained(tiny_clip_dir)(images=images, return_tensors="pt").pixel_values
-    input_ids = build_clip_tokenizer()(PROMPTS, padding="max_length", max_length=77, truncation=True,
-                                       return_tensors="pt").input_ids  # fmt: skip
+    input_ids = build_clip_tokenizer()(
+        PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         output = clip(input_ids=input_ids, pixel_values=pixel_values)
     cosine = output.logits_per_image.diagonal() / clip.logit_scale.exp()
@@ -85,8 +86,10 @@ def test_clip_score_command_line(tiny_clip_dir: Path, tmp_path: Path, capsys) ->
     folder = txt2img_folder(tmp_path / "gen")
     (folder / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "clip_score.json"
-    assert main(["--images", str(folder), "--model", f"clip:{tiny_clip_dir}", "--batch-size", "3",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["--images", str(folder), "--model", f"clip:{tiny_clip_dir}", "--batch-size", "3", "--out", str(out)])
+        == 0
+    )
     result = json.loads(out.read_text())
     expected = score_images(load_clip_model(str(tiny_clip_dir)), prompt_images(), PROMPTS).tolist()
     assert [s["score"] for s in result["scores"]] == pytest.approx(expected, rel=1e-6, abs=1e-6)

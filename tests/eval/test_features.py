@@ -1,5 +1,5 @@
-"""Tests for eval.features: spec parsing and its errors, the errors of missing files, the lazy re-exports of the
-extractors that moved to eval.inception and eval.clip_features, PIL images and tensors, and ModuleFeatures."""
+"""Tests for eval.features: spec parsing and its errors, the errors of missing files, PIL images and tensors, and
+ModuleFeatures."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import eval.clip_features
-import eval.features
-import eval.inception
 from eval.features import FeatureSpec, ModuleFeatures, load_feature_extractor, parse_feature_spec
 
 
@@ -45,8 +42,11 @@ def test_parse_feature_spec_errors(spec: str, message: str) -> None:
 
 
 def test_missing_files_name_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"not found; download pytorch-fid's pt_inception-2015-12-05-6726825d.pth.*"
-                       r"pass --features inception:/path/to/it"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"not found; download pytorch-fid's pt_inception-2015-12-05-6726825d.pth.*"
+        r"pass --features inception:/path/to/it",
+    ):
         load_feature_extractor(f"inception:{tmp_path / 'missing.pth'}")
     with pytest.raises(ValueError, match=r"not found; download the weights of ViT-B-32 .*open_clip:ViT-B-32:/path"):
         load_feature_extractor(f"open_clip:ViT-B-32:{tmp_path / 'missing.bin'}")
@@ -59,17 +59,6 @@ def test_missing_files_name_the_fix(tmp_path: Path) -> None:
     (tmp_path / "weights.npy").write_bytes(b"")
     with pytest.raises(ValueError, match="must be .safetensors or a PyTorch"):
         load_feature_extractor(f"inception:{tmp_path / 'weights.npy'}")
-
-
-def test_moved_extractors_are_re_exported() -> None:
-    from eval.features import FID_WEIGHTS_NAME, InceptionV3Features, OpenCLIPFeatures, TransformersCLIPFeatures
-
-    assert InceptionV3Features is eval.inception.InceptionV3Features
-    assert FID_WEIGHTS_NAME == "pt_inception-2015-12-05-6726825d.pth"
-    assert OpenCLIPFeatures is eval.clip_features.OpenCLIPFeatures
-    assert TransformersCLIPFeatures is eval.clip_features.TransformersCLIPFeatures
-    with pytest.raises(AttributeError, match="has no attribute 'ResNetFeatures'"):
-        eval.features.ResNetFeatures  # noqa: B018
 
 
 def test_tensors_and_pil_images_give_the_same_features(tiny_open_clip: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.fid import fid_from_features, frechet_distance, image_statistics, kid, main, mmd2_unbiased
+from eval.fid import fid_from_features, frechet_distance, image_statistics, kid, main, mmd2_unbiased, reader_fid
 from tests.training.conftest import draw_shapes_folder
 
 
@@ -158,13 +158,31 @@ def test_fid_command_line_writes_json(tiny_open_clip: str, tmp_path: Path, capsy
         Image.effect_noise((64, 64), 40 + 10 * i).convert("RGB").save(fake / f"{i}.jpg")
     (fake / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "fid.json"
-    argv = ["--real", str(real), "--fake", str(tmp_path / "fake"), "--features", f"open_clip:{tiny_open_clip}",
-            "--kid-subset-size", "5", "--kid-subsets", "10", "--batch-size", "4", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--real",
+        str(real),
+        "--fake",
+        str(tmp_path / "fake"),
+        "--features",
+        f"open_clip:{tiny_open_clip}",
+        "--kid-subset-size",
+        "5",
+        "--kid-subsets",
+        "10",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert result["real"]["count"] == 8 and result["fake"] == {"source": str(tmp_path / "fake"), "count": 6,
-                                                              "unreadable": 1}  # fmt: skip
+    assert result["real"]["count"] == 8 and result["fake"] == {
+        "source": str(tmp_path / "fake"),
+        "count": 6,
+        "unreadable": 1,
+    }
     assert result["features"] == f"open_clip:{tiny_open_clip}" and result["feature_dim"] == 16
+    assert result["comparable_to_published"] is False  # only Inception with pytorch-fid's weights is
     assert result["fid"] > 0 and result["kid"]["subset_size"] == 5 and result["kid"]["subsets"] == 10
     printed = capsys.readouterr().out
     assert f"FID {result['fid']:.4f}" in printed and "KID " in printed and " ± " in printed
@@ -182,3 +200,38 @@ def test_fid_command_line_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert err.startswith("error: Inception weights file") and err.count("\n") == 1
     assert main(argv + ["--features", "vgg:/x"]) == 2
     assert "unknown feature extractor spec" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ for readers
+
+
+def _result(fid: float, features: str, real: int, fake: int, comparable: bool = False) -> dict:
+    """The part of eval.fid's JSON that reader_fid reads."""
+    counts = {"real": {"count": real}, "fake": {"count": fake}}
+    return {"fid": fid, "features": features, "comparable_to_published": comparable, **counts}
+
+
+def test_reader_fid_puts_only_standard_inception_fid_on_the_published_scale() -> None:
+    inception = "inception-v3 pool3 (TF FID pooling)"
+    shown = reader_fid(_result(12.3456, inception, 50000, 10000, comparable=True))
+    assert shown.comparable_to_published and shown.value == "12.35"
+    assert "Inception-v3, pytorch-fid's standard weights; comparable to published FIDs" in shown.label
+    assert "10000 generated vs 50000 real images" in shown.label
+    floor = _result(2.0, inception, 50000, 50000, comparable=True)
+    assert reader_fid(_result(12.3456, inception, 50000, 10000, True), floor).value.startswith("12.35 (real-vs-real")
+
+
+def test_reader_fid_names_other_features_and_reports_the_ratio_to_the_real_floor() -> None:
+    fid, floor = _result(0.0312, "clip:clip", 300, 300), _result(0.0104, "clip:clip", 300, 300)
+    shown = reader_fid(fid, floor, features_name="the recipe's CLIP image tower")
+    assert not shown.comparable_to_published
+    assert shown.label.startswith("FID in the recipe's CLIP image tower (clip:clip) features, not Inception FID")
+    assert "not comparable to published FIDs" in shown.label
+    assert shown.value == "3.0x the real-vs-real floor (FID 0.0312; floor 0.0104, 300 vs 300 real images)"
+    # Inception with other weights is not on the published scale either
+    other = reader_fid(_result(8.0, "inception-v3 pool3", 10, 10), _result(4.0, "inception-v3 pool3", 10, 10))
+    assert not other.comparable_to_published and other.value.startswith("2.0x the real-vs-real floor")
+    with pytest.raises(ValueError, match="no published scale; report it with its real-vs-real floor"):
+        reader_fid(fid)
+    with pytest.raises(ValueError, match="floor was measured in 'open_clip:x' features, the FID in 'clip:clip'"):
+        reader_fid(fid, _result(0.01, "open_clip:x", 300, 300))

@@ -40,8 +40,10 @@ def test_sweep_matches_metrics_of_independently_generated_images(tiny_sd_dir, tm
     # independent reference: the pipeline called directly, image i with seed i, then the metrics
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
     prompts = adherence_prompts(4, 1)
-    images = [pipe(p, guidance_scale=4.0, num_inference_steps=2, generator=torch.Generator().manual_seed(i)).images[0]
-              for i, p in enumerate(prompts)]  # fmt: skip
+    images = [
+        pipe(p, guidance_scale=4.0, num_inference_steps=2, generator=torch.Generator().manual_seed(i)).images[0]
+        for i, p in enumerate(prompts)
+    ]
     report = score_images(images, prompts)
     row = result["rows"][1]
     assert row["all_correct"] == report.all_correct_rate() and row["colour"] == report.part_accuracy()["colour"]

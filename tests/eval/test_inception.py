@@ -26,8 +26,11 @@ def test_state_dict_files_unwrap_checkpoints(tmp_path: Path) -> None:
 
 
 def _images() -> list[Image.Image]:
-    return [Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGBA", (40, 40), (20, 40, 220, 128)),
-            Image.effect_noise((50, 70), 60).convert("RGB")]  # fmt: skip
+    return [
+        Image.new("RGB", (64, 48), (200, 30, 30)),
+        Image.new("RGBA", (40, 40), (20, 40, 220, 128)),
+        Image.effect_noise((50, 70), 60).convert("RGB"),
+    ]
 
 
 def test_inception_features_match_torchvision_forward(tmp_path: Path, caplog) -> None:
@@ -42,9 +45,10 @@ def test_inception_features_match_torchvision_forward(tmp_path: Path, caplog) ->
     features = extractor(images)
     # The reference: torchvision's own forward with the classifier removed, on pytorch-fid's preprocessing.
     model.fc = torch.nn.Identity()
-    pixels = [torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
-              for image in (images[0], Image.alpha_composite(Image.new("RGBA", (40, 40), "white"), images[1]),
-                            images[2])]  # fmt: skip
+    pixels = [
+        torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+        for image in (images[0], Image.alpha_composite(Image.new("RGBA", (40, 40), "white"), images[1]), images[2])
+    ]
     x = torch.cat([torch.nn.functional.interpolate(p, size=(299, 299), mode="bilinear") for p in pixels])
     with torch.no_grad():
         expected = model(2 * x - 1)

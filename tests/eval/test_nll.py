@@ -87,15 +87,17 @@ def _toy_model(x_t: Tensor, t: Tensor) -> Tensor:
 def test_strided_estimate_averages_to_the_exact_bound_over_offsets() -> None:
     alphas_cumprod = torch.tensor(_sd_schedule(41), dtype=torch.float32)
     x0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
-    exact = variational_bound_bpd(_toy_model, x0, alphas_cumprod, torch.Generator().manual_seed(3),
-                                  decoder_nll="continuous")  # fmt: skip
+    exact = variational_bound_bpd(
+        _toy_model, x0, alphas_cumprod, torch.Generator().manual_seed(3), decoder_nll="continuous"
+    )
     stride_1 = strided_variational_bound_bpd(_toy_model, x0, alphas_cumprod, torch.Generator().manual_seed(3))
     torch.testing.assert_close(stride_1.total_bpd, exact.total_bpd, rtol=1e-6, atol=1e-6)
     stride = 3  # 40 denoising terms: 14, 13, 13 per offset, so the residue classes are not all the same size
     estimates = []
     for offset in range(stride):
-        bound = strided_variational_bound_bpd(_toy_model, x0, alphas_cumprod, torch.Generator().manual_seed(3),
-                                              stride=stride, offset=offset)  # fmt: skip
+        bound = strided_variational_bound_bpd(
+            _toy_model, x0, alphas_cumprod, torch.Generator().manual_seed(3), stride=stride, offset=offset
+        )
         # Same seed: every x_t is drawn as in the exact run, so the evaluated terms are the exact run's.
         torch.testing.assert_close(bound.terms_bpd, exact.terms_bpd[:, bound.timesteps])
         estimates.append(bound.total_bpd)
@@ -111,8 +113,9 @@ def test_strided_timesteps_and_their_errors() -> None:
 
 
 def test_pipeline_bound_equals_the_bound_computed_by_hand(tiny_components: dict) -> None:
-    tiny_components["scheduler"] = DDPMScheduler(num_train_timesteps=12, beta_schedule="scaled_linear",
-                                                 beta_start=0.00085, beta_end=0.012)  # fmt: skip
+    tiny_components["scheduler"] = DDPMScheduler(
+        num_train_timesteps=12, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     pipe = LatentDiffusionPipeline(**tiny_components)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
     captions = ["a red circle on the left", ""]
@@ -122,9 +125,12 @@ def test_pipeline_bound_equals_the_bound_computed_by_hand(tiny_components: dict)
         ids = pipe.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
         embeds = pipe.text_encoder(ids)[0]
         expected = variational_bound_bpd(
-            lambda x_t, t: pipe.unet(x_t, t, encoder_hidden_states=embeds).sample, latents,
-            pipe.scheduler.alphas_cumprod, torch.Generator().manual_seed(5), decoder_nll="continuous",
-        )  # fmt: skip
+            lambda x_t, t: pipe.unet(x_t, t, encoder_hidden_states=embeds).sample,
+            latents,
+            pipe.scheduler.alphas_cumprod,
+            torch.Generator().manual_seed(5),
+            decoder_nll="continuous",
+        )
     torch.testing.assert_close(bound.total_bpd, expected.total_bpd, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bound.terms_bpd, expected.terms_bpd[:, 1:], rtol=1e-5, atol=1e-6)
 
@@ -132,15 +138,29 @@ def test_pipeline_bound_equals_the_bound_computed_by_hand(tiny_components: dict)
 def test_plot_draws_the_terms(tmp_path: Path) -> None:
     path = plot_terms_png([1, 2, 3, 500], [1.0, 0.1, 0.01, 0.0], tmp_path / "terms.png", title="t")
     pixels = np.asarray(Image.open(path).convert("RGB"))
-    # training.plots.line_chart's 6.4 x 4 in figure at 100 dpi; the line in matplotlib's first colour, C0 (#1f77b4).
+    # common.plots.line_chart's 6.4 x 4 in figure at 100 dpi; the line in matplotlib's first colour, C0 (#1f77b4).
     assert pixels.shape == (400, 640, 3) and (pixels == [31, 119, 180]).all(axis=-1).sum() > 50
 
 
 def test_nll_command_line_writes_json_and_plot(tiny_sd_dir: str, tmp_path: Path, capsys) -> None:
     data = draw_shapes_folder(tmp_path / "held_out", n=4, size=64)
     out = tmp_path / "results" / "nll.json"
-    argv = ["--model", tiny_sd_dir, "--data", str(data), "--num-images", "3", "--batch-size", "2",
-            "--timesteps-stride", "250", "--seed", "1", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--model",
+        tiny_sd_dir,
+        "--data",
+        str(data),
+        "--num-images",
+        "3",
+        "--batch-size",
+        "2",
+        "--timesteps-stride",
+        "250",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     bpd = result["bpd"]

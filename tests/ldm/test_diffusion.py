@@ -7,44 +7,28 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as diffusers_rescale_zero_terminal_snr
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from diffusers.training_utils import compute_snr
-from torch.distributions import Normal
 
 from ldm.diffusion import (
-    PARAMETERISATIONS,
-    alphas_cumprod_from_betas,
-    convert_prediction,
+    PREDICTION_TYPES,
     diffusion_loss,
-    eps_to_score,
     eps_to_x0,
     get_velocity,
     loss_weights,
-    make_beta_schedule,
     posterior_log_variance_clipped,
-    posterior_mean_coefficients,
     posterior_mean_variance,
-    posterior_variance,
+    predict_x0,
     q_mean_variance,
     q_sample,
     q_sample_from,
-    rescale_zero_terminal_snr,
-    score_to_eps,
     snr,
     training_target,
-    v_to_eps,
     v_to_x0,
-    x0_to_eps,
 )
 
 T = 1000
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}
-# (our schedule name, DDPMScheduler kwargs for the same schedule)
-SCHEDULES = [
-    ("linear", {"beta_schedule": "linear"}),
-    ("scaled_linear", {"beta_schedule": "scaled_linear", **SD_BETAS}),
-    ("cosine", {"beta_schedule": "squaredcos_cap_v2"}),
-]
 
 
 def _linear_alpha_bar(t: int, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = T) -> float:
@@ -53,91 +37,21 @@ def _linear_alpha_bar(t: int, beta_start: float = 1e-4, beta_end: float = 0.02, 
     return math.prod(1 - (beta_start + i * step) for i in range(t + 1))
 
 
+def _alphas_cumprod(name: str = "linear", *, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """alpha_bar of DDPM's linear (1e-4 .. 0.02) or Stable Diffusion's scaled_linear schedule in float64 (diffusers'
+    schedulers hold float32, too coarse for the closed-form checks), optionally rescaled by diffusers' zero-terminal-
+    SNR function, the one the trainer uses through ``rescale_betas_zero_snr=True``."""
+    if name == "linear":
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    else:
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1 - betas, dim=0)
+
+
 def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------- schedules
-
-
-def test_linear_schedule_is_ddpm_default() -> None:
-    betas = make_beta_schedule("linear")
-    assert betas.shape == (T,)
-    assert betas[0].item() == pytest.approx(1e-4, abs=1e-15)
-    assert betas[-1].item() == pytest.approx(0.02, abs=1e-15)
-    torch.testing.assert_close(betas.diff(), torch.full((T - 1,), (0.02 - 1e-4) / 999, dtype=torch.float64))
-
-
-def test_scaled_linear_schedule_is_stable_diffusion() -> None:
-    betas = make_beta_schedule("scaled_linear")
-    assert betas[0].item() == pytest.approx(0.00085, abs=1e-15)
-    assert betas[-1].item() == pytest.approx(0.012, abs=1e-15)
-    step = (math.sqrt(0.012) - math.sqrt(0.00085)) / (T - 1)
-    torch.testing.assert_close(betas.sqrt().diff(), torch.full((T - 1,), step, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("t", [0, 1, 250, 500, 900])
-def test_cosine_alphas_cumprod_matches_nichol_dhariwal_formula(t: int) -> None:
-    def f(u: float) -> float:
-        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("cosine"))
-    # 0-indexed step t is Nichol & Dhariwal's t + 1: alpha_bar = f((t + 1) / T) / f(0) (their eq. 17).
-    assert alphas_cumprod[t].item() == pytest.approx(f((t + 1) / T) / f(0), rel=1e-12)
-
-
-def test_cosine_betas_are_clipped_at_0999() -> None:
-    betas = make_beta_schedule("cosine")
-    assert betas.max().item() == pytest.approx(0.999)
-    assert betas[-1].item() == pytest.approx(0.999)
-
-
-@pytest.mark.parametrize(("name", "scheduler_kwargs"), SCHEDULES)
-def test_schedules_match_diffusers(name: str, scheduler_kwargs: dict) -> None:
-    scheduler = DDPMScheduler(num_train_timesteps=T, **scheduler_kwargs)
-    betas = make_beta_schedule(name, T, scheduler_kwargs.get("beta_start"), scheduler_kwargs.get("beta_end"))
-    torch.testing.assert_close(betas, scheduler.betas.double(), rtol=0, atol=1e-6)
-    alphas_cumprod = alphas_cumprod_from_betas(betas)
-    torch.testing.assert_close(alphas_cumprod, scheduler.alphas_cumprod.double(), rtol=0, atol=1e-6)
-
-
-def test_diffusers_schedule_name_is_an_alias_of_cosine() -> None:
-    torch.testing.assert_close(make_beta_schedule("squaredcos_cap_v2", 50), make_beta_schedule("cosine", 50))
-
-
-def test_schedule_dtype_and_alphas_cumprod_dtype() -> None:
-    betas = make_beta_schedule("linear", 10, dtype=torch.float32)
-    assert betas.dtype == torch.float32
-    assert alphas_cumprod_from_betas(betas).dtype == torch.float32
-
-
-def test_unknown_schedule_name_lists_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match="beta schedule name.*'linear'.*'scaled_linear'.*'cosine'.*got 'sigmoid'"):
-        make_beta_schedule("sigmoid")  # type: ignore[arg-type]
-
-
-def test_non_positive_num_timesteps_is_rejected() -> None:
-    with pytest.raises(ValueError, match="num_timesteps"):
-        make_beta_schedule("linear", 0)
-
-
-@pytest.mark.parametrize(("name", "scheduler_kwargs"), SCHEDULES)
-def test_zero_terminal_snr_matches_diffusers(name: str, scheduler_kwargs: dict) -> None:
-    betas = make_beta_schedule(name, T, scheduler_kwargs.get("beta_start"), scheduler_kwargs.get("beta_end"))
-    rescaled = rescale_zero_terminal_snr(betas)
-    torch.testing.assert_close(rescaled, diffusers_rescale_zero_terminal_snr(betas.clone()), rtol=0, atol=1e-12)
-    scheduler = DDPMScheduler(num_train_timesteps=T, rescale_betas_zero_snr=True, **scheduler_kwargs)
-    alphas_cumprod = alphas_cumprod_from_betas(rescaled)
-    torch.testing.assert_close(alphas_cumprod, scheduler.alphas_cumprod.double(), rtol=0, atol=1e-6)
-
-
-def test_zero_terminal_snr_zeroes_last_and_keeps_first_alpha_bar() -> None:
-    betas = make_beta_schedule("scaled_linear")
-    alphas_cumprod = alphas_cumprod_from_betas(rescale_zero_terminal_snr(betas))
-    assert alphas_cumprod[-1].item() == 0.0
-    assert alphas_cumprod[0].item() == pytest.approx(1 - 0.00085, rel=1e-12)
-    assert snr(alphas_cumprod, T - 1).item() == 0.0
-    assert bool((alphas_cumprod.diff() < 0).all())
 
 
 # ------------------------------------------------------------------------------------------------------------- SNR
@@ -151,8 +65,32 @@ def test_snr_matches_diffusers_compute_snr() -> None:
     torch.testing.assert_close(ours, compute_snr(scheduler, timesteps), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["linear", "scaled_linear"])
+def test_float64_test_schedules_are_diffusers_schedules(name: str) -> None:
+    for zero_terminal_snr in (False, True):
+        scheduler = DDPMScheduler(
+            num_train_timesteps=T,
+            beta_schedule=name,
+            rescale_betas_zero_snr=zero_terminal_snr,
+            **(SD_BETAS if name == "scaled_linear" else {}),
+        )
+        expected = scheduler.alphas_cumprod.double()
+        torch.testing.assert_close(
+            _alphas_cumprod(name, zero_terminal_snr=zero_terminal_snr), expected, atol=1e-6, rtol=0
+        )
+
+
+def test_snr_is_zero_at_the_last_step_of_a_zero_terminal_snr_schedule() -> None:
+    scheduler = DDPMScheduler(
+        num_train_timesteps=T, beta_schedule="scaled_linear", rescale_betas_zero_snr=True, **SD_BETAS
+    )
+    values = snr(scheduler.alphas_cumprod, torch.tensor([0, T - 2, T - 1]))
+    assert values[-1].item() == 0.0 and bool((values[:-1] > 0).all())
+    torch.testing.assert_close(values, compute_snr(scheduler, torch.tensor([0, T - 2, T - 1])))
+
+
 def test_snr_closed_form() -> None:
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
+    alphas_cumprod = _alphas_cumprod("linear")
     for t in (0, 300, 999):
         ab = _linear_alpha_bar(t)
         assert snr(alphas_cumprod, t).item() == pytest.approx(ab / (1 - ab), rel=1e-10)
@@ -172,7 +110,7 @@ def test_q_sample_matches_diffusers_add_noise() -> None:
 
 def test_q_sample_statistics_match_ddpm_eq4() -> None:
     n, t = 200_000, 300
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
+    alphas_cumprod = _alphas_cumprod("linear")
     ab = _linear_alpha_bar(t)
     x0 = torch.tensor([[0.7], [-1.3]], dtype=torch.float64).repeat_interleave(n, dim=0)
     x_t = q_sample(x0, t, _randn(2 * n, 1, seed=3, dtype=torch.float64), alphas_cumprod).view(2, n)
@@ -184,7 +122,7 @@ def test_q_sample_statistics_match_ddpm_eq4() -> None:
 def test_q_sample_from_continues_the_forward_process() -> None:
     # q(x_t | x_s) is DDPM eq. 2 applied from step s + 1 to t: mean and variance from a loop over the single steps.
     n, s, t = 200_000, 200, 450
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
+    alphas_cumprod = _alphas_cumprod("linear")
     ratio = _linear_alpha_bar(t) / _linear_alpha_bar(s)
     x_s = torch.tensor([[0.7], [-1.3]], dtype=torch.float64).repeat_interleave(n, dim=0)
     x_t = q_sample_from(x_s, s, t, _randn(2 * n, 1, seed=4, dtype=torch.float64), alphas_cumprod).view(2, n)
@@ -194,7 +132,7 @@ def test_q_sample_from_continues_the_forward_process() -> None:
 
 
 def test_q_sample_from_the_data_is_q_sample_and_composes_to_it() -> None:
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("scaled_linear"))
+    alphas_cumprod = _alphas_cumprod("scaled_linear")
     x0, e1, e2 = (_randn(3, 4, 8, 8, seed=k, dtype=torch.float64) for k in (5, 6, 7))
     t = torch.tensor([0, 300, 999])
     torch.testing.assert_close(q_sample_from(x0, -1, t, e1, alphas_cumprod), q_sample(x0, t, e1, alphas_cumprod))
@@ -209,7 +147,7 @@ def test_q_sample_from_the_data_is_q_sample_and_composes_to_it() -> None:
 
 
 def test_q_mean_variance_closed_form() -> None:
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
+    alphas_cumprod = _alphas_cumprod("linear")
     x0 = _randn(2, 3, 4, 4, dtype=torch.float64)
     t = torch.tensor([100, 700])
     mean, variance, log_variance = q_mean_variance(x0, t, alphas_cumprod)
@@ -227,7 +165,7 @@ def test_q_mean_variance_closed_form() -> None:
 @pytest.mark.parametrize("t", [1, 10, 500, 999])
 def test_posterior_matches_bayes_rule(t: int) -> None:
     """Gaussian product of q(x_{t-1} | x_0) = N(sqrt(ab') x0, 1 - ab') and q(x_t | x_{t-1}) = N(sqrt(a) x_{t-1}, b)."""
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
+    alphas_cumprod = _alphas_cumprod("linear")
     beta = 1e-4 + t * (0.02 - 1e-4) / (T - 1)
     ab_prev = _linear_alpha_bar(t - 1)
     precision = 1 / (1 - ab_prev) + (1 - beta) / beta
@@ -240,17 +178,18 @@ def test_posterior_matches_bayes_rule(t: int) -> None:
     assert ours_mean.item() == pytest.approx(mean, rel=1e-10)
     assert ours_var.item() == pytest.approx(1 / precision, rel=1e-10)
     assert ours_log_var.item() == pytest.approx(-math.log(precision), rel=1e-10)
-    assert posterior_variance(alphas_cumprod, t).item() == pytest.approx(1 / precision, rel=1e-10)
 
 
 def test_posterior_at_first_step_is_the_data() -> None:
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
-    coef_x0, coef_xt = posterior_mean_coefficients(alphas_cumprod, 0)
-    assert (coef_x0.item(), coef_xt.item()) == pytest.approx((1.0, 0.0), abs=1e-12)
-    assert posterior_variance(alphas_cumprod, 0).item() == 0.0
+    alphas_cumprod = _alphas_cumprod("linear")
+    x0, x_t = _randn(1, 4, dtype=torch.float64, seed=1), _randn(1, 4, dtype=torch.float64, seed=2)
+    mean, variance, _ = posterior_mean_variance(x0, x_t, 0, alphas_cumprod)
+    torch.testing.assert_close(mean, x0, rtol=0, atol=1e-12)
+    assert variance.abs().max().item() == 0.0
     # improved-diffusion's clipping: log tilde_beta_0 (= -inf) is replaced by log tilde_beta_1.
+    _, variance_1, _ = posterior_mean_variance(x0, x_t, 1, alphas_cumprod)
     clipped = posterior_log_variance_clipped(alphas_cumprod, torch.tensor([0, 1]))
-    assert clipped[0].item() == clipped[1].item() == pytest.approx(math.log(posterior_variance(alphas_cumprod, 1)))
+    assert clipped[0].item() == clipped[1].item() == pytest.approx(math.log(variance_1[0, 0].item()))
 
 
 def test_posterior_variance_matches_diffusers_fixed_small() -> None:
@@ -259,7 +198,9 @@ def test_posterior_variance_matches_diffusers_fixed_small() -> None:
     )
     timesteps = torch.tensor([0, 1, 2, 50, 500, 998, 999])
     expected = torch.stack([scheduler._get_variance(int(t)) for t in timesteps])
-    torch.testing.assert_close(posterior_variance(scheduler.alphas_cumprod, timesteps), expected, rtol=1e-6, atol=1e-6)
+    x = torch.zeros(len(timesteps), 1)
+    _, variance, _ = posterior_mean_variance(x, x, timesteps, scheduler.alphas_cumprod)
+    torch.testing.assert_close(variance[:, 0], expected, rtol=1e-6, atol=1e-6)
 
 
 def _float64_ddpm_scheduler(**kwargs) -> DDPMScheduler:
@@ -292,7 +233,7 @@ def test_posterior_mean_matches_diffusers_step(prediction_type: str, t: int) -> 
     expected_mean = out.prev_sample - scheduler._get_variance(t).sqrt() * z if t > 0 else out.prev_sample
 
     ac = scheduler.alphas_cumprod
-    x0_pred = convert_prediction(model_output, x_t, t, ac, prediction_type, "sample")
+    x0_pred = predict_x0(model_output, x_t, t, ac, prediction_type)
     torch.testing.assert_close(x0_pred, out.pred_original_sample, rtol=1e-6, atol=1e-6)
     mean, _, _ = posterior_mean_variance(x0_pred, x_t, t, ac)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-6, atol=1e-6)
@@ -302,8 +243,8 @@ def test_posterior_mean_matches_diffusers_step(prediction_type: str, t: int) -> 
 
 
 def _true_predictions(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_t and the true eps, x_0, v and score for it, from DDPM eq. 4 and Salimans & Ho's v by hand."""
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("scaled_linear"))
+    """x_t and the true eps, x_0 and v for it, from DDPM eq. 4 and Salimans & Ho's v by hand."""
+    alphas_cumprod = _alphas_cumprod("scaled_linear")
     t = torch.tensor([0, 3, 400, 999])
     x0, eps = (
         _randn(4, 3, 5, 5, seed=seed, dtype=torch.float64),
@@ -312,34 +253,27 @@ def _true_predictions(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Ten
     alpha = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     x_t = alpha * x0 + sigma * eps
-    truth = {"epsilon": eps, "sample": x0, "v_prediction": alpha * eps - sigma * x0, "score": -eps / sigma}
+    truth = {"epsilon": eps, "sample": x0, "v_prediction": alpha * eps - sigma * x0}
     return truth, x_t, t, alphas_cumprod
 
 
-@pytest.mark.parametrize("source", PARAMETERISATIONS)
-@pytest.mark.parametrize("target", PARAMETERISATIONS)
-def test_convert_prediction_between_all_parameterisations(source: str, target: str) -> None:
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_predict_x0_from_every_prediction_type(prediction_type: str) -> None:
     truth, x_t, t, alphas_cumprod = _true_predictions()
-    converted = convert_prediction(truth[source], x_t, t, alphas_cumprod, source, target)
-    torch.testing.assert_close(converted, truth[target], rtol=1e-9, atol=1e-9)
+    x0_pred = predict_x0(truth[prediction_type], x_t, t, alphas_cumprod, prediction_type)
+    torch.testing.assert_close(x0_pred, truth["sample"], rtol=1e-9, atol=1e-9)
+    with pytest.raises(
+        ValueError, match="prediction_type must be one of 'epsilon', 'sample', 'v_prediction'; got 'x0'"
+    ):
+        predict_x0(x_t, x_t, t, alphas_cumprod, "x0")  # type: ignore[arg-type]
 
 
-def test_individual_conversions_round_trip() -> None:
+def test_individual_conversions_match_the_truth() -> None:
     truth, x_t, t, ac = _true_predictions(seed=7)
     eps, x0, v = truth["epsilon"], truth["sample"], truth["v_prediction"]
-    torch.testing.assert_close(eps_to_x0(x0_to_eps(x0, x_t, t, ac), x_t, t, ac), x0)
-    torch.testing.assert_close(x0_to_eps(eps_to_x0(eps, x_t, t, ac), x_t, t, ac), eps)
-    torch.testing.assert_close(get_velocity(v_to_x0(v, x_t, t, ac), v_to_eps(v, x_t, t, ac), t, ac), v)
-    torch.testing.assert_close(score_to_eps(eps_to_score(eps, t, ac), t, ac), eps)
-
-
-def test_score_is_the_gradient_of_log_q() -> None:
-    """-eps / sigma_t equals grad_{x_t} log N(x_t; sqrt(ab) x0, 1 - ab) computed by autograd."""
-    truth, x_t, t, alphas_cumprod = _true_predictions(seed=9)
-    ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = x_t.clone().requires_grad_(True)
-    Normal(ab.sqrt() * truth["sample"], (1 - ab).sqrt()).log_prob(x_t).sum().backward()
-    torch.testing.assert_close(eps_to_score(truth["epsilon"], t, alphas_cumprod), x_t.grad)
+    torch.testing.assert_close(eps_to_x0(eps, x_t, t, ac), x0)
+    torch.testing.assert_close(v_to_x0(v, x_t, t, ac), x0)
+    torch.testing.assert_close(get_velocity(x0, eps, t, ac), v)
 
 
 def test_get_velocity_matches_diffusers() -> None:
@@ -348,12 +282,6 @@ def test_get_velocity_matches_diffusers() -> None:
     t = torch.tensor([0, 600, 999])
     expected = scheduler.get_velocity(x0, noise, t)
     torch.testing.assert_close(get_velocity(x0, noise, t, scheduler.alphas_cumprod), expected, rtol=0, atol=1e-6)
-
-
-def test_unknown_parameterisation_lists_the_allowed_ones() -> None:
-    truth, x_t, t, ac = _true_predictions()
-    with pytest.raises(ValueError, match="'epsilon', 'sample', 'v_prediction', 'score'; got 'x0'"):
-        convert_prediction(truth["epsilon"], x_t, t, ac, "epsilon", "x0")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------------- objective
@@ -405,7 +333,7 @@ def test_l_simple_weights_are_ones_and_gamma_must_be_positive() -> None:
 
 
 def test_min_snr_eps_weight_is_finite_at_zero_terminal_snr() -> None:
-    alphas_cumprod = alphas_cumprod_from_betas(rescale_zero_terminal_snr(make_beta_schedule("scaled_linear")))
+    alphas_cumprod = _alphas_cumprod("scaled_linear", zero_terminal_snr=True)
     weights = loss_weights(snr(alphas_cumprod, torch.tensor([T - 2, T - 1])), "epsilon", min_snr_gamma=5.0)
     assert weights.tolist() == [1.0, 1.0]
     assert loss_weights(torch.tensor([0.0]), "v_prediction", 5.0).item() == 0.0

@@ -8,15 +8,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from torch.distributions import Normal, kl_divergence
 
-from ldm.diffusion import (
-    alphas_cumprod_from_betas,
-    get_velocity,
-    make_beta_schedule,
-    q_sample,
-    rescale_zero_terminal_snr,
-)
+from ldm.diffusion import get_velocity, q_sample
 from ldm.likelihood import (
     continuous_gaussian_log_likelihood,
     discretized_gaussian_log_likelihood,
@@ -28,6 +24,13 @@ from ldm.likelihood import (
 )
 
 LN2 = math.log(2.0)
+
+
+def _linear_alphas_cumprod(
+    num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
+    """alpha_bar of a linear beta schedule (DDPM sec. 4) in float64."""
+    return torch.cumprod(1 - torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), dim=0)
 
 
 def _phi(x: float) -> float:
@@ -108,7 +111,7 @@ def test_continuous_likelihood_matches_torch_distributions() -> None:
 
 def test_prior_bpd_by_hand() -> None:
     betas, alpha_bars = _linear_schedule_by_hand(1000, 1e-4, 0.02)
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
+    alphas_cumprod = _linear_alphas_cumprod()
     ab = alpha_bars[-1]
     # KL(N(sqrt(ab) c, 1 - ab) || N(0, 1)) per dimension, in bits
     for c in (0.0, 0.75):
@@ -118,13 +121,15 @@ def test_prior_bpd_by_hand() -> None:
 
 
 def test_prior_bpd_is_zero_with_zero_terminal_snr() -> None:
-    alphas_cumprod = alphas_cumprod_from_betas(rescale_zero_terminal_snr(make_beta_schedule("scaled_linear")))
+    alphas_cumprod = torch.cumprod(
+        1 - rescale_zero_terminal_snr(torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2), dim=0
+    )
     assert prior_bpd(torch.ones(1, 4, 2, 2), alphas_cumprod).item() == 0.0
 
 
 def test_model_log_variance_by_hand() -> None:
     betas, alpha_bars = _linear_schedule_by_hand(10, 0.05, 0.5)
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear", 10, 0.05, 0.5))
+    alphas_cumprod = _linear_alphas_cumprod(10, 0.05, 0.5)
     tilde_beta_1 = (1 - alpha_bars[0]) / (1 - alpha_bars[1]) * betas[1]
     t = torch.tensor([0, 1, 5, 9])
     expected_beta = [math.log(tilde_beta_1)] + [math.log(betas[s]) for s in (1, 5, 9)]
@@ -140,7 +145,7 @@ def test_model_log_variance_by_hand() -> None:
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_kl_term_is_zero_for_the_true_prediction(prediction_type: str) -> None:
     """With the noise that made x_t, the model's x_0 is the true x_0, so p(x_{t-1}|x_t) = q(x_{t-1}|x_t, x_0)."""
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("cosine"))
+    alphas_cumprod = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
@@ -154,7 +159,7 @@ def test_kl_term_is_zero_for_the_true_prediction(prediction_type: str) -> None:
 
 
 def test_clip_denoised_clamps_the_predicted_x0_to_the_data_range() -> None:
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear"))
+    alphas_cumprod = _linear_alphas_cumprod()
     x0 = torch.full((2, 1, 2, 2), 0.5, dtype=torch.float64)
     x_t = q_sample(x0, 100, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).double(), alphas_cumprod)
     t = torch.tensor([1, 100])
@@ -173,7 +178,7 @@ NUM_STEPS, BETA_START, BETA_END = 10, 0.05, 0.5
 def _point_mass_setup() -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """Data: a fixed 8-bit image x0 in [-1, 1] (a point mass). Its exact denoiser knows x0, so it predicts the true
     eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab) (DDPM eq. 4) from x_t alone."""
-    alphas_cumprod = alphas_cumprod_from_betas(make_beta_schedule("linear", NUM_STEPS, BETA_START, BETA_END))
+    alphas_cumprod = _linear_alphas_cumprod(NUM_STEPS, BETA_START, BETA_END)
     levels = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
     levels[0, 0, 0, 0], levels[1, 0, 0, 0] = 0, 255  # both edge bins
     x0 = (levels.double() / 255) * 2 - 1

@@ -326,9 +326,27 @@ def test_parse_prompt_weights(prompt: str, expected: list[tuple[str, float]]) ->
 
 
 def test_tokenize_prompt_weights_tokens(tokenizer: CLIPTokenizer) -> None:
-    ids, weights = tokenize_prompt(tokenizer, "a (red cat:1.3) in [the] sky")
+    ids, weights = tokenize_prompt(tokenizer, "a (red cat:1.3) in [the] sky", weighting=True)
     assert ids == word_ids(tokenizer, ["a", "red", "cat", "in", "the", "sky"])
     assert weights == pytest.approx([1.0, 1.3, 1.3, 1.0, 1 / 1.1, 1.0])
+
+
+def test_weighting_off_reads_brackets_as_text_like_stock(tiny_components: dict) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer, text_encoder = tiny_components["tokenizer"], tiny_components["text_encoder"]
+    stock = StableDiffusionPipeline(
+        **tiny_components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    prompt = "a (red:1.3) car [in] the (sky)"
+    ids, weights = tokenize_prompt(tokenizer, prompt)
+    assert ids == tokenizer(prompt, add_special_tokens=False).input_ids and set(weights) == {1.0}
+    with torch.no_grad():
+        literal = encode_prompts(text_encoder, tokenizer, [prompt])
+        weighted = encode_prompts(text_encoder, tokenizer, [prompt], weighting=True)
+        expected = stock.encode_prompt(prompt, "cpu", 1, False)[0]
+    assert torch.equal(literal, expected)
+    assert not torch.allclose(weighted, expected)
 
 
 def test_unit_weights_reproduce_the_unweighted_embedding(
@@ -336,7 +354,7 @@ def test_unit_weights_reproduce_the_unweighted_embedding(
 ) -> None:
     with torch.no_grad():
         plain = encode_prompts(biased_text_encoder, tokenizer, ["a red cat in the sky"])
-        unit = encode_prompts(biased_text_encoder, tokenizer, ["a (red cat:1.0) in the (sky:1)"])
+        unit = encode_prompts(biased_text_encoder, tokenizer, ["a (red cat:1.0) in the (sky:1)"], weighting=True)
     assert torch.equal(unit, plain)
 
 
@@ -352,7 +370,9 @@ def test_weight_scales_the_word_rows_then_restores_the_mean(
     biased_text_encoder: torch.nn.Module, tokenizer: CLIPTokenizer
 ) -> None:
     with torch.no_grad():
-        weighted = encode_prompts(biased_text_encoder, tokenizer, ["a (cat:1.3) in the sky", "a cat in the sky"])
+        weighted = encode_prompts(
+            biased_text_encoder, tokenizer, ["a (cat:1.3) in the sky", "a cat in the sky"], weighting=True
+        )
     z = encode_by_hand(biased_text_encoder, [word_ids(tokenizer, ["a", "cat", "in", "the", "sky"])])[0]
     assert z.mean().abs() > 0.05  # so the rescale is well defined
     expected = a1111_emphasis(z, {2: 1.3})  # row 0 is BOS, row 1 "a", row 2 "cat"
@@ -367,7 +387,7 @@ def test_weights_apply_in_later_chunks(biased_text_encoder: torch.nn.Module, tok
     ids = word_ids(tokenizer, words)
     prompt = " ".join(words[:78]) + f" ({words[78]}:0.5) {words[79]}"
     with torch.no_grad():
-        chunks = encode_prompts(biased_text_encoder, tokenizer, [prompt])[0].reshape(2, 77, 32)
+        chunks = encode_prompts(biased_text_encoder, tokenizer, [prompt], weighting=True)[0].reshape(2, 77, 32)
     by_hand = encode_by_hand(biased_text_encoder, [ids[:75], ids[75:]])
     torch.testing.assert_close(chunks[0], by_hand[0])
     expected = a1111_emphasis(by_hand[1], {1 + 3: 0.5})  # token 78 is the 4th of chunk 1, after BOS
@@ -379,7 +399,7 @@ def test_weights_skip_the_rescale_when_the_mean_is_zero(
 ) -> None:
     # Zero layer-norm bias: every output row has mean ~0, so A1111's ratio of means would be noise (here NaN).
     with torch.no_grad():
-        weighted = encode_prompts(text_encoder, tokenizer, ["a (cat:1.3) in the sky"])[0]
+        weighted = encode_prompts(text_encoder, tokenizer, ["a (cat:1.3) in the sky"], weighting=True)[0]
     z = encode_by_hand(text_encoder, [word_ids(tokenizer, ["a", "cat", "in", "the", "sky"])])[0]
     assert z.mean().abs() < 1e-6
     expected = z.clone()
@@ -392,7 +412,9 @@ def test_weighted_embeddings_have_finite_gradients(tokenizer: CLIPTokenizer, bia
     text_encoder = build_components("tiny", seed=0)["text_encoder"]
     with torch.no_grad():
         text_encoder.final_layer_norm.bias.fill_(bias)  # 0.0: the zero-mean branch of the rescale
-    encode_prompts(text_encoder, tokenizer, ["a (cat:1.3) in [the] sky", "plain"]).square().sum().backward()
+    encode_prompts(
+        text_encoder, tokenizer, ["a (cat:1.3) in [the] sky", "plain"], weighting=True
+    ).square().sum().backward()
     grads = [p.grad for p in text_encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert text_encoder.final_layer_norm.weight.grad.abs().sum() > 0

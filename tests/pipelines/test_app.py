@@ -33,8 +33,15 @@ from pipelines.studio import Studio
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README_SCREENSHOT = REPO_ROOT / "docs" / "app.png"
 # Without the background-networking switches Chromium keeps calling home, which a machine without a network refuses.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 STARTUP_SECONDS = 600  # minutes only on a machine busy with other work; seconds otherwise
 WAIT_MS = 300_000  # four images of the shipped model take about two seconds; minutes only on a busy machine
 PROMPT = "a red circle on the left"
@@ -81,10 +88,25 @@ def app(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     free local port."""
     model = DEFAULT_MODEL
     port, out, log = free_port(), tmp_path / "out", tmp_path / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}  # fmt: skip
-    command = [sys.executable, "-m", "pipelines.app", "--model", str(model), "--port", str(port), "--out", str(out),
-               "--device", "cpu"]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.app",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     with log.open("w") as log_file:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
@@ -104,9 +126,13 @@ def page(tmp_path: Path):
         pytest.skip("no Chromium found: apt-get install chromium, or set CHROMIUM to a Chromium or Chrome binary")
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            tmp_path / "profile", executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1100, "height": 860}, accept_downloads=True,
-        )  # fmt: skip
+            tmp_path / "profile",
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1100, "height": 860},
+            accept_downloads=True,
+        )
         yield context.new_page()
         context.close()
 
@@ -125,8 +151,10 @@ def wait_for_images(page, thumbnail, log: Path) -> None:
     except Exception as err:  # playwright's TimeoutError: say what the page and the app were doing instead
         shot = log.with_name("timeout.png")
         page.screenshot(path=shot, full_page=True)
-        pytest.fail(f"no images after {WAIT_MS // 1000} s ({type(err).__name__}); page screenshot {shot}\n"
-                    f"page text:\n{page.inner_text('body')[-2000:]}\napp log:\n{log.read_text()[-4000:]}")  # fmt: skip
+        pytest.fail(
+            f"no images after {WAIT_MS // 1000} s ({type(err).__name__}); page screenshot {shot}\n"
+            f"page text:\n{page.inner_text('body')[-2000:]}\napp log:\n{log.read_text()[-4000:]}"
+        )
     if toast.count():
         pytest.fail(f"the page showed an error instead of images: {toast.first.inner_text()!r}\n{log.read_text()}")
 
@@ -177,8 +205,12 @@ def test_the_page_generates_downloads_inpaints_and_shows_errors(app, page, tmp_p
     downloaded = Path(download.value.path()).read_bytes()
     png = PIL.Image.open(io.BytesIO(downloaded))
     assert png.size == (64, 64)
-    expected = {"prompt": PROMPT, "seed": "43", "steps": str(defaults.num_inference_steps),
-                "guidance_scale": str(float(defaults.guidance_scale))}  # fmt: skip
+    expected = {
+        "prompt": PROMPT,
+        "seed": "43",
+        "steps": str(defaults.num_inference_steps),
+        "guidance_scale": str(float(defaults.guidance_scale)),
+    }
     assert png.text.items() >= expected.items()
     saved = [p for p in out.glob("*.png") if p.name == download.value.suggested_filename]
     assert len(saved) == 1 and saved[0].read_bytes() == downloaded
@@ -249,10 +281,19 @@ def test_every_mode_is_wired_and_queued_one_at_a_time(tiny_sd_dir, tmp_path) -> 
 def test_settings_are_read_from_the_page_values() -> None:
     import gradio as gr
 
-    inputs = SettingsInputs(gr.Textbox(), gr.Textbox(), gr.Slider(), gr.Slider(), gr.Number(), gr.Checkbox(),
-                            gr.Slider(), gr.Dropdown())  # fmt: skip
-    values = {inputs.prompt: "a circle", inputs.negative_prompt: None, inputs.steps: 3.0, inputs.guidance_scale: 2,
-              inputs.seed: 5, inputs.random_seed: False, inputs.num_images: 2.0, inputs.scheduler: "ddim"}  # fmt: skip
+    inputs = SettingsInputs(
+        gr.Textbox(), gr.Textbox(), gr.Slider(), gr.Slider(), gr.Number(), gr.Checkbox(), gr.Slider(), gr.Dropdown()
+    )
+    values = {
+        inputs.prompt: "a circle",
+        inputs.negative_prompt: None,
+        inputs.steps: 3.0,
+        inputs.guidance_scale: 2,
+        inputs.seed: 5,
+        inputs.random_seed: False,
+        inputs.num_images: 2.0,
+        inputs.scheduler: "ddim",
+    }
     settings = inputs.read(values)
     assert (settings.prompt, settings.negative_prompt, settings.steps, settings.seed) == ("a circle", "", 3, 5)
     assert (settings.guidance_scale, settings.num_images, settings.scheduler) == (2.0, 2, "ddim")

@@ -41,8 +41,13 @@ def steps_taken(pipe: LatentDiffusionPipeline, **kwargs) -> tuple[int, np.ndarra
         count.append(step)
         return tensors
 
-    image = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np",
-                 callback_on_step_end=callback, **kwargs).images  # fmt: skip
+    image = pipe(
+        "a red circle",
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        callback_on_step_end=callback,
+        **kwargs,
+    ).images
     return len(count), image
 
 

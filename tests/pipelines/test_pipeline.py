@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import (
@@ -14,11 +16,16 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
+from diffusers.callbacks import SDCFGCutoffCallback
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from ldm.presets import build_components
 from pipelines import LatentDiffusionPipeline
 
 PARITY_TOLERANCE = 1e-4
@@ -94,8 +101,12 @@ def test_clip_skip_matches_stock_fed_the_penultimate_layer_by_hand(pipes):
             return te.final_layer_norm(hidden)
 
     a = generate(ours, clip_skip=1)
-    b = generate(stock, prompt=None, prompt_embeds=penultimate("a red circle on the left"),
-                 negative_prompt_embeds=penultimate(""))  # fmt: skip
+    b = generate(
+        stock,
+        prompt=None,
+        prompt_embeds=penultimate("a red circle on the left"),
+        negative_prompt_embeds=penultimate(""),
+    )
     assert np.abs(a - b).max() < PARITY_TOLERANCE
     assert np.abs(a - generate(ours)).max() > 1e-4
 
@@ -166,8 +177,14 @@ def test_guidance_interval_guides_only_the_timesteps_inside_it(pipes):
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     batch_sizes = []
     hook = ours.unet.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
-    out = ours("a cat", latents=latents, guidance_scale=3.0, num_inference_steps=4, guidance_interval=(0.5, 1.0),
-               output_type="latent").images  # fmt: skip
+    out = ours(
+        "a cat",
+        latents=latents,
+        guidance_scale=3.0,
+        num_inference_steps=4,
+        guidance_interval=(0.5, 1.0),
+        output_type="latent",
+    ).images
     hook.remove()
 
     cond, uncond = ours.encode_prompt("a cat", "cpu", 1, True)
@@ -226,6 +243,22 @@ def test_long_prompts_are_not_truncated(pipes):
     assert np.abs(generate(stock, prompt=head + "green") - generate(stock, prompt=head + "purple")).max() == 0
 
 
+def test_long_prompts_off_truncates_exactly_as_stock_with_a_warning(pipes, caplog):
+    ours, stock = pipes
+    prompt = "a red circle on the left, " * 20 + "green"  # 141 tokens
+    negative = "blurry, " * 60  # 121 tokens
+    with caplog.at_level(logging.WARNING, logger="ldm.text"):
+        embeds = ours.encode_prompt(prompt, "cpu", 1, True, negative, long_prompts=False)
+    assert "truncated" in caplog.text and "green" in caplog.text  # says what was cut
+    with torch.no_grad():
+        expected = stock.encode_prompt(prompt, "cpu", 1, True, negative)
+    assert all(torch.equal(a, b) for a, b in zip(embeds, expected, strict=True))
+    batch = {"prompt": [prompt, "a cat"], "negative_prompt": [negative, ""]}
+    truncated = generate(ours, long_prompts=False, **batch)
+    assert np.abs(truncated - generate(stock, **batch)).max() < PARITY_TOLERANCE
+    assert np.abs(truncated - generate(ours, **batch)).max() > 1e-4  # on (the default), the tail counts
+
+
 def test_long_negative_prompt_pads_the_prompt_to_the_same_chunks(pipes):
     ours, _ = pipes
     embeds, negative = ours.encode_prompt("a cat", "cpu", 1, True, negative_prompt="blurry, " * 60)
@@ -236,8 +269,25 @@ def test_long_negative_prompt_pads_the_prompt_to_the_same_chunks(pipes):
 def test_prompt_weights(pipes):
     ours, _ = pipes
     plain = generate(ours, prompt="a red circle")
-    assert np.abs(generate(ours, prompt="a (red:1.0) circle") - plain).max() < PARITY_TOLERANCE
-    assert np.abs(generate(ours, prompt="a (red:1.5) circle") - plain).max() > 1e-4
+    unit = generate(ours, prompt="a (red:1.0) circle", prompt_weighting=True)
+    assert np.abs(unit - plain).max() < PARITY_TOLERANCE
+    assert np.abs(generate(ours, prompt="a (red:1.5) circle", prompt_weighting=True) - plain).max() > 1e-4
+
+
+def test_prompt_weighting_off_reads_brackets_as_text_like_stock(pipes):
+    ours, stock = pipes
+    prompt, negative = "a (red) car, (sky:1.5)", "[blurry]"
+    with torch.no_grad():
+        embeds = ours.encode_prompt(prompt, "cpu", 1, True, negative)
+        expected = stock.encode_prompt(prompt, "cpu", 1, True, negative)
+        weighted = ours.encode_prompt(prompt, "cpu", 1, True, negative, prompt_weighting=True)
+    assert all(torch.equal(a, b) for a, b in zip(embeds, expected, strict=True))
+    assert not torch.allclose(weighted[0], expected[0])
+    literal = generate(ours, prompt=prompt, negative_prompt=negative)
+    assert np.abs(literal - generate(stock, prompt=prompt, negative_prompt=negative)).max() < PARITY_TOLERANCE
+    assert (
+        np.abs(literal - generate(ours, prompt=prompt, negative_prompt=negative, prompt_weighting=True)).max() > 1e-4
+    )
 
 
 def test_latents_argument_reproduces_drawn_noise(pipes):
@@ -345,3 +395,272 @@ def test_bad_inputs_raise_with_the_fix(pipes, kwargs, message):
     kwargs = {"prompt": "a cat", "num_inference_steps": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         ours(**kwargs)
+
+
+# ----------------------------------------------------------------------------------- callbacks and call state as stock
+
+
+def run_both(pipes, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """The same call (seed 0, 4 DDIM steps unless overridden) on ours and on stock."""
+    kwargs = {"num_inference_steps": 4, **kwargs}
+    for pipe in pipes:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return generate(pipes[0], **kwargs), generate(pipes[1], **kwargs)
+
+
+def test_call_state_properties_and_interrupt_as_stock(pipes):
+    seen = {}
+
+    def record_then_interrupt(pipe, step, timestep, tensors):
+        names = ("guidance_scale", "guidance_rescale", "do_classifier_free_guidance", "num_timesteps", "clip_skip")
+        seen.setdefault(type(pipe).__name__, []).append(
+            {name: getattr(pipe, name) for name in names} | {"cross_attention_kwargs": pipe.cross_attention_kwargs}
+        )
+        pipe._interrupt = step == 1
+        return {}
+
+    kwargs = {"guidance_scale": 6.0, "guidance_rescale": 0.3, "cross_attention_kwargs": {"scale": 1.0}}
+    ours, stock = run_both(pipes, callback_on_step_end=record_then_interrupt, **kwargs)
+    assert seen["LatentDiffusionPipeline"] == seen["StableDiffusionPipeline"]
+    assert len(seen["LatentDiffusionPipeline"]) == 2  # interrupted after step 1 of 4
+    assert seen["LatentDiffusionPipeline"][0]["num_timesteps"] == 4
+    assert np.abs(ours - stock).max() < PARITY_TOLERANCE
+    assert np.abs(ours - run_both(pipes, **kwargs)[0]).max() > 1e-3  # the interrupt changed the image
+    assert not pipes[0].interrupt  # a new call starts uninterrupted
+
+
+def increase_guidance(pipe, step, timestep, tensors):
+    pipe._guidance_scale += 1.0  # diffusers' callback_cfg test
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        increase_guidance,
+        SDCFGCutoffCallback(cutoff_step_ratio=0.5),
+        SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0),
+    ],
+    ids=["increase-guidance", "cutoff-half-way", "cutoff-after-first"],
+)
+def test_callback_changing_the_guidance_scale_matches_stock(pipes, callback):
+    ours, stock = run_both(pipes, callback_on_step_end=callback)
+    assert np.abs(ours - stock).max() < PARITY_TOLERANCE
+    assert pipes[0].guidance_scale == pipes[1].guidance_scale
+    assert np.abs(ours - run_both(pipes)[0]).max() > 1e-3  # the callback changed the image
+
+
+def test_callback_tensor_inputs_as_stock(pipes):
+    assert LatentDiffusionPipeline._callback_tensor_inputs == StableDiffusionPipeline._callback_tensor_inputs
+    received = {}
+
+    def record(pipe, step, timestep, tensors):
+        received[type(pipe).__name__] = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+        return {}
+
+    run_both(pipes, callback_on_step_end=record)
+    assert received["LatentDiffusionPipeline"] == received["StableDiffusionPipeline"] == {"latents": (1, 4, 8, 8)}
+    names = StableDiffusionPipeline._callback_tensor_inputs
+    run_both(pipes, callback_on_step_end=record, callback_on_step_end_tensor_inputs=names)
+    assert received["LatentDiffusionPipeline"] == received["StableDiffusionPipeline"]
+    assert received["LatentDiffusionPipeline"]["prompt_embeds"] == (2, 77, 32)  # [negative; positive]
+
+    def replace_embeds(pipe, step, timestep, tensors):
+        return {"prompt_embeds": tensors["prompt_embeds"].flip(0)} if step == 1 else {}
+
+    ours, stock = run_both(pipes, callback_on_step_end=replace_embeds, callback_on_step_end_tensor_inputs=names)
+    assert np.abs(ours - stock).max() < PARITY_TOLERANCE
+    assert np.abs(ours - run_both(pipes)[0]).max() > 1e-3
+
+
+def test_deprecated_callback_arguments_warn_and_run_as_stock(pipes):
+    results = []
+    for pipe in pipes:
+        steps = []
+
+        def callback(i, t, latents, steps=steps):
+            steps.append((i, int(t)))
+
+        with pytest.warns(FutureWarning) as warned:
+            image = generate(pipe, callback=callback, callback_steps=2)
+        results.append((image, steps, sorted(str(w.message) for w in warned if w.category is FutureWarning)))
+    (ours, our_steps, our_warnings), (stock, stock_steps, stock_warnings) = results
+    assert our_steps == stock_steps and our_steps
+    assert our_warnings == stock_warnings and any("callback_steps" in w for w in our_warnings)
+    assert np.abs(ours - stock).max() < PARITY_TOLERANCE
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        generate(pipes[0], callbak=print)
+
+
+# --------------------------------------------------------------------------------------------- LCM and LCM-LoRA
+
+
+def lcm_unet(components: dict) -> UNet2DConditionModel:
+    """The tiny U-Net with LCM's guidance-embedding input (``time_cond_proj_dim``), seeded."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(components["unet"].config, time_cond_proj_dim=32)
+
+
+def test_lcm_unet_takes_the_guidance_embedding_and_no_cfg_like_stock(tiny_components):
+    components = {**tiny_components, "unet": lcm_unet(tiny_components)}
+    components["scheduler"] = LCMScheduler.from_config(components["scheduler"].config)
+    ours, stock = LatentDiffusionPipeline(**components), stock_pipeline(components)
+    batch_sizes = []
+    hook = ours.unet.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+    a = generate(ours, guidance_scale=7.5, num_inference_steps=2)
+    hook.remove()
+    assert batch_sizes == [1, 1]  # no unconditional pass
+    assert np.abs(a - generate(stock, guidance_scale=7.5, num_inference_steps=2)).max() < PARITY_TOLERANCE
+    assert np.abs(a - generate(ours, guidance_scale=2.0, num_inference_steps=2)).max() > 1e-3  # g reaches the U-Net
+
+
+def test_lcm_lora_on_a_plain_unet_matches_stock(tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = build_components("tiny", seed=0)["unet"]
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(lora)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+
+    outputs = []
+    for build in (LatentDiffusionPipeline, stock_pipeline):
+        components = build_components("tiny", seed=0)
+        components["scheduler"] = LCMScheduler.from_config(components["scheduler"].config)
+        pipe = build(**components) if build is LatentDiffusionPipeline else build(components)
+        without = generate(pipe, guidance_scale=1.0, num_inference_steps=2)
+        pipe.load_lora_weights(tmp_path)
+        outputs.append(generate(pipe, guidance_scale=1.0, num_inference_steps=2))
+    assert np.abs(outputs[0] - outputs[1]).max() < PARITY_TOLERANCE
+    assert np.abs(outputs[0] - without).max() > 1e-3  # the LoRA is applied
+
+
+# ------------------------------------------------------------------------------------ batch independence of prompts
+
+LONG_PROMPT = " ".join(f"a red circle number {i}," for i in range(20))  # 100 words, 121 tokens: 2 chunks
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+@pytest.mark.parametrize("negatives", [None, ["blurry", LONG_PROMPT + " blurry"]], ids=["no-negative", "negatives"])
+def test_a_batch_gives_each_prompt_its_single_run_image(pipes, guidance_scale, negatives):
+    ours, _ = pipes
+    prompts = ["a red circle", LONG_PROMPT]
+    kwargs = {"prompt": prompts, "negative_prompt": negatives, "guidance_scale": guidance_scale}
+    gens = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    batch = ours(generator=gens, num_inference_steps=3, output_type="np", **kwargs).images
+    for i, prompt in enumerate(prompts):
+        negative = None if negatives is None else negatives[i]
+        single = generate(ours, seed=i, prompt=prompt, negative_prompt=negative, guidance_scale=guidance_scale)
+        assert np.abs(batch[i] - single[0]).max() < PARITY_TOLERANCE
+    # not vacuous: the short prompt is padded to the long one's chunks, and unmasked that padding changes its image
+    assert ours.encode_prompt(prompts, "cpu", 1, False)[0].shape[1] == 2 * 77
+    ours.prompt_padding_mask = lambda *args: None
+    gens = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    unmasked = ours(generator=gens, num_inference_steps=3, output_type="np", **kwargs).images
+    assert np.abs(unmasked[0] - generate(ours, prompt=prompts[0], guidance_scale=guidance_scale)).max() > 1e-3
+
+
+def test_padding_mask_is_honoured_by_every_attention_backend(pipes):
+    ours, _ = pipes
+    reference = generate(ours, prompt=["a red circle", LONG_PROMPT])
+    for backend in ("sliced", "sdpa"):
+        ours.set_attention_backend(backend)
+        assert np.abs(generate(ours, prompt=["a red circle", LONG_PROMPT]) - reference).max() < PARITY_TOLERANCE
+    from diffusers.models.attention_processor import AttnProcessor
+
+    ours.unet.set_attn_processor(AttnProcessor())  # the explicit-softmax reference
+    assert np.abs(generate(ours, prompt=["a red circle", LONG_PROMPT]) - reference).max() < PARITY_TOLERANCE
+
+
+def test_encode_prompt_with_both_embeds_needs_no_tokenizer_or_text_encoder(pipes):
+    ours, stock = pipes
+    embeds, negative = ours.encode_prompt("a red circle", "cpu", 1, True, "blurry")
+    ours.tokenizer, ours.text_encoder = None, None
+    again = ours.encode_prompt(None, "cpu", 2, True, prompt_embeds=embeds, negative_prompt_embeds=negative)
+    assert torch.equal(again[0], embeds.repeat(2, 1, 1)) and torch.equal(again[1], negative.repeat(2, 1, 1))
+    a = generate(ours, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative)
+    assert np.abs(a - generate(stock, prompt="a red circle", negative_prompt="blurry")).max() < PARITY_TOLERANCE
+
+
+# ------------------------------------------------------------------------------- optional components and IP-Adapter
+
+
+def test_stock_components_and_from_pipe_both_ways(tiny_components):
+    stock = stock_pipeline(tiny_components)
+    assert set(LatentDiffusionPipeline._optional_components) == set(StableDiffusionPipeline._optional_components)
+    ours = LatentDiffusionPipeline(**stock.components)
+    assert set(ours.components) == set(stock.components)
+    reference = generate(stock)
+    for pipe in (ours, LatentDiffusionPipeline.from_pipe(stock), StableDiffusionPipeline.from_pipe(ours)):
+        assert np.abs(generate(pipe) - reference).max() < PARITY_TOLERANCE
+    assert type(StableDiffusionPipeline.from_pipe(ours)) is StableDiffusionPipeline
+    assert LatentDiffusionPipeline.from_pipe(stock).unet is stock.unet  # shared, not copied
+
+
+def tiny_image_encoder() -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=4,
+    )
+    return CLIPVisionModelWithProjection(config).eval(), CLIPImageProcessor(crop_size=32, size=32)
+
+
+def ip_adapter_state_dict(unet: UNet2DConditionModel, image_embed_dim: int) -> dict:
+    """A random IP-Adapter (4 image tokens) in the layout of the published files: ``image_proj`` maps the image
+    embedding to 4 cross-attention tokens; ``ip_adapter`` has ``to_k_ip``/``to_v_ip`` for each cross-attention layer,
+    numbered 1, 3, 5, ... in the U-Net's attention-processor order."""
+    generator = torch.Generator().manual_seed(0)
+    dim = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": 0.1 * torch.randn(4 * dim, image_embed_dim, generator=generator),
+        "proj.bias": 0.1 * torch.randn(4 * dim, generator=generator),
+        "norm.weight": torch.ones(dim),
+        "norm.bias": torch.zeros(dim),
+    }
+    layers = {}
+    cross_attention = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for k, name in enumerate(cross_attention):
+        shape = unet.get_submodule(name.removesuffix(".processor")).to_k.weight.shape
+        for projection in ("to_k_ip", "to_v_ip"):
+            layers[f"{2 * k + 1}.{projection}.weight"] = 0.3 * torch.randn(shape, generator=generator)
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def test_ip_adapter_image_and_embeds_match_stock():
+    image_encoder, feature_extractor = tiny_image_encoder()
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    results = []
+    for build in (LatentDiffusionPipeline, stock_pipeline):
+        components = build_components("tiny", seed=0) | {"image_encoder": image_encoder}
+        pipe = build(**components) if build is LatentDiffusionPipeline else build(components)
+        pipe.feature_extractor = None
+        pipe.register_modules(feature_extractor=feature_extractor)
+        without = generate(pipe)
+        pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, 32), subfolder="", weight_name="")
+        from_image = generate(pipe, ip_adapter_image=image)
+        embeds = pipe.prepare_ip_adapter_image_embeds(image, None, "cpu", 1, True)
+        from_embeds = generate(pipe, ip_adapter_image_embeds=embeds)
+        results.append((from_image, from_embeds))
+    (ours, ours_embeds), (stock, stock_embeds) = results
+    assert np.abs(ours - stock).max() < PARITY_TOLERANCE
+    assert np.abs(ours_embeds - stock_embeds).max() < PARITY_TOLERANCE
+    assert np.abs(ours - ours_embeds).max() < PARITY_TOLERANCE
+    assert np.abs(ours - without).max() > 1e-3  # the image prompt reaches the U-Net
+
+
+def test_tiny_autoencoder_taesd_generates_as_stock(tiny_components):
+    from tests.pipelines.editing import tiny_autoencoder_tiny
+
+    components = {**tiny_components, "vae": tiny_autoencoder_tiny(factor_levels=4)}
+    ours, stock = LatentDiffusionPipeline(**components), stock_pipeline(components)
+    assert ours.vae_scale_factor == stock.vae_scale_factor == 8
+    expected = generate(stock, num_images_per_prompt=2)
+    actual = generate(ours, num_images_per_prompt=2)
+    assert actual.shape == (2, 64, 64, 3) and np.abs(actual - expected).max() < PARITY_TOLERANCE

@@ -99,8 +99,15 @@ def test_existing_card_is_merged_not_duplicated(tiny_sd_dir, tmp_path, capsys):
     shutil.copytree(tiny_sd_dir, model)
     PIL.Image.new("RGB", (8, 8), "red").save(model / "samples.png")
     PIL.Image.new("RGB", (8, 8), "blue").save(model / "loss.png")
-    write_model_card(model, base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", data={"images": 3},
-                     config={"preset": "tiny"}, steps=7, sample_grid_file="samples.png", lora=False)  # fmt: skip
+    write_model_card(
+        model,
+        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        data={"images": 3},
+        config={"preset": "tiny"},
+        steps=7,
+        sample_grid_file="samples.png",
+        lora=False,
+    )
     out = tmp_path / "repo"
     argv = ["--model", str(model), "--repo-id", "me/tiny", "--dry-run", str(out), "--license", "mit"]
     assert main(argv) == 0
@@ -116,8 +123,9 @@ def test_existing_card_is_merged_not_duplicated(tiny_sd_dir, tmp_path, capsys):
     assert (out / "loss.png").read_bytes() == (model / "loss.png").read_bytes()
 
 
-def test_upload_goes_through_hfapi_and_never_shows_the_token(tiny_sd_dir, tmp_path, monkeypatch, fake_hub, capsys,
-                                                              caplog):  # fmt: skip
+def test_upload_goes_through_hfapi_and_never_shows_the_token(
+    tiny_sd_dir, tmp_path, monkeypatch, fake_hub, capsys, caplog
+):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     caplog.set_level(logging.DEBUG)
     argv = ["--model", tiny_sd_dir, "--repo-id", "me/tiny", "--private", "--no-samples", "--commit-message", "v1"]
@@ -227,10 +235,21 @@ def test_training_pushes_its_final_pipeline(tiny_sd_dir, tmp_path, monkeypatch, 
     from training.train_text_to_image import TrainConfig, train
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
-    config = TrainConfig(pretrained_model=tiny_sd_dir, dataset=str(draw_shapes_folder(tmp_path / "shapes")),
-                         output_dir=str(tmp_path / "run"), resolution=64, train_batch_size=4, max_train_steps=2,
-                         checkpointing_steps=2, lr_warmup_steps=1, report_to="none", validation_inference_steps=2,
-                         push_to_hub=True, hub_model_id="me/trained", hub_private=True)  # fmt: skip
+    config = TrainConfig(
+        pretrained_model=tiny_sd_dir,
+        dataset=str(draw_shapes_folder(tmp_path / "shapes")),
+        output_dir=str(tmp_path / "run"),
+        resolution=64,
+        train_batch_size=4,
+        max_train_steps=2,
+        checkpointing_steps=2,
+        lr_warmup_steps=1,
+        report_to="none",
+        validation_inference_steps=2,
+        push_to_hub=True,
+        hub_model_id="me/trained",
+        hub_private=True,
+    )
     final = train(config)
 
     assert fake_hub["create_repo"] == {"repo_id": "me/trained", "private": True, "exist_ok": True, "token": None}
@@ -292,11 +311,24 @@ def test_space_dry_run_is_a_self_contained_gradio_space(tiny_sd_dir, tmp_path, c
 
 def test_space_upload_creates_a_gradio_space(tiny_sd_dir, fake_hub, capsys):
     assert main(["--model", tiny_sd_dir, "--repo-id", "me/demo", "--space", "--license", "mit"]) == 0
-    assert fake_hub["create_repo"] == {"repo_id": "me/demo", "private": False, "exist_ok": True, "token": None,
-                                       "repo_type": "space", "space_sdk": "gradio"}  # fmt: skip
+    assert fake_hub["create_repo"] == {
+        "repo_id": "me/demo",
+        "private": False,
+        "exist_ok": True,
+        "token": None,
+        "repo_type": "space",
+        "space_sdk": "gradio",
+    }
     assert fake_hub["upload_folder"]["repo_type"] == "space"
-    expected = {"app.py", "requirements.txt", "README.md", "model/model_index.json", "pipelines/studio.py",
-                "pipelines/cli.py", "ldm/presets.py"}  # fmt: skip
+    expected = {
+        "app.py",
+        "requirements.txt",
+        "README.md",
+        "model/model_index.json",
+        "pipelines/studio.py",
+        "pipelines/cli.py",
+        "ldm/presets.py",
+    }
     assert expected <= set(fake_hub["files"])
     assert fake_hub["readme"][0]["license"] == "mit"
     assert capsys.readouterr().out.strip() == "https://huggingface.co/me/demo/commit/abc"

@@ -18,7 +18,7 @@ from eval.adherence import adherence_prompts, score_images
 from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.txt2img import main as txt2img
-from training.shapes import canonical_scene
+from shapes.world import canonical_scene
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = Path(DEFAULT_MODEL)
@@ -73,12 +73,17 @@ def test_schedule_reaches_zero_terminal_snr(pipe: LatentDiffusionPipeline) -> No
 def test_loads_in_stock_diffusers_with_the_same_images(pipe: LatentDiffusionPipeline) -> None:
     stock = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
     defaults = pipe.generation_defaults
-    kwargs = {"num_inference_steps": defaults.num_inference_steps, "guidance_scale": defaults.guidance_scale,
-              "num_images_per_prompt": 2, "output_type": "np"}  # fmt: skip
+    kwargs = {
+        "num_inference_steps": defaults.num_inference_steps,
+        "guidance_scale": defaults.guidance_scale,
+        "num_images_per_prompt": 2,
+        "output_type": "np",
+    }
     # stock guides every step; ours does too when asked, instead of only the noisier half the folder recommends
     assert defaults.guidance_interval == (0.5, 1.0)
-    ours = pipe("a blue square at the top", generator=torch.Generator().manual_seed(0), guidance_interval=(0, 1),
-                **kwargs).images  # fmt: skip
+    ours = pipe(
+        "a blue square at the top", generator=torch.Generator().manual_seed(0), guidance_interval=(0, 1), **kwargs
+    ).images
     theirs = stock("a blue square at the top", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert ours.shape == (2, 64, 64, 3)
     assert np.abs(ours - theirs).max() < 1e-4
@@ -111,8 +116,8 @@ def test_the_first_step_places_the_object_by_the_prompt_and_only_by_its_position
     """At t = T (zero SNR) the U-Net's x_0 prediction is its mean image for the prompt: the object already sits where
     the prompt says. With the position phrases' words given one embedding, the same U-Net can only guess (chance 0.2).
     """
-    from tests.training.test_recipe import save_encoder_blind_to_position
-    from training.recipes.shapes_measures import first_step_positions
+    from recipes.shapes_measures import first_step_positions
+    from tests.recipes.test_recipe import save_encoder_blind_to_position
 
     assert first_step_positions(MODEL) >= FIRST_STEP_FLOOR
     shutil.copytree(MODEL, tmp_path / "model")
@@ -147,16 +152,25 @@ def test_txt2img_uses_it_when_no_model_is_given(capsys, tmp_path: Path, pipe: La
 def parts_right(image: Image.Image | np.ndarray, prompt: str) -> dict[str, bool]:
     """Which attributes the prompt names are right in the image, as eval.adherence reads them."""
     from eval.adherence import score_prompt
-    from eval.shape_analysis import analyze_image
+    from shapes.analysis import analyze_image
 
     return score_prompt(analyze_image(image), prompt).matched
 
 
 @pytest.fixture(scope="module")
 def edit_pipe(pipe: LatentDiffusionPipeline):
-    from pipelines import LatentDiffusionEditPipeline
+    from pipelines import LatentDiffusionInpaintPipeline
 
-    edit = LatentDiffusionEditPipeline.sharing(pipe)
+    edit = LatentDiffusionInpaintPipeline.from_pipe(pipe)
+    edit.set_progress_bar_config(disable=True)
+    return edit
+
+
+@pytest.fixture(scope="module")
+def img2img_pipe(pipe: LatentDiffusionPipeline):
+    from pipelines import LatentDiffusionImg2ImgPipeline
+
+    edit = LatentDiffusionImg2ImgPipeline.from_pipe(pipe)
     edit.set_progress_bar_config(disable=True)
     return edit
 
@@ -168,8 +182,13 @@ def inpainted(edit_pipe) -> tuple[Image.Image, list[Image.Image]]:
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 0, 64, 64))  # regenerate the right half
     seeds = range(4)
-    return original, edit_pipe(["a blue square on the right"] * len(seeds), image=original, mask_image=mask,
-                        generator=[torch.Generator().manual_seed(s) for s in seeds]).images  # fmt: skip
+    return original, edit_pipe(
+        ["a blue square on the right"] * len(seeds),
+        image=original,
+        mask_image=mask,
+        keep_unmasked_pixels=True,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+    ).images
 
 
 def test_inpainting_keeps_the_unmasked_pixels_and_the_original_object(inpainted) -> None:
@@ -211,9 +230,17 @@ def replaced(edit_pipe) -> dict[int, list[Image.Image]]:
     original = canonical_scene("red", "square", "left")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    return {resamples: edit_pipe(["a blue triangle on the left"] * 8, image=original, mask_image=mask,
-                                 resamples=resamples, generator=[torch.Generator().manual_seed(s) for s in range(8)]
-                                 ).images for resamples in (0, 2)}  # fmt: skip
+    return {
+        resamples: edit_pipe(
+            ["a blue triangle on the left"] * 8,
+            image=original,
+            mask_image=mask,
+            resamples=resamples,
+            keep_unmasked_pixels=True,
+            generator=[torch.Generator().manual_seed(s) for s in range(8)],
+        ).images
+        for resamples in (0, 2)
+    }
 
 
 def test_inpainting_replaces_the_object_with_the_prompts(replaced) -> None:
@@ -238,8 +265,13 @@ def test_outpainting_keeps_the_original_and_completes_the_scene(edit_pipe) -> No
     canvas, mask = outpaint_canvas(original, right=32)
     assert canvas.size == (64, 64)
     seeds = range(4)
-    results = edit_pipe(["a green triangle on the left"] * len(seeds), image=canvas, mask_image=mask,
-                        generator=[torch.Generator().manual_seed(s) for s in seeds]).images  # fmt: skip
+    results = edit_pipe(
+        ["a green triangle on the left"] * len(seeds),
+        image=canvas,
+        mask_image=mask,
+        keep_unmasked_pixels=True,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+    ).images
     complete = []
     for result in results:
         pixels = np.asarray(result)
@@ -249,11 +281,13 @@ def test_outpainting_keeps_the_original_and_completes_the_scene(edit_pipe) -> No
     assert sum(complete) >= 3, complete
 
 
-def test_img2img_follows_a_new_prompt_at_high_strength_and_keeps_the_image_at_low(edit_pipe) -> None:
+def test_img2img_follows_a_new_prompt_at_high_strength_and_keeps_the_image_at_low(img2img_pipe) -> None:
     original = canonical_scene("red", "circle", "left")
     generators = [torch.Generator().manual_seed(s) for s in range(4)]
-    changed = edit_pipe(["a blue circle on the left"] * 4, image=original, strength=0.8, generator=generators).images
+    changed = img2img_pipe(["a blue circle on the left"] * 4, image=original, strength=0.8, generator=generators)
+    changed = changed.images
     assert sum(all(parts_right(im, "a blue circle").values()) for im in changed) >= 3  # the colour follows the prompt
-    kept = edit_pipe("a blue circle on the left", image=original, strength=0.2,
-                     generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    kept = img2img_pipe(
+        "a blue circle on the left", image=original, strength=0.2, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert all(parts_right(kept, "a red circle on the left").values())  # too little noise to change the colour

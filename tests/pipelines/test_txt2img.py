@@ -14,8 +14,11 @@ from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from pipelines import LatentDiffusionPipeline
-from pipelines.cli import read_prompts, slugify
+from pipelines.cli import read_prompts
+from pipelines.generate import slugify
 from pipelines.txt2img import main
+
+from .a1111 import parse_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +52,10 @@ def test_writes_pngs_with_metadata_and_prints_their_paths(capsys, tiny_sd_dir: s
     for path, seed in zip(paths, (7, 8)):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size == (64, 64)
+            parameters = image.text.pop("parameters")
             assert image.text == {
+                "mode": "txt2img",
+                "prompt_weighting": "true",
                 "prompt": "A red fox, (snow:1.2)!",
                 "negative_prompt": "blurry",
                 "seed": str(seed),
@@ -62,6 +68,20 @@ def test_writes_pngs_with_metadata_and_prints_their_paths(capsys, tiny_sd_dir: s
                 "height": "64",
                 "width": "64",
                 "model": tiny_sd_dir,
+            }
+            # AUTOMATIC1111's reading of the same image
+            prompt, negative, settings = parse_parameters(parameters)
+            assert (prompt, negative) == ("A red fox, (snow:1.2)!", "blurry")
+            assert settings == {
+                "Steps": "2",
+                "Sampler": "DDIM",
+                "Schedule type": "Uniform",
+                "CFG scale": "5",
+                "Seed": str(seed),
+                "Size": "64x64",
+                "Model": Path(tiny_sd_dir).name,
+                "Guidance interval": "0.25,1",
+                "Eta": "0.5",
             }
 
 

@@ -11,7 +11,8 @@ from ldm.presets import build_components
 from ldm.text import encode_prompts
 from training.cache import CachedLatentDataset, build_cache, cache_fingerprint, cache_is_current, collate_cached
 from training.config import ConfigError
-from training.data import ImageCaptionDataset, load_image_caption_records
+from training.data import ImageCaptionDataset
+from training.records import load_image_caption_records
 from training.train_text_to_image import train
 
 from .test_train_text_to_image import config

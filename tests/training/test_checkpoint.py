@@ -31,15 +31,9 @@ from ldm.presets import build_unet, get_preset
 from tests.training.test_state_io import assert_same, seed_globals
 from training import checkpoint as ckpt
 from training import signals
-from training.checkpoint import (
-    StopSignal,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    resolve_resume,
-    save_checkpoint,
-)
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint_folders import latest_checkpoint, list_checkpoints, prune_checkpoints, resolve_resume
+from training.signals import StopSignal
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -443,7 +437,8 @@ _TWO_PROCESS_SCRIPT = """
 import json, os, random, signal, sys, time
 import numpy as np, torch
 from accelerate import Accelerator
-from training.checkpoint import StopSignal, load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.signals import StopSignal
 
 out = sys.argv[1]
 accelerator = Accelerator(cpu=True)

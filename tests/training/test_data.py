@@ -16,18 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import training.data
-import training.records
+from common.images import to_rgb
 from tests.training.test_records import BLUE, GREEN, RED, WHITE, captioned_folder, noise, png_bytes, solid
-from training.data import (
-    ImageCaptionDataset,
-    ImageCaptionRecords,
-    collate,
-    load_image_caption_records,
-    resize_and_crop,
-    scan_images,
-    to_rgb,
-)
+from training.data import ImageCaptionDataset, collate, resize_and_crop
+from training.record_formats import ImageCaptionRecords
+from training.records import load_image_caption_records, scan_images
 
 
 def undecodable_png(image: Image.Image) -> bytes:
@@ -44,12 +37,6 @@ def undecodable_png(image: Image.Image) -> bytes:
 def pixels_of(sample: dict) -> np.ndarray:
     """Back to uint8 RGB (H, W, 3) from [-1, 1]."""
     return np.rint((sample["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.int64)
-
-
-def test_records_api_is_re_exported_from_data() -> None:
-    for name in training.records.__all__:
-        assert getattr(training.data, name) is getattr(training.records, name), name
-        assert name in training.data.__all__, name
 
 
 # ---------------------------------------------------------------------------------------------------- robustness

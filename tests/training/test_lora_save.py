@@ -24,8 +24,9 @@ def test_lora_with_alpha_other_than_rank_loads_back_at_its_strength(tmp_path) ->
         trained = unet(sample, 500, context).sample
     save_lora(unet, tmp_path)
 
-    pipe = StableDiffusionPipeline(**build_components("tiny", seed=0), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        **build_components("tiny", seed=0), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     with torch.no_grad():
         plain = pipe.unet(sample, 500, context).sample
         pipe.load_lora_weights(tmp_path)

@@ -15,19 +15,29 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import training.train_autoencoder as train_autoencoder
-from training.checkpoint import latest_checkpoint
+from training.checkpoint_folders import latest_checkpoint
 from training.command import split_validation
 from training.config import ConfigError
-from training.data import load_image_caption_records
+from training.records import load_image_caption_records
 from training.train_autoencoder import AutoencoderTrainConfig, build_autoencoder, main, psnr, train
 from training.train_text_to_image import TrainConfig
 from training.train_text_to_image import train as train_text_to_image
 
 
 def config(shapes_dir: str, out: Path, **overrides) -> AutoencoderTrainConfig:
-    settings = dict(preset="tiny", dataset=shapes_dir, output_dir=str(out), train_batch_size=3, max_train_steps=6,
-                    checkpointing_steps=3, learning_rate=1e-3, lr_warmup_steps=2, report_to="none", log_steps=1,
-                    validation_split=0.25)  # fmt: skip
+    settings = dict(
+        preset="tiny",
+        dataset=shapes_dir,
+        output_dir=str(out),
+        train_batch_size=3,
+        max_train_steps=6,
+        checkpointing_steps=3,
+        learning_rate=1e-3,
+        lr_warmup_steps=2,
+        report_to="none",
+        log_steps=1,
+        validation_split=0.25,
+    )
     settings.update(overrides)
     return AutoencoderTrainConfig(**settings)
 
@@ -85,18 +95,15 @@ def test_bad_configs_name_the_field(shapes_dir, tmp_path, overrides, field):
 
 
 def test_command_line_reports_a_bad_preset_in_one_line(shapes_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset", shapes_dir, "--preset", "huge", "--output-dir", str(tmp_path)])
-    assert exit_info.value.code == 2
+    assert main(["--dataset", shapes_dir, "--preset", "huge", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert (
-        err.startswith("error: preset must be one of tiny, ") and err.endswith("got 'huge'\n") and err.count("\n") == 1
-    )
+    assert err.startswith("error: preset must be one of tiny, ") and err.endswith("got 'huge'\n")
+    assert err.count("\n") == 1
 
 
 def test_a_missing_pretrained_vae_is_a_one_line_error(shapes_dir, tmp_path, capsys):
-    code = main(["--dataset", shapes_dir, "--pretrained-vae", str(tmp_path / "nowhere"), "--output-dir",
-                 str(tmp_path / "out"), "--report-to", "none"])  # fmt: skip
+    args = ["--dataset", shapes_dir, "--pretrained-vae", str(tmp_path / "nowhere"), "--report-to", "none"]
+    code = main([*args, "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: could not load the vae from") and err.count("\n") == 1
 
@@ -117,9 +124,18 @@ def test_validation_split_is_a_fixed_seeded_choice(shapes_dir):
 @pytest.fixture(scope="module")
 def overfit(shapes_dir, tmp_path_factory) -> tuple[AutoencoderTrainConfig, Path]:
     """A tiny VAE trained on the 8 shape images, evaluated on the same 8."""
-    settings = config(shapes_dir, tmp_path_factory.mktemp("vae"), train_batch_size=8, max_train_steps=30,
-                      checkpointing_steps=30, validation_steps=15, learning_rate=2e-3, validation_split=0.0,
-                      validation_dataset=shapes_dir, log_steps=10)  # fmt: skip
+    settings = config(
+        shapes_dir,
+        tmp_path_factory.mktemp("vae"),
+        train_batch_size=8,
+        max_train_steps=30,
+        checkpointing_steps=30,
+        validation_steps=15,
+        learning_rate=2e-3,
+        validation_split=0.0,
+        validation_dataset=shapes_dir,
+        log_steps=10,
+    )
     return settings, train(settings)
 
 
@@ -151,10 +167,21 @@ def test_scaling_factor_is_one_over_the_latent_std(overfit, shapes_dir):
 
 def test_trained_vae_is_the_vae_of_text_to_image_training(overfit, shapes_dir, frozen_parts_dir, tmp_path):
     _, out = overfit
-    final = train_text_to_image(TrainConfig(preset="tiny", vae=str(out), text_encoder=frozen_parts_dir,
-                                            dataset=shapes_dir, output_dir=str(tmp_path), resolution=64,
-                                            train_batch_size=4, max_train_steps=2, checkpointing_steps=2,
-                                            lr_warmup_steps=0, report_to="none"))  # fmt: skip
+    final = train_text_to_image(
+        TrainConfig(
+            preset="tiny",
+            vae=str(out),
+            text_encoder=frozen_parts_dir,
+            dataset=shapes_dir,
+            output_dir=str(tmp_path),
+            resolution=64,
+            train_batch_size=4,
+            max_train_steps=2,
+            checkpointing_steps=2,
+            lr_warmup_steps=0,
+            report_to="none",
+        )
+    )
     saved = AutoencoderKL.from_pretrained(final / "vae")
     ours = AutoencoderKL.from_pretrained(out / "vae")
     assert saved.config.scaling_factor == ours.config.scaling_factor

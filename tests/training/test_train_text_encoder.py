@@ -29,9 +29,20 @@ from training.train_text_to_image import train as train_text_to_image
 
 
 def config(shapes_dir: str, out: Path, **overrides) -> TextEncoderTrainConfig:
-    settings = dict(preset="tiny", dataset=shapes_dir, output_dir=str(out), resolution=64, train_batch_size=3,
-                    max_train_steps=6, checkpointing_steps=3, learning_rate=2e-3, lr_warmup_steps=2,
-                    report_to="none", log_steps=1, validation_split=0.25)  # fmt: skip
+    settings = dict(
+        preset="tiny",
+        dataset=shapes_dir,
+        output_dir=str(out),
+        resolution=64,
+        train_batch_size=3,
+        max_train_steps=6,
+        checkpointing_steps=3,
+        learning_rate=2e-3,
+        lr_warmup_steps=2,
+        report_to="none",
+        log_steps=1,
+        validation_split=0.25,
+    )
     settings.update(overrides)
     return TextEncoderTrainConfig(**settings)
 
@@ -96,8 +107,18 @@ def test_text_tower_is_the_presets_text_encoder(shapes_dir, tmp_path):
 
     clip = build_clip(config(shapes_dir, tmp_path))
     reference = build_text_encoder(get_preset("tiny")).config
-    for name in ("vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id"):  # fmt: skip
+    for name in (
+        "vocab_size",
+        "max_position_embeddings",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "hidden_act",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):
         assert getattr(clip.config.text_config, name) == getattr(reference, name), name
     assert clip.config.vision_config.patch_size == 8 and clip.config.vision_config.image_size == 64
 
@@ -105,9 +126,17 @@ def test_text_tower_is_the_presets_text_encoder(shapes_dir, tmp_path):
 @pytest.fixture(scope="module")
 def overfit(shapes_dir, tmp_path_factory) -> tuple[TextEncoderTrainConfig, Path]:
     """A tiny CLIP trained on the 8 shape images, evaluated on the same 8."""
-    settings = config(shapes_dir, tmp_path_factory.mktemp("clip"), train_batch_size=8, max_train_steps=40,
-                      checkpointing_steps=40, validation_steps=20, validation_split=0.0,
-                      validation_dataset=shapes_dir, log_steps=10)  # fmt: skip
+    settings = config(
+        shapes_dir,
+        tmp_path_factory.mktemp("clip"),
+        train_batch_size=8,
+        max_train_steps=40,
+        checkpointing_steps=40,
+        validation_steps=20,
+        validation_split=0.0,
+        validation_dataset=shapes_dir,
+        log_steps=10,
+    )
     return settings, train(settings)
 
 
@@ -146,10 +175,21 @@ def test_exported_text_encoder_is_the_text_encoder_of_text_to_image_training(
     overfit, shapes_dir, frozen_parts_dir, tmp_path
 ):
     _, out = overfit
-    final = train_text_to_image(TrainConfig(preset="tiny", vae=frozen_parts_dir, text_encoder=str(out),
-                                            dataset=shapes_dir, output_dir=str(tmp_path), resolution=64,
-                                            train_batch_size=4, max_train_steps=1, checkpointing_steps=1,
-                                            lr_warmup_steps=0, report_to="none"))  # fmt: skip
+    final = train_text_to_image(
+        TrainConfig(
+            preset="tiny",
+            vae=frozen_parts_dir,
+            text_encoder=str(out),
+            dataset=shapes_dir,
+            output_dir=str(tmp_path),
+            resolution=64,
+            train_batch_size=4,
+            max_train_steps=1,
+            checkpointing_steps=1,
+            lr_warmup_steps=0,
+            report_to="none",
+        )
+    )
     ours = load_file(out / "text_encoder" / "model.safetensors")
     saved = load_file(final / "text_encoder" / "model.safetensors")
     assert ours.keys() == saved.keys() and all(torch.equal(ours[k], saved[k]) for k in ours)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
-from training.checkpoint import latest_checkpoint
+from training.checkpoint_folders import latest_checkpoint
 from training.config import ConfigError
 from training.train_text_to_image import TrainConfig, main, train
 
@@ -28,9 +28,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def config(tiny_sd_dir: str, shapes_dir: str, out: Path, **overrides) -> TrainConfig:
-    settings = dict(pretrained_model=tiny_sd_dir, dataset=shapes_dir, output_dir=str(out), resolution=64,
-                    train_batch_size=4, max_train_steps=6, checkpointing_steps=3, learning_rate=1e-3,
-                    lr_warmup_steps=2, caption_dropout=0.25, report_to="none", log_steps=1)  # fmt: skip
+    settings = dict(
+        pretrained_model=tiny_sd_dir,
+        dataset=shapes_dir,
+        output_dir=str(out),
+        resolution=64,
+        train_batch_size=4,
+        max_train_steps=6,
+        checkpointing_steps=3,
+        learning_rate=1e-3,
+        lr_warmup_steps=2,
+        caption_dropout=0.25,
+        report_to="none",
+        log_steps=1,
+    )
     settings.update(overrides)
     result = TrainConfig(**settings)
     result.validate()
@@ -49,7 +60,8 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def fixed_loss(unet: UNet2DConditionModel, pipe: LatentDiffusionPipeline, shapes_dir: str) -> float:
     """The eps-prediction loss on all 8 training images at fixed timesteps and noise (an evaluation, not training)."""
-    from training.data import ImageCaptionDataset, collate, load_image_caption_records
+    from training.data import ImageCaptionDataset, collate
+    from training.records import load_image_caption_records
 
     dataset = ImageCaptionDataset(load_image_caption_records(shapes_dir), resolution=64)
     batch = collate([dataset[i] for i in range(len(dataset))])
@@ -69,8 +81,18 @@ def fixed_loss(unet: UNet2DConditionModel, pipe: LatentDiffusionPipeline, shapes
 
 @pytest.mark.slow
 def test_loss_falls_when_overfitting_eight_images(tiny_sd_dir, shapes_dir, tmp_path):
-    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=80, checkpointing_steps=80,
-                         train_batch_size=8, caption_dropout=0.0, lr_warmup_steps=5))  # fmt: skip
+    final = train(
+        config(
+            tiny_sd_dir,
+            shapes_dir,
+            tmp_path,
+            max_train_steps=80,
+            checkpointing_steps=80,
+            train_batch_size=8,
+            caption_dropout=0.0,
+            lr_warmup_steps=5,
+        )
+    )
     base = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
     trained = LatentDiffusionPipeline.from_pretrained(final)
     before, after = fixed_loss(base.unet, base, shapes_dir), fixed_loss(trained.unet, base, shapes_dir)
@@ -136,10 +158,20 @@ def test_a_fresh_frozen_text_encoder_is_the_one_cached_and_saved(tiny_sd_dir, sh
     from transformers import CLIPTextModel
 
     from training.cache import CachedLatentDataset
-    from training.data import ImageCaptionDataset, load_image_caption_records
+    from training.data import ImageCaptionDataset
+    from training.records import load_image_caption_records
 
-    out = train(config(tiny_sd_dir, shapes_dir, tmp_path / "run", text_encoder_init="random", cache=True,
-                       mixed_precision="bf16", max_train_steps=2))  # fmt: skip
+    out = train(
+        config(
+            tiny_sd_dir,
+            shapes_dir,
+            tmp_path / "run",
+            text_encoder_init="random",
+            cache=True,
+            mixed_precision="bf16",
+            max_train_steps=2,
+        )
+    )
     saved = text_encoder_weights(out)
     torch.manual_seed(0)  # the run's seed
     fresh = CLIPTextModel(CLIPTextModel.config_class.from_pretrained(Path(tiny_sd_dir) / "text_encoder"))
@@ -172,9 +204,11 @@ def test_resume_latest_skips_a_checkpoint_broken_mid_write(tiny_sd_dir, shapes_d
 
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_sd_dir, shapes_dir, tmp_path):
-    args = ["--pretrained-model", tiny_sd_dir, "--dataset", shapes_dir, "--resolution", "64", "--train-batch-size",
-            "4", "--max-train-steps", "400", "--checkpointing-steps", "1000", "--learning-rate", "1e-3",
-            "--report-to", "none", "--output-dir"]  # fmt: skip
+    settings = (
+        "--resolution 64 --train-batch-size 4 --max-train-steps 400 --checkpointing-steps 1000 --learning-rate 1e-3"
+    )
+    args = ["--pretrained-model", tiny_sd_dir, "--dataset", shapes_dir, *settings.split(), "--report-to", "none"]
+    args.append("--output-dir")
     command = [sys.executable, "-m", "training.train_text_to_image", *args]
     run = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -194,17 +228,44 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tin
 
     # Resume to a step past the interruption and compare with a run that was never interrupted.
     target = int(stopped.name.split("-")[1]) + 3
-    resumed = train(config(tiny_sd_dir, shapes_dir, run, max_train_steps=target, resume="latest",
-                           checkpointing_steps=1000, lr_warmup_steps=100, caption_dropout=0.1))  # fmt: skip
-    straight = train(config(tiny_sd_dir, shapes_dir, tmp_path / "straight", max_train_steps=target,
-                            checkpointing_steps=1000, lr_warmup_steps=100, caption_dropout=0.1))  # fmt: skip
+    resumed = train(
+        config(
+            tiny_sd_dir,
+            shapes_dir,
+            run,
+            max_train_steps=target,
+            resume="latest",
+            checkpointing_steps=1000,
+            lr_warmup_steps=100,
+            caption_dropout=0.1,
+        )
+    )
+    straight = train(
+        config(
+            tiny_sd_dir,
+            shapes_dir,
+            tmp_path / "straight",
+            max_train_steps=target,
+            checkpointing_steps=1000,
+            lr_warmup_steps=100,
+            caption_dropout=0.1,
+        )
+    )
     assert_same_weights(unet_weights(straight), unet_weights(resumed))
 
 
 def test_output_folder_loads_in_stock_diffusers_and_ours(tiny_sd_dir, shapes_dir, tmp_path):
-    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=3,
-                         validation_prompts=["a red circle on the left"], validation_steps=3,
-                         validation_inference_steps=2))  # fmt: skip
+    final = train(
+        config(
+            tiny_sd_dir,
+            shapes_dir,
+            tmp_path,
+            max_train_steps=3,
+            validation_prompts=["a red circle on the left"],
+            validation_steps=3,
+            validation_inference_steps=2,
+        )
+    )
     ours = LatentDiffusionPipeline.from_pretrained(final)
     stock = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
     kwargs = {"prompt": "a red circle", "num_inference_steps": 3, "output_type": "np"}
@@ -217,6 +278,37 @@ def test_output_folder_loads_in_stock_diffusers_and_ours(tiny_sd_dir, shapes_dir
     # the settings the validation grids used are the model's defaults
     assert ours.generation_defaults == GenerationDefaults(num_inference_steps=2, guidance_scale=7.5)
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["validation_inference_steps"] == 2
+
+
+def test_held_out_loss_is_the_fixed_noise_loss_of_the_held_out_images(tiny_sd_dir, shapes_dir, tmp_path):
+    """The logged held-out loss, recomputed with stock diffusers on the saved pipeline: posterior-mean latents, the
+    stock prompt encoding, noise from seed 0 added by DDPMScheduler at 10 %, 40 %, 70 % of T, the eps MSE."""
+    from diffusers import DDPMScheduler
+
+    from training.command import split_validation
+    from training.data import ImageCaptionDataset, collate
+    from training.records import load_image_caption_records
+
+    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=2, validation_split=0.25))
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [entry["step"] for entry in history] == [2]
+
+    _, held_out = split_validation(load_image_caption_records(shapes_dir), 0.25, seed=0)
+    images = ImageCaptionDataset(held_out, resolution=64)
+    batch = collate([images[i] for i in range(len(images))])
+    stock = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
+    noise_scheduler = DDPMScheduler.from_pretrained(final, subfolder="scheduler")
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.no_grad():
+        latents = stock.vae.encode(batch["pixel_values"]).latent_dist.mean * stock.vae.config.scaling_factor
+        embeds, _ = stock.encode_prompt(batch["captions"], "cpu", 1, False)
+        for t in (100, 400, 700):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.full((latents.shape[0],), t)
+            pred = stock.unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, embeds).sample
+            losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    assert history[0]["held_out_loss"] == pytest.approx(np.mean(losses), rel=1e-4)
 
 
 def test_lora_weights_load_in_stock_diffusers(tiny_sd_dir, shapes_dir, tmp_path):
@@ -250,10 +342,23 @@ def test_ema_weights_are_the_pipelines_unet(tiny_sd_dir, shapes_dir, tmp_path):
 
 
 def test_train_from_a_preset_with_frozen_parts(frozen_parts_dir, shapes_dir, tmp_path):
-    final = train(TrainConfig(preset="tiny", vae=frozen_parts_dir, text_encoder=frozen_parts_dir, dataset=shapes_dir,
-                              output_dir=str(tmp_path), resolution=64, train_batch_size=4, max_train_steps=2,
-                              report_to="none", prediction_type="v_prediction", zero_terminal_snr=True,
-                              snr_gamma=5.0, noise_offset=0.05))  # fmt: skip
+    final = train(
+        TrainConfig(
+            preset="tiny",
+            vae=frozen_parts_dir,
+            text_encoder=frozen_parts_dir,
+            dataset=shapes_dir,
+            output_dir=str(tmp_path),
+            resolution=64,
+            train_batch_size=4,
+            max_train_steps=2,
+            report_to="none",
+            prediction_type="v_prediction",
+            zero_terminal_snr=True,
+            snr_gamma=5.0,
+            noise_offset=0.05,
+        )
+    )
     pipe = LatentDiffusionPipeline.from_pretrained(final)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
@@ -261,8 +366,9 @@ def test_train_from_a_preset_with_frozen_parts(frozen_parts_dir, shapes_dir, tmp
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
 
 
-def test_min_snr_with_zero_terminal_snr_warns_that_the_last_steps_get_no_weight(tiny_sd_dir, shapes_dir, tmp_path,
-                                                                                caplog):  # fmt: skip
+def test_min_snr_with_zero_terminal_snr_warns_that_the_last_steps_get_no_weight(
+    tiny_sd_dir, shapes_dir, tmp_path, caplog
+):
     settings = dict(max_train_steps=1, prediction_type="v_prediction", zero_terminal_snr=True)
     with caplog.at_level("WARNING", logger="training"):
         train(config(tiny_sd_dir, shapes_dir, tmp_path / "plain", **settings))
@@ -293,29 +399,73 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_sd_dir, shapes_dir
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"dataset": ""}, "dataset is required"),
-    ({"preset": "tiny"}, "exactly one of"),
-    ({"resolution": 60}, "multiple of 8"),
-    ({"caption_dropout": 1.0}, "caption_dropout"),
-    ({"lora_rank": 4, "ema_decay": 0.99}, "ema_decay is for full fine-tuning"),
-    ({"lora_rank": 4, "train_text_encoder": True}, "train_text_encoder trains the full text encoder"),
-    ({"text_encoder_lr": 1e-4}, "needs --train-text-encoder"),
-    ({"train_text_encoder": True, "text_encoder_lr": 0.0}, "text_encoder_lr must be > 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"dataset": ""}, "dataset is required"),
+        ({"preset": "tiny"}, "exactly one of"),
+        ({"resolution": 60}, "multiple of 8"),
+        ({"caption_dropout": 1.0}, "caption_dropout"),
+        ({"lora_rank": 4, "ema_decay": 0.99}, "ema_decay is for full fine-tuning"),
+        ({"lora_rank": 4, "train_text_encoder": True}, "train_text_encoder trains the full text encoder"),
+        ({"text_encoder_lr": 1e-4}, "needs --train-text-encoder"),
+        ({"train_text_encoder": True, "text_encoder_lr": 0.0}, "text_encoder_lr must be > 0"),
+    ],
+)
 def test_bad_configs_name_the_field(tiny_sd_dir, shapes_dir, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         config(tiny_sd_dir, shapes_dir, tmp_path, **overrides)
 
 
+def cli_args(model: str, dataset: str, out: Path, *extra: str) -> list[str]:
+    """The command line of a run of ``model`` on ``dataset`` into ``out``, without a tracker."""
+    return ["--pretrained-model", model, "--dataset", dataset, "--output-dir", str(out), "--report-to", "none", *extra]
+
+
+def reported_error(err: str) -> str:
+    """The one ``error: ...`` line a command wrote to stderr, its last line (after the models' loading bars)."""
+    lines = err.rstrip("\n").split("\n")
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, err
+    return lines[-1]
+
+
 def test_command_line_errors_are_one_line(tiny_sd_dir, shapes_dir, tmp_path, capsys):
-    code = main(["--pretrained-model", tiny_sd_dir, "--dataset", str(tmp_path / "nothing-here"),
-                 "--output-dir", str(tmp_path), "--report-to", "none"])  # fmt: skip
+    code = main(cli_args(tiny_sd_dir, str(tmp_path / "nothing-here"), tmp_path))
+    assert code == 2 and "nothing-here is not an existing file or folder" in reported_error(capsys.readouterr().err)
+    code = main(cli_args(tiny_sd_dir, shapes_dir, tmp_path, "--zero-terminal-snr"))
+    assert code == 2 and "use --prediction-type v_prediction" in reported_error(capsys.readouterr().err)
+
+
+def test_a_bad_config_field_is_one_line_with_status_2(tiny_sd_dir, shapes_dir, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("caption_dropout: 1.5\n")
+    code = main(cli_args(tiny_sd_dir, shapes_dir, tmp_path, "--config", str(tmp_path / "run.yaml")))
+    assert code == 2 and capsys.readouterr().err == "error: caption_dropout must be in [0, 1); got 1.5\n"
+    code = main(cli_args(tiny_sd_dir, shapes_dir, tmp_path, "--lora-rank", "four"))
+    assert code == 2 and capsys.readouterr().err == "error: lora_rank must be an int or null; got 'four'\n"
+
+
+def test_a_library_error_inside_training_keeps_its_traceback(tiny_sd_dir, shapes_dir, tmp_path, monkeypatch):
+    """Only user errors become one line: a ValueError from inside a library (a bug) propagates to the traceback."""
+    import training.train_text_to_image as script
+
+    def library_bug(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(script, "diffusion_training_loss", library_bug)
+    with pytest.raises(ValueError, match="operands could not be broadcast"):
+        main(cli_args(tiny_sd_dir, shapes_dir, tmp_path, "--resolution", "64", "--max-train-steps", "1"))
+
+
+def test_a_model_of_another_family_is_refused_up_front(shapes_dir, tmp_path, capsys):
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "unet": ["diffusers", "x"]}
+    (sdxl / "model_index.json").write_text(json.dumps(index))
+    code = main(cli_args(str(sdxl), shapes_dir, tmp_path / "out"))
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error:") and err.strip().count("\n") == 0
-    code = main(["--pretrained-model", tiny_sd_dir, "--dataset", shapes_dir, "--zero-terminal-snr",
-                 "--output-dir", str(tmp_path), "--report-to", "none"])  # fmt: skip
-    assert code == 2 and "v_prediction" in capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --pretrained-model ") and err.count("\n") == 1
+    assert "StableDiffusionXLPipeline" in err and "Stable Diffusion 1.x/2.x" in err
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -323,16 +473,17 @@ def test_command_line_errors_are_one_line(tiny_sd_dir, shapes_dir, tmp_path, cap
 def test_two_process_run_and_its_exact_resume(tiny_sd_dir, shapes_dir, tmp_path, train_text_encoder):
     """torchrun --nproc_per_node 2 (gloo on CPU): each process keeps its own RNG stream, and a resumed 2-process run
     ends with the same weights as an uninterrupted one; also with the text encoder trained (wrapped for DDP too)."""
-    args = ["--pretrained-model", tiny_sd_dir, "--dataset", shapes_dir, "--resolution", "64",
-            "--train-batch-size", "2", "--max-train-steps", "4", "--checkpointing-steps", "2", "--report-to", "none",
-            *(["--train-text-encoder"] if train_text_encoder else []), "--output-dir"]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "training.train_text_to_image", *args]  # fmt: skip
+    settings = "--resolution 64 --train-batch-size 2 --max-train-steps 4 --checkpointing-steps 2 --report-to none"
+    args = ["--pretrained-model", tiny_sd_dir, "--dataset", shapes_dir, *settings.split()]
+    args += [*(["--train-text-encoder"] if train_text_encoder else []), "--output-dir"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, "-m", "training.train_text_to_image", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([*command, str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
+        result = subprocess.run(
+            [*command, str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
@@ -349,14 +500,17 @@ def test_two_process_run_and_its_exact_resume(tiny_sd_dir, shapes_dir, tmp_path,
         unet_weights(tmp_path / "straight" / "pipeline"), unet_weights(tmp_path / "resumed" / "pipeline")
     )
     if train_text_encoder:
-        assert_same_weights(text_encoder_weights(tmp_path / "straight" / "pipeline"),
-                            text_encoder_weights(tmp_path / "resumed" / "pipeline"))  # fmt: skip
+        assert_same_weights(
+            text_encoder_weights(tmp_path / "straight" / "pipeline"),
+            text_encoder_weights(tmp_path / "resumed" / "pipeline"),
+        )
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tiny_sd_dir, shapes_dir, tmp_path):
     plain = train(config(tiny_sd_dir, shapes_dir, tmp_path / "plain", max_train_steps=2))
-    recomputed = train(config(tiny_sd_dir, shapes_dir, tmp_path / "gc", max_train_steps=2,
-                              gradient_checkpointing=True))  # fmt: skip
+    recomputed = train(
+        config(tiny_sd_dir, shapes_dir, tmp_path / "gc", max_train_steps=2, gradient_checkpointing=True)
+    )
     a, b = unet_weights(plain), unet_weights(recomputed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
@@ -367,15 +521,25 @@ def test_gradient_accumulation_resumes_exactly(tiny_sd_dir, shapes_dir, tmp_path
     settings = {"train_batch_size": 3, "gradient_accumulation_steps": 2, "checkpointing_steps": 2}
     straight = train(config(tiny_sd_dir, shapes_dir, tmp_path / "straight", max_train_steps=5, **settings))
     train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", max_train_steps=3, **settings))
-    resumed = train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", max_train_steps=5, resume="latest",
-                           **settings))  # fmt: skip
+    resumed = train(
+        config(tiny_sd_dir, shapes_dir, tmp_path / "parts", max_train_steps=5, resume="latest", **settings)
+    )
     assert_same_weights(unet_weights(straight), unet_weights(resumed))
 
 
 def test_bf16_mixed_precision_saves_a_full_precision_model(tiny_sd_dir, shapes_dir, tmp_path):
-    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=2, mixed_precision="bf16",
-                         validation_prompts=["a red circle"], validation_steps=2,
-                         validation_inference_steps=2))  # fmt: skip
+    final = train(
+        config(
+            tiny_sd_dir,
+            shapes_dir,
+            tmp_path,
+            max_train_steps=2,
+            mixed_precision="bf16",
+            validation_prompts=["a red circle"],
+            validation_steps=2,
+            validation_inference_steps=2,
+        )
+    )
     for part in ("unet", "vae"):
         weights = load_file(final / part / "diffusion_pytorch_model.safetensors")
         assert {w.dtype for w in weights.values()} == {torch.float32}

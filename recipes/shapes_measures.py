@@ -22,7 +22,7 @@ def attribute_similarity(folder: Path) -> dict[str, float]:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldm.text import encode_prompts
-    from training.shapes import COLOURS, POSITIONS, SHAPES, caption_from_attributes
+    from shapes.world import COLOURS, POSITIONS, SHAPES, caption_from_attributes
 
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
@@ -32,8 +32,11 @@ def attribute_similarity(folder: Path) -> dict[str, float]:
     similarity = embeds @ embeds.T
     result = {}
     for k, attribute in enumerate(("colour", "shape", "position")):
-        pairs = [(i, j) for i, j in combinations(range(len(scenes)), 2)
-                 if [a != b for a, b in zip(scenes[i], scenes[j])] == [m == k for m in range(3)]]  # fmt: skip
+        pairs = [
+            (i, j)
+            for i, j in combinations(range(len(scenes)), 2)
+            if [a != b for a, b in zip(scenes[i], scenes[j])] == [m == k for m in range(3)]
+        ]
         result[attribute] = float(torch.stack([similarity[i, j] for i, j in pairs]).mean())
     return result
 
@@ -45,13 +48,13 @@ def first_step_positions(folder: Path, num_prompts: int = 90, seed: int = 0) -> 
     At t = T the zero-terminal-SNR schedule leaves no signal in x_T, so the (guided) U-Net's x_0 prediction there is
     its estimate of E[x_0 | prompt]: a blurred object where the prompt puts it, if the model reads the position word.
     Returns the fraction of ``num_prompts`` full prompts (``eval.adherence``'s) whose decoded first-step x_0 reads
-    back (``eval.shape_analysis``) at the prompt's position. About 0.2 (chance) means the layout is left to the noise.
+    back (``shapes.analysis``) at the prompt's position. About 0.2 (chance) means the layout is left to the noise.
     """
     from eval.adherence import adherence_prompts
-    from eval.shape_analysis import analyze_image
     from ldm.diffusion import v_to_x0
     from ldm.guidance import guide
-    from training.shapes import parse_prompt
+    from shapes.analysis import analyze_image
+    from shapes.world import parse_prompt
 
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
     if pipe.scheduler.config.prediction_type != "v_prediction" or pipe.scheduler.alphas_cumprod[-1] > 1e-6:
@@ -60,8 +63,9 @@ def first_step_positions(folder: Path, num_prompts: int = 90, seed: int = 0) -> 
     embeds, negative = pipe.encode_prompt(prompts, "cpu", 1, True)
     last = pipe.scheduler.config.num_train_timesteps - 1
     size = pipe.default_size // pipe.vae_scale_factor
-    x_T = torch.randn((len(prompts), pipe.unet.config.in_channels, size, size),
-                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    x_T = torch.randn(
+        (len(prompts), pipe.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed)
+    )
     v = pipe.unet(torch.cat([x_T, x_T]), last, encoder_hidden_states=torch.cat([negative, embeds])).sample
     x0 = v_to_x0(guide(v, pipe.generation_defaults.guidance_scale), x_T, last, pipe.scheduler.alphas_cumprod)
     images = pipe.image_processor.postprocess(pipe.decode_latents(x0), output_type="pil")
@@ -72,7 +76,7 @@ def first_step_positions(folder: Path, num_prompts: int = 90, seed: int = 0) -> 
 @torch.no_grad()
 def square_fill(records: list[dict[str, Any]], data: Path, folder: Path, count: int = 40) -> dict[str, float]:
     """How square the squares are: the median share of its bounding box that the object fills
-    (``eval.shape_analysis``'s ``fill_ratio``: 1 for a square, pi/4 for a circle; the analyser reads more than 0.89 as
+    (``shapes.analysis``'s ``fill_ratio``: 1 for a square, pi/4 for a circle; the analyser reads more than 0.89 as
     a square) in the generated images asked for a square (``eval.adherence`` records), in ``count`` held-out squares
     of the image folder ``data``, and in those after a round trip through ``folder``'s autoencoder."""
     import statistics
@@ -82,15 +86,21 @@ def square_fill(records: list[dict[str, Any]], data: Path, folder: Path, count: 
     from diffusers import AutoencoderKL
 
     from eval.prompted_images import load_prompted_images
-    from eval.shape_analysis import analyze_image
-    from training.shapes import parse_prompt
+    from shapes.analysis import analyze_image
+    from shapes.world import parse_prompt
     from training.train_autoencoder import reconstruct
 
-    drawn = [r["diagnostics"]["fill_ratio"] for r in records
-             if r["asked"].get("shape") == "square" and r["diagnostics"].get("fill_ratio") is not None]  # fmt: skip
+    drawn = [
+        r["diagnostics"]["fill_ratio"]
+        for r in records
+        if r["asked"].get("shape") == "square" and r["diagnostics"].get("fill_ratio") is not None
+    ]
     held_out = load_prompted_images(data)
-    files = [file for file, caption in zip(held_out.files, held_out.prompts)
-             if parse_prompt(caption).get("shape") == "square"][:count]  # fmt: skip
+    files = [
+        file
+        for file, caption in zip(held_out.files, held_out.prompts)
+        if parse_prompt(caption).get("shape") == "square"
+    ][:count]
     if not drawn or not files:
         raise ValueError(f"no squares to measure: {len(drawn)} generated, {len(files)} held-out in {data}")
     real = np.stack([np.asarray(PIL.Image.open(file).convert("RGB")) for file in files])

@@ -6,12 +6,12 @@
 2. object: pixels whose RGB distance to the background exceeds half the object's contrast (the largest
    3x3-median-filtered distance; half is where an anti-aliased edge pixel is half object), the largest
    8-connected component, holes filled; no object ("none") when the contrast or the area is too small;
-3. colour: the hue band (:data:`training.shapes.HUE_BANDS`) of the median pixel of the object's interior, or
+3. colour: the hue band (:data:`shapes.world.HUE_BANDS`) of the median pixel of the object's interior, or
    ``other`` when that pixel is nearly grey, black or white (saturation < 0.25 or value < 0.2);
 4. shape: from the object's per-pixel coverage (an anti-aliased edge pixel reads back as the fraction it covers,
    :func:`coverage`): the fill ratio of its bounding box (triangle 0.5, circle pi/4 ~ 0.785, square 1) and the
    mean width of its top third over its bottom third (~0.2 for the up-pointing triangle, ~1 otherwise);
-5. position: the anchor (:data:`training.shapes.ANCHORS`) nearest to the bounding-box centre (for a triangle, the
+5. position: the anchor (:data:`shapes.world.ANCHORS`) nearest to the bounding-box centre (for a triangle, the
    centroid sits 1/6 of the height below the box centre, so the box centre is what a caption's position means).
 
 :mod:`eval.adherence` scores the result against prompts.
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from training.shapes import ANCHORS, POSITIONS, colour_of_hue, rgb_to_hsv
+from shapes.world import ANCHORS, POSITIONS, colour_of_hue, rgb_to_hsv
 
 __all__ = [
     "NONE",

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
-from training.recipes.shapes_model import GUIDANCE_INTERVAL, choose_guidance, main
+from recipes.shapes_model import GUIDANCE_INTERVAL, choose_guidance, fid_rows, main, sweep_fid_header
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,8 +24,9 @@ def test_toy_recipe_end_to_end(tmp_path):
     # the recipe's `python` is this interpreter, even where its environment is not activated
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "SCALE": "toy", "PYTHONPATH": str(REPO), "PATH": path}
-    result = subprocess.run(["bash", "training/recipes/shapes.sh", str(tmp_path)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "recipes/shapes.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     final = Path(result.stdout.strip().splitlines()[-1])
     assert final == tmp_path / "model"
@@ -44,13 +45,18 @@ def test_toy_recipe_end_to_end(tmp_path):
     card = (final / "README.md").read_text()
     adherence = json.loads((tmp_path / "eval" / "adherence" / "adherence.json").read_text())["summary"]
     assert f"{adherence['all_correct_rate']:.1%} of images fully right" in card
-    assert "pipeline_tag: text-to-image" in card and "PSNR" in card and "FID" in card
+    assert "pipeline_tag: text-to-image" in card and "PSNR" in card
+    assert (
+        "features, not Inception FID (not comparable to published FIDs)" in card and "the real-vs-real floor" in card
+    )
+    assert "| CLIP-feature FID |" in card  # the sweep table's column
     assert "guidance interval (0.5, 1)" in card and "steps, guided at every step;" in card  # the sweep: every step
     for figure in ("samples.png", "guidance_sweep.png", "loss.png"):
         assert f"]({figure})" in card and (final / figure).is_file()
     # a second run finds every stage done and only prints the model's folder again
-    again = subprocess.run(["bash", "training/recipes/shapes.sh", str(tmp_path)], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        ["bash", "recipes/shapes.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(final)
 
 
@@ -62,9 +68,29 @@ def test_choose_guidance_takes_the_best_and_the_smallest_among_equals():
         choose_guidance([])
 
 
+def test_card_labels_the_clip_feature_fid_and_gives_its_ratio_to_the_real_floor():
+    def result(fid: float, features: str, comparable: bool = False) -> dict:
+        kid = {"mean": 0.0002, "std": 0.00001}
+        counts = {"real": {"count": 300}, "fake": {"count": 300}}
+        return {"fid": fid, "features": features, "comparable_to_published": comparable, "kid": kid, **counts}
+
+    fid_row, kid_row = fid_rows(result(0.06, "clip:clip"), result(0.02, "clip:clip"))
+    label, value = fid_row.split(" | ")[0], fid_row.split(" | ")[1]
+    assert "FID in the recipe's contrastive CLIP image tower (clip:clip) features, not Inception FID" in label
+    assert "not comparable to published FIDs" in label and value.startswith("3.0x the real-vs-real floor")
+    assert kid_row.startswith("| KID in the same features")
+    # with the standard Inception weights the FID is shown on the published scale
+    inception = "inception-v3 pool3 (TF FID pooling)"
+    fid_row, _ = fid_rows(result(12.5, inception, True), result(1.5, inception, True))
+    assert "comparable to published FIDs" in fid_row and "| 12.50 (real-vs-real floor 1.50" in fid_row
+    # the sweep's column names its feature space
+    assert sweep_fid_header("clip:runs/shapes/clip/clip") == "CLIP-feature FID"
+    assert sweep_fid_header("inception:/w/pt_inception-2015-12-05-6726825d.pth") == "Inception FID"
+
+
 def test_model_steps_name_the_missing_stage(tmp_path, capsys):
     assert main(["folder", "--run", str(tmp_path)]) == 2
-    assert "sweep.json is missing; run training/recipes/shapes.sh" in capsys.readouterr().err
+    assert "sweep.json is missing; run recipes/shapes.sh" in capsys.readouterr().err
 
 
 POSITION_WORDS = ("on", "at", "in", "the", "left", "right", "top", "bottom", "center")  # every position phrase's words
@@ -92,7 +118,7 @@ def save_encoder_blind_to_position(out: Path) -> None:
 def test_attribute_similarity_is_one_for_words_the_text_encoder_cannot_tell_apart(tmp_path):
     """The card's measure of what the text encoder separates: with every word of the position phrases given one
     embedding, captions differing only in position encode identically (1.0), while colour and shape stay apart."""
-    from training.recipes.shapes_measures import attribute_similarity
+    from recipes.shapes_measures import attribute_similarity
 
     save_encoder_blind_to_position(tmp_path)
     similarity = attribute_similarity(tmp_path)
@@ -103,7 +129,7 @@ def test_attribute_similarity_is_one_for_words_the_text_encoder_cannot_tell_apar
 def test_first_step_positions_needs_a_v_prediction_model_with_zero_terminal_snr(tiny_sd_dir):
     # an epsilon model's x_0 at t = T is undefined (alpha_T = 0 would divide by zero), and a schedule that keeps
     # signal at t = T does not make the first step decide the layout
-    from training.recipes.shapes_measures import first_step_positions
+    from recipes.shapes_measures import first_step_positions
 
     with pytest.raises(ValueError, match="v-prediction model with a zero-terminal-SNR schedule"):
         first_step_positions(Path(tiny_sd_dir))
@@ -113,12 +139,14 @@ def test_square_fill_tells_a_rounded_square_from_the_autoencoders_round_trip(tmp
     # the card's reading of a weak shape score: the generated squares' median fill of their bounding box (from the
     # adherence records), against real held-out squares (about 1) and their round trip through the shipped VAE
     from pipelines import DEFAULT_MODEL
-    from training.make_shapes_dataset import make_dataset
-    from training.recipes.shapes_measures import square_fill
+    from recipes.shapes_measures import square_fill
+    from shapes.make_dataset import make_dataset
 
     make_dataset(tmp_path / "data", n=48, size=64, seed=1, progress=False)
-    records = [{"asked": {"shape": shape}, "diagnostics": {"fill_ratio": fill}}
-               for shape, fill in [("square", 0.8), ("square", 0.95), ("circle", 0.5), ("square", 0.9)]]  # fmt: skip
+    records = [
+        {"asked": {"shape": shape}, "diagnostics": {"fill_ratio": fill}}
+        for shape, fill in [("square", 0.8), ("square", 0.95), ("circle", 0.5), ("square", 0.9)]
+    ]
     fill = square_fill(records, tmp_path / "data", Path(DEFAULT_MODEL), count=8)
     assert fill["generated"] == pytest.approx(0.9)  # the squares' median; the circle is not counted
     assert fill["real"] > 0.97

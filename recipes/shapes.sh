@@ -3,8 +3,8 @@
 # the CLIP text encoder (contrastive), then the U-Net (v-prediction, zero terminal SNR, caption dropout for
 # classifier-free guidance). Every stage checkpoints and resumes: run the script again to continue where it stopped.
 #
-#   bash training/recipes/shapes.sh [OUT]             # the full recipe (about 150 minutes on 2 CPU cores)
-#   SCALE=toy bash training/recipes/shapes.sh OUT      # the same chain at a toy size, in minutes
+#   bash recipes/shapes.sh [OUT]             # the full recipe (about 150 minutes on 2 CPU cores)
+#   SCALE=toy bash recipes/shapes.sh OUT      # the same chain at a toy size, in minutes
 #
 # The U-Net reads the captions through a fresh, frozen text encoder (--text-encoder-init random), not the contrastive
 # one, which hardly tells the position words apart; the contrastive CLIP gives the vocabulary and the FID features.
@@ -35,9 +35,9 @@ SECONDS=0
 stage() { echo "== $1 ($SECONDS s so far)"; }
 
 stage "data"
-[ -f "$OUT/data/train/metadata.jsonl" ] || python -m training.make_shapes_dataset --out "$OUT/data/train" \
+[ -f "$OUT/data/train/metadata.jsonl" ] || python -m shapes.make_dataset --out "$OUT/data/train" \
   --n "$N" --size 64 --seed 0 --overwrite --no-progress
-[ -f "$OUT/data/test/metadata.jsonl" ] || python -m training.make_shapes_dataset --out "$OUT/data/test" \
+[ -f "$OUT/data/test/metadata.jsonl" ] || python -m shapes.make_dataset --out "$OUT/data/test" \
   --n "$N_TEST" --size 64 --seed 1 --split-name test --overwrite --no-progress
 
 stage "autoencoder"
@@ -72,7 +72,7 @@ stage "guidance sweep"
   --num-prompts "$SWEEP_PROMPTS" --real "$OUT/data/test" --features "$CLIP_FEATURES" --out "$EVAL/sweep" >/dev/null
 
 stage "model folder"
-[ -d "$OUT/model" ] || python -m training.recipes.shapes_model folder --run "$OUT" >/dev/null
+[ -d "$OUT/model" ] || python -m recipes.shapes_model folder --run "$OUT" >/dev/null
 
 stage "prompt adherence"
 if [ ! -f "$EVAL/adherence/adherence.json" ]; then
@@ -94,7 +94,7 @@ stage "benchmark"
   --out "$EVAL/benchmark.json" >/dev/null
 
 stage "model card"
-python -m training.recipes.shapes_model card --run "$OUT" >/dev/null
+python -m recipes.shapes_model card --run "$OUT" >/dev/null
 
 stage "done"
 echo "$OUT/model"

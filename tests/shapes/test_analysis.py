@@ -1,4 +1,4 @@
-"""eval.shape_analysis reads colour, shape and position back from images it was not tuned on, and finds no object in
+"""shapes.analysis reads colour, shape and position back from images it was not tuned on, and finds no object in
 blank and noisy blank images."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from eval.adherence import score_images
-from eval.shape_analysis import analyze_image
-from training.shapes import ANCHORS, COLOURS, POSITIONS, SHAPES, ShapeSpec, render
+from shapes.analysis import analyze_image
+from shapes.world import ANCHORS, COLOURS, POSITIONS, SHAPES, ShapeSpec, render
 
 # A palette of CSS named colours, chosen here and nowhere else: the analyzer never saw these shades.
 CSS_PALETTE = {

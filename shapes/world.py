@@ -263,8 +263,15 @@ def caption_from_attributes(attributes: dict[str, str]) -> str:
 def canonical_scene(colour: str, shape: str, position: str, size: int = 64) -> Image.Image:
     """The scene with no random draw: the colour's base RGB at the position's anchor, 0.36 of the side, on a light
     grey (fixed inputs for examples and editing tests)."""
-    spec = ShapeSpec(colour=colour, shape=shape, position=position, rgb=BASE_RGB[colour], centre=ANCHORS[position],
-                     size=0.36, background=(225, 225, 220))  # fmt: skip
+    spec = ShapeSpec(
+        colour=colour,
+        shape=shape,
+        position=position,
+        rgb=BASE_RGB[colour],
+        centre=ANCHORS[position],
+        size=0.36,
+        background=(225, 225, 220),
+    )
     return render(spec, size)
 
 

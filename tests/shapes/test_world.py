@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import load_image_caption_records
-from training.make_shapes_dataset import main
-from training.shapes import (
+from shapes.make_dataset import main
+from shapes.world import (
     ANCHORS,
     BASE_RGB,
     CAPTION_FORMS,
@@ -32,6 +31,7 @@ from training.shapes import (
     sample_rgb,
     sample_spec,
 )
+from training.records import load_image_caption_records
 
 
 def test_hue_bands_tile_the_circle_and_shades_stay_well_inside():

@@ -1,9 +1,9 @@
-"""Write the synthetic "shapes" dataset (:mod:`training.shapes`) as an image folder for training and evaluation.
+"""Write the synthetic "shapes" dataset (:mod:`shapes.world`) as an image folder for training and evaluation.
 
 ::
 
-    python -m training.make_shapes_dataset --out data/shapes-train --n 20000 --size 64 --seed 0
-    python -m training.make_shapes_dataset --out data/shapes-test --n 1000 --size 64 --seed 1 --split-name test
+    python -m shapes.make_dataset --out data/shapes-train --n 20000 --size 64 --seed 0
+    python -m shapes.make_dataset --out data/shapes-test --n 1000 --size 64 --seed 1 --split-name test
 
 The folder holds ``<split>-NNNNNN.png`` images and a ``metadata.jsonl`` (the ``datasets`` imagefolder layout that
 ``training.train_text_to_image --dataset`` reads) whose rows carry ``file_name`` and ``text`` (the caption) plus the
@@ -26,12 +26,13 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .shapes import CAPTION_FORMS, PARTIAL_FORMS, ShapeSpec, caption_of, render, sample_spec
+from ldm.errors import OneLineParser, UserError, run_reporting
+from shapes.world import CAPTION_FORMS, PARTIAL_FORMS, ShapeSpec, caption_of, render, sample_spec
 
 METADATA_FILE = "metadata.jsonl"
 MAX_SEED = 2**63 - 1
@@ -64,11 +65,11 @@ def metadata_row(file_name: str, spec: ShapeSpec, form: str, split: str) -> dict
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty ``out`` unless ``overwrite``; with it, remove the PNGs and metadata a run writes."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder (it is created if missing)")
+        raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
     if not out.exists() or not any(out.iterdir()):
         return
     if not overwrite:
-        raise ValueError(f"--out {out} is not empty; pass an empty or new folder, or --overwrite to replace it")
+        raise UserError(f"--out {out} is not empty; pass an empty or new folder, or --overwrite to replace it")
     # Only what this command writes goes, so a stale image of a larger run cannot end up in the new dataset.
     for path in out.iterdir():
         if path.is_file() and (path.suffix.lower() == ".png" or path.name == METADATA_FILE):
@@ -90,13 +91,13 @@ def make_dataset(
     Raises ``ValueError`` for a non-empty ``out`` (unless ``overwrite``) or a bad argument.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}")
+        raise UserError(f"n must be >= 1; got {n}")
     if not 0.0 <= short_caption_fraction <= 1.0:
-        raise ValueError(f"short_caption_fraction must be in [0, 1]; got {short_caption_fraction}")
+        raise UserError(f"short_caption_fraction must be in [0, 1]; got {short_caption_fraction}")
     if not _SPLIT_NAME.fullmatch(split):
-        raise ValueError(f"split must be letters, digits or underscores (it prefixes file names); got {split!r}")
+        raise UserError(f"split must be letters, digits or underscores (it prefixes file names); got {split!r}")
     if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63 - 1]; got {seed}")
+        raise UserError(f"seed must be in [0, 2**63 - 1]; got {seed}")
     _check_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(n - 1)))
@@ -113,13 +114,6 @@ def make_dataset(
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line (``error: ...``) instead of the usage text and the error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _number(kind: Callable[[str], float], low: float, high: float) -> Callable[[str], Any]:
     def parse(text: str) -> float:
         try:
@@ -134,9 +128,9 @@ def _number(kind: Callable[[str], float], low: float, high: float) -> Callable[[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m training.make_shapes_dataset``."""
-    parser = _Parser(
-        prog="python -m training.make_shapes_dataset",
+    """The command line of ``python -m shapes.make_dataset``."""
+    parser = OneLineParser(
+        prog="python -m shapes.make_dataset",
         description="Write the synthetic shapes dataset as an image folder with metadata.jsonl; prints the folder.",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the dataset folder (new or empty)")
@@ -165,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status (2 for bad input)."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
-    try:
+    args = parser.parse_or_status(argv)
+    if isinstance(args, int):
+        return args
+
+    def body() -> None:
         out = make_dataset(
             args.out,
             args.n,
@@ -180,11 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (ValueError, OSError) as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    print(out, flush=True)
-    return 0
+        print(out, flush=True)
+
+    return run_reporting(body, "python -m shapes.make_dataset")
 
 
 if __name__ == "__main__":

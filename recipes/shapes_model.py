@@ -1,7 +1,7 @@
-"""The last two steps of the shapes recipe (``training/recipes/shapes.sh``): the shipped folder and its model card.
+"""The last two steps of the shapes recipe (``recipes/shapes.sh``): the shipped folder and its model card.
 
-    python -m training.recipes.shapes_model folder --run runs/shapes   # runs/shapes/model: defaults from the sweep
-    python -m training.recipes.shapes_model card --run runs/shapes     # runs/shapes/model/README.md from the figures
+    python -m recipes.shapes_model folder --run runs/shapes   # runs/shapes/model: defaults from the sweep
+    python -m recipes.shapes_model card --run runs/shapes     # runs/shapes/model/README.md from the figures
 
 ``folder`` re-saves the trained pipeline (``RUN/unet/pipeline``) as a clean diffusers folder in ``RUN/model``, with
 the guidance scale that the guidance sweep (``RUN/eval/sweep/sweep.json``) found best as its default
@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from eval.fid import reader_fid
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.grid import sample_grid
-from training.recipes.shapes_measures import attribute_similarity, first_step_positions, square_fill
+from recipes.shapes_measures import attribute_similarity, first_step_positions, square_fill
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def choose_guidance(rows: list[dict[str, float]]) -> float:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file the recipe wrote; a ``ValueError`` says which stage to run when it is missing."""
     if not path.is_file():
-        raise ValueError(f"{path} is missing; run training/recipes/shapes.sh to the stage that writes it")
+        raise ValueError(f"{path} is missing; run recipes/shapes.sh to the stage that writes it")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -67,9 +68,11 @@ def make_folder(run: Path) -> Path:
     """``RUN/model``: the trained pipeline with the sweep's best guidance as its default, and a sample grid."""
     sweep = read_json(run / "eval" / "sweep" / "sweep.json")
     pipe = LatentDiffusionPipeline.from_pretrained(run / "unet" / "pipeline")
-    pipe.generation_defaults = GenerationDefaults(num_inference_steps=sweep["steps"],
-                                                  guidance_scale=choose_guidance(sweep["rows"]),
-                                                  guidance_interval=GUIDANCE_INTERVAL)  # fmt: skip
+    pipe.generation_defaults = GenerationDefaults(
+        num_inference_steps=sweep["steps"],
+        guidance_scale=choose_guidance(sweep["rows"]),
+        guidance_interval=GUIDANCE_INTERVAL,
+    )
     out = run / "model"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,15 +113,18 @@ def _parameters(folder: Path) -> dict[str, float]:
     return counts
 
 
-def _weak_parts_bullet(parts: dict[str, float], steps: int, records: list[dict[str, Any]], run: Path,
-                       folder: Path) -> list[str]:  # fmt: skip
+def _weak_parts_bullet(
+    parts: dict[str, float], steps: int, records: list[dict[str, Any]], run: Path, folder: Path
+) -> list[str]:
     """The card's Limits bullet for colour or shape below 95 % (none when both reach it); for shape, what
     :func:`square_fill` measured of the squares."""
     weak = [name for name in ("colour", "shape") if parts[name] < 0.95]
     if not weak:
         return []
-    bullet = (f"- **Below 95 %**: {', '.join(f'{name} {parts[name]:.1%}' for name in weak)} of images right at the "
-              f"defaults after {steps} U-Net steps.")  # fmt: skip
+    bullet = (
+        f"- **Below 95 %**: {', '.join(f'{name} {parts[name]:.1%}' for name in weak)} of images right at the "
+        f"defaults after {steps} U-Net steps."
+    )
     if "shape" in weak:
         fill = square_fill(records, run / "data" / "test", folder)
         bullet += (
@@ -129,8 +135,33 @@ def _weak_parts_bullet(parts: dict[str, float], steps: int, records: list[dict[s
             "0.90 with phi 0.7, 0.92 without)."
         )
         if steps > 3000:
-            bullet += (" Training length helps: the first run of this recipe stopped at 3000 U-Net steps with shape "
-                       "80.7 % and all three right 80.0 % (squares filling 0.88).")  # fmt: skip
+            bullet += (
+                " Training length helps: the first run of this recipe stopped at 3000 U-Net steps with shape "
+                "80.7 % and all three right 80.0 % (squares filling 0.88)."
+            )
+    return [bullet]
+
+
+def _position_bullet(parts: dict[str, float], after: dict[str, float], ucfg: dict[str, Any]) -> list[str]:
+    """The card's Limits bullet when position is right less than 95 % of the time (none otherwise), with the two
+    measured causes: the text encoder's position similarity and, if used, min-SNR weighting."""
+    if parts["position"] >= 0.95:
+        return []
+    bullet = (
+        f"- **Position words are not followed yet**: position is right {parts['position']:.0%} of the time (chance "
+        "20 %), while colour and shape follow the prompt; where the object lands is set by the initial noise. Two "
+        "causes are measured: the text encoder hardly separates the position words (similarity "
+        f"{after['position']:.3f} above), and "
+    )
+    if ucfg.get("snr_gamma"):
+        bullet += (
+            f"min-SNR-gamma weighting (gamma {ucfg['snr_gamma']:g}) gave the noisiest timesteps, where only the "
+            "prompt can say where the object goes, almost no weight (with v-prediction a step weighs "
+            "min(SNR, gamma) / (SNR + 1), 0 at zero SNR): from pure noise at t = T the U-Net predicts a sharp object "
+            "wherever the noise suggests, not the prompt's conditional mean."
+        )
+    else:
+        bullet += "the U-Net has not learned to combine the position words with where it is in the image."
     return [bullet]
 
 
@@ -144,6 +175,29 @@ def _psnr_at(vae: dict[str, Any], step: int) -> str:
     """``", where 8 groups had X dB"`` when the autoencoder's history has ``step``, else nothing."""
     values = [entry["psnr"] for entry in vae["history"] if entry["step"] == step]
     return f", where 8 groups had {values[0]:.1f} dB" if values else ""
+
+
+CLIP_FEATURES_NAME = "the recipe's contrastive CLIP image tower"
+
+
+def fid_rows(fid: dict[str, Any], fid_floor: dict[str, Any]) -> list[str]:
+    """The card's FID and KID rows (``| figure | value | command |``) from ``eval.fid``'s JSON for the generated images
+    and for two real sets (the floor): Inception FID with the standard weights as is, any other FID named by its
+    features and as a multiple of its real-vs-real floor (:func:`eval.fid.reader_fid`)."""
+    name = CLIP_FEATURES_NAME if str(fid["features"]).startswith("clip:") else None
+    shown = reader_fid(fid, fid_floor, features_name=name)
+    kid = f"{fid['kid']['mean']:.4f} +- {fid['kid']['std']:.4f}"
+    return [
+        f"| {shown.label} | {shown.value} | `eval.fid --features ...` on generated vs held-out images, and on "
+        "training vs held-out images for the floor |",
+        f"| KID in the same features, generated vs held-out | {kid} | `eval.fid` |",
+    ]
+
+
+def sweep_fid_header(features: str | None) -> str:
+    """The FID column's name in the sweep table, from the sweep's ``--features`` spec: its feature space."""
+    kind = (features or "").partition(":")[0]
+    return {"inception": "Inception FID", "clip": "CLIP-feature FID", "open_clip": "CLIP-feature FID"}.get(kind, "FID")
 
 
 def card_text(run: Path, folder: Path) -> str:
@@ -183,30 +237,55 @@ def card_text(run: Path, folder: Path) -> str:
         )
     else:
         encoder_text = "trained contrastively with a small ViT" + (", then fine-tuned with the U-Net" if joint else "")
-    encoder_name = {(True, True): "trained with the U-Net from a fresh initialisation",
-                    (False, True): "the frozen fresh initialisation",
-                    (True, False): "fine-tuned with the U-Net"}.get((joint, fresh), "")  # fmt: skip
+    encoder_name = {
+        (True, True): "trained with the U-Net from a fresh initialisation",
+        (False, True): "the frozen fresh initialisation",
+        (True, False): "fine-tuned with the U-Net",
+    }.get((joint, fresh), "")
 
-    sweep_rows = ["| guidance | all parts | colour | shape | position | FID |", "|---:|---:|---:|---:|---:|---:|"]
+    fid_header = sweep_fid_header(sweep.get("features"))
+    sweep_rows = [
+        f"| guidance | all parts | colour | shape | position | {fid_header} |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in sweep["rows"]:
         fid_cell = f"{row['fid']:.2f}" if "fid" in row else "-"
-        sweep_rows.append(f"| {row['guidance_scale']:g} | {row['all_correct']:.3f} | {row['colour']:.3f} | "
-                          f"{row['shape']:.3f} | {row['position']:.3f} | {fid_cell} |")  # fmt: skip
-    speed = (f"{bench['ours']['seconds_per_call']:.2f} s for {bench['batch_size']} images "
-             f"({bench['steps']} steps, guidance {bench['guidance_scale']:g} at every step, {bench['device']}); stock "
-             f"`StableDiffusionPipeline` on the same folder, side by side: {bench['stock']['seconds_per_call']:.2f} s "
-             f"(ours / stock speed {bench['speed_ratio_ours_over_stock']:.2f})")  # fmt: skip
+        sweep_rows.append(
+            f"| {row['guidance_scale']:g} | {row['all_correct']:.3f} | {row['colour']:.3f} | "
+            f"{row['shape']:.3f} | {row['position']:.3f} | {fid_cell} |"
+        )
+    speed = (
+        f"{bench['ours']['seconds_per_call']:.2f} s for {bench['batch_size']} images "
+        f"({bench['steps']} steps, guidance {bench['guidance_scale']:g} at every step, {bench['device']}); stock "
+        f"`StableDiffusionPipeline` on the same folder, side by side: {bench['stock']['seconds_per_call']:.2f} s "
+        f"(ours / stock speed {bench['speed_ratio_ours_over_stock']:.2f})"
+    )
     lines = [
-        "---", "library_name: diffusers", "pipeline_tag: text-to-image", "license: other",
-        "tags:", "- text-to-image", "- diffusers", "- latent-diffusion", "- from-scratch", "---", "",
-        "# shapes: a small text-to-image model trained from nothing on 2 CPU cores", "",
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        "license: other",
+        "tags:",
+        "- text-to-image",
+        "- diffusers",
+        "- latent-diffusion",
+        "- from-scratch",
+        "---",
+        "",
+        "# shapes: a small text-to-image model trained from nothing on 2 CPU cores",
+        "",
         "Draws one coloured shape on a plain background at 64x64 pixels, from prompts such as "
         "`a red circle on the left`. It is the project's default model, so `python -m pipelines.txt2img --prompt "
-        "\"...\"` works on a fresh machine with no download.", "",
-        "![samples at the defaults](samples.png)", "",
-        f"Rows: {'; '.join(SAMPLE_PROMPTS)}. Four seeds ({SAMPLE_SEED}..{SAMPLE_SEED + 3}) each, at the defaults.", "",
-        "## The model", "",
-        "| component | what | parameters |", "|---|---|---:|",
+        '"..."` works on a fresh machine with no download.',
+        "",
+        "![samples at the defaults](samples.png)",
+        "",
+        f"Rows: {'; '.join(SAMPLE_PROMPTS)}. Four seeds ({SAMPLE_SEED}..{SAMPLE_SEED + 3}) each, at the defaults.",
+        "",
+        "## The model",
+        "",
+        "| component | what | parameters |",
+        "|---|---|---:|",
         f"| `vae` | `AutoencoderKL` (32/64/64 channels, GroupNorm of 8 groups), 64x64x3 images to 16x16x4 latents "
         f"(factor 4), scaling factor {vae.get('scaling_factor', 0):.3f} measured on the training images | "
         f"{params['vae']:.2f} M |",
@@ -216,23 +295,30 @@ def card_text(run: Path, folder: Path) -> str:
         f"| `unet` | `UNet2DConditionModel` (32/64/128 channels, GroupNorm of 8 groups, cross-attention at 16x16 "
         f"and 8x8), v-prediction, EMA weights | {params['unet']:.2f} M |",
         "| `scheduler` | `DDIMScheduler`, trailing timesteps, the training schedule rescaled to zero terminal SNR "
-        "(Lin et al. 2023) | - |", "",
+        "(Lin et al. 2023) | - |",
+        "",
         f"{size_mb:.1f} MB in all (float32 safetensors). Defaults (`generation_defaults.json`): "
         f"{defaults.num_inference_steps} DDIM steps, guidance scale {defaults.guidance_scale:g} (the best of the "
         f"guidance sweep below) applied only at the timesteps t >= {defaults.guidance_interval[0]:g} T (guidance "
         f"interval ({defaults.guidance_interval[0]:g}, {defaults.guidance_interval[1]:g}), Kynkaanniemi et al. 2024: "
         "guidance at the low-noise steps rounds the squares' corners; the other steps skip the unconditional pass), "
-        "64x64.", "",
-        "## Data", "",
-        "`python -m training.make_shapes_dataset`: one circle, axis-aligned square or upward triangle in one of six "
+        "64x64.",
+        "",
+        "## Data",
+        "",
+        "`python -m shapes.make_dataset`: one circle, axis-aligned square or upward triangle in one of six "
         "colours (the shade varied), at one of five positions (left, right, top, bottom, center, with jitter), "
         "0.3-0.4 of the image side, on a light or dark plain background. Captions `a {colour} {shape} {position}`, "
         "and the short forms `a red circle`, `a circle on the left`, `a red shape on the left`. "
-        f"{vae['data']['used']} training images (seed 0); 1000 held-out images (seed 1).", "",
-        "## Recipe", "",
-        "`bash training/recipes/shapes.sh` reproduces this folder from nothing (every stage checkpoints; run it "
-        "again to resume). On 2 CPU cores:", "",
-        "| stage | command | steps x batch | wall time |", "|---|---|---:|---:|",
+        f"{vae['data']['used']} training images (seed 0); 1000 held-out images (seed 1).",
+        "",
+        "## Recipe",
+        "",
+        "`bash recipes/shapes.sh` reproduces this folder from nothing (every stage checkpoints; run it "
+        "again to resume). On 2 CPU cores:",
+        "",
+        "| stage | command | steps x batch | wall time |",
+        "|---|---|---:|---:|",
         f"| autoencoder | `training.train_autoencoder` | {vae['steps']} x {vae['config']['train_batch_size']} | "
         f"{_minutes(vae):.0f} min |",
         f"| text encoder | `training.train_text_encoder --vocabulary captions` | {clip['steps']} x "
@@ -240,23 +326,29 @@ def card_text(run: Path, folder: Path) -> str:
         f"| U-Net{' and text encoder' if joint else ''} | `training.train_text_to_image --prediction-type "
         f"v_prediction --zero-terminal-snr --caption-dropout {ucfg.get('caption_dropout', 0.1)} --cache"
         f"{joint_flags}` | {unet['steps']} x {ucfg.get('train_batch_size', '?')} | "
-        f"{_minutes(unet):.0f} min |", "",
+        f"{_minutes(unet):.0f} min |",
+        "",
         "The zero-terminal-SNR schedule matters: with Stable Diffusion's plain `scaled_linear` schedule the last "
         "training step keeps about 7 % of the signal, and a prototype learned to read the object's position from "
         "that leftover signal instead of the prompt (position right 19 % of the time, chance 20 %); rescaled to zero "
         "terminal SNR, position was right every time. `tests/ldm/test_diffusion.py` checks that the schedule "
-        "reaches zero.", "",
+        "reaches zero.",
+        "",
         "How far apart the text encoder puts captions that differ in one word (the mean cosine similarity of their "
-        "embeddings, `training.recipes.shapes_measures.attribute_similarity`; 1.0: the U-Net cannot tell them apart): "
+        "embeddings, `recipes.shapes_measures.attribute_similarity`; 1.0: the U-Net cannot tell them apart): "
         f"after contrastive training, position {before['position']:.3f}, colour {before['colour']:.3f}, shape "
         f"{before['shape']:.3f}"
-        + (f"; the shipped text encoder, {encoder_name}: position {after['position']:.3f}, colour "
-           f"{after['colour']:.3f}, shape {after['shape']:.3f}" if encoder_name else "")
+        + (
+            f"; the shipped text encoder, {encoder_name}: position {after['position']:.3f}, colour "
+            f"{after['colour']:.3f}, shape {after['shape']:.3f}"
+            if encoder_name
+            else ""
+        )
         + ".",
         "",
         "Position is decided at the first sampling step. At t = T the schedule leaves no signal, so the U-Net's x_0 "
         "prediction there is its estimate of the mean image for the prompt; "
-        "`training.recipes.shapes_measures.first_step_positions` decodes it for 90 prompts and reads where the "
+        "`recipes.shapes_measures.first_step_positions` decodes it for 90 prompts and reads where the "
         f"blurred object sits: at the prompt's position **{first_step:.0%}** of the time for this model (chance 20 "
         "%). The model shipped before it used the contrastive text encoder, frozen, and min-SNR-gamma 5 weighting, "
         "and scored 20 % there (23 % position in the final images): the contrastive encoder hardly separates the "
@@ -269,9 +361,12 @@ def card_text(run: Path, folder: Path) -> str:
         "GroupNorm matters too: with Stable Diffusion's 32 groups, the 32-channel layers normalise each channel on "
         "its own (instance normalisation), which erases each feature map's mean; a first autoencoder trained that "
         "way drifted colours (red read back orange) and grew bright blobs inside objects (StyleGAN2's droplet "
-        f"artifact), and reached 23.3 dB held-out PSNR after 600 steps{_psnr_at(vae, 600)}.", "",
-        "![training loss](loss.png)", "",
-        "## Evaluation", "",
+        f"artifact), and reached 23.3 dB held-out PSNR after 600 steps{_psnr_at(vae, 600)}.",
+        "",
+        "![training loss](loss.png)",
+        "",
+        "## Evaluation",
+        "",
         f"Prompt adherence (`eval.adherence`: colour, shape and position read from the pixels, no learned model) on "
         f"{adherence['images']} held-out prompts at the defaults: **{adherence['all_correct_rate']:.1%} of images "
         f"fully right**; colour {parts['colour']:.1%}, shape {parts['shape']:.1%}, position {parts['position']:.1%}. "
@@ -280,51 +375,54 @@ def card_text(run: Path, folder: Path) -> str:
         "squares came out with rounded corners, more so the stronger the guidance.",
         "",
         f"The guidance sweep ({sweep['num_prompts']} prompts, {sweep['steps']} steps, "
-        f"{_interval_words(sweep.get('guidance_interval', [0, 1]))}; FID on those images against "
-        "the held-out set with the project's CLIP image features):", "",
-        *sweep_rows, "",
-        "![guidance sweep](guidance_sweep.png)", "",
-        "| figure | value | command |", "|---|---:|---|",
+        f"{_interval_words(sweep.get('guidance_interval', [0, 1]))}; {fid_header} of those images against the "
+        "held-out set"
+        + ("" if fid_header == "Inception FID" else ", to compare the rows with one another, not with published FIDs")
+        + "):",
+        "",
+        *sweep_rows,
+        "",
+        "![guidance sweep](guidance_sweep.png)",
+        "",
+        "| figure | value | command |",
+        "|---|---:|---|",
         f"| autoencoder PSNR on held-out images | {vae['final_psnr']:.2f} dB | `training.train_autoencoder` "
         "(`--validation-dataset`) |",
         f"| text encoder zero-shot caption retrieval, held-out, top-1 | {clip['final_top1']:.3f} (chance "
         f"{clip['chance_top1']:.3f}) | `training.train_text_encoder` |",
-        f"| FID, {fid['fake']['count']} generated vs {fid['real']['count']} held-out images ({fid['features']}) | "
-        f"{fid['fid']:.2f} | `eval.fid --features clip:.../clip` |",
-        f"| FID floor: {fid_floor['fake']['count']} training vs {fid_floor['real']['count']} held-out real images | "
-        f"{fid_floor['fid']:.2f} | the same, on real images |",
-        f"| KID, generated vs held-out | {fid['kid']['mean']:.4f} +- {fid['kid']['std']:.4f} | `eval.fid` |",
-        f"| speed | {speed} | `eval.benchmark --model ...` |", "",
-        "## Limits", "",
-        *([f"- **Position words are not followed yet**: position is right {parts['position']:.0%} of the time "
-           "(chance 20 %), while colour and shape follow the prompt; where the object lands is set by the initial "
-           "noise. Two causes are measured: the text encoder hardly separates the position words (similarity "
-           f"{after['position']:.3f} above), and "
-           + (f"min-SNR-gamma weighting (gamma {ucfg['snr_gamma']:g}) gave the noisiest timesteps, where only the "
-              "prompt can say where the object goes, almost no weight (with v-prediction a step weighs "
-              "min(SNR, gamma) / (SNR + 1), 0 at zero SNR): from pure noise at t = T the U-Net predicts a sharp "
-              "object wherever the noise suggests, not the prompt's conditional mean."
-              if ucfg.get("snr_gamma") else "the U-Net has not learned to combine the position words with where "
-              "it is in the image.")]
-          if parts["position"] < 0.95 else []),
+        *fid_rows(fid, fid_floor),
+        f"| speed | {speed} | `eval.benchmark --model ...` |",
+        "",
+        "## Limits",
+        "",
+        *_position_bullet(parts, after, ucfg),
         *_weak_parts_bullet(parts, unet["steps"], adherence_file["records"], run, folder),
         "- It knows one world: a single shape of six colours, three kinds and five positions at 64x64. Other words "
         "still tokenize (into byte pieces) but mean nothing to it; two objects, sizes or textures are out of reach.",
         "- Editing (img2img, inpainting) works with it, within the same world.",
-        "- Made to show the toolkit end to end and to test it, not for photographs.", "",
-        "## Use", "",
-        "```bash", 'python -m pipelines.txt2img --prompt "a blue square at the top" --num-images 4 --seed 0', "```",
-        "", "```python", "from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline", "",
+        "- Made to show the toolkit end to end and to test it, not for photographs.",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        'python -m pipelines.txt2img --prompt "a blue square at the top" --num-images 4 --seed 0',
+        "```",
+        "",
+        "```python",
+        "from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline",
+        "",
         "pipe = LatentDiffusionPipeline.from_pretrained(DEFAULT_MODEL)  # or diffusers' StableDiffusionPipeline",
-        'image = pipe("a green triangle on the right").images[0]', "```", "",
-    ]  # fmt: skip
+        'image = pipe("a green triangle on the right").images[0]',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``folder`` or ``card`` for the run folder ``--run``; prints the paths written."""
     parser = argparse.ArgumentParser(
-        prog="python -m training.recipes.shapes_model", description=__doc__.split("\n", maxsplit=1)[0]
+        prog="python -m recipes.shapes_model", description=__doc__.split("\n", maxsplit=1)[0]
     )
     parser.add_argument("step", choices=("folder", "card"))
     parser.add_argument("--run", type=Path, required=True, help="the recipe's output folder (runs/shapes)")

@@ -1,0 +1,263 @@
+"""What a text-to-image run trains, settled once from its config: the seam training methods plug into.
+
+:func:`build_method` reads the settings once and returns a :class:`Method`: how captions become conditioning
+(:mod:`training.conditioning`), the modules the optimizer updates with their learning rates
+(:class:`~training.models.TrainedModule`: the whole U-Net, or its LoRA layers; the text encoder when it is trained),
+the EMA of the U-Net, what a checkpoint holds, whether batches come from the cache, and what the final save writes
+(:class:`FinalModel`: a full pipeline, or LoRA weights). ``train()`` asks the method and checks no mode itself.
+
+DreamBooth and textual inversion (the methods issue) are other ways to fill the same object: DreamBooth trains the
+U-Net (full or LoRA) and maybe the text encoder as here, with a second, prior-preservation batch in the loss;
+textual inversion trains no U-Net module at all and one :class:`~training.models.TrainedModule` for the new
+token embeddings, and its :class:`FinalModel` saves the embeddings file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+
+from pipelines import LatentDiffusionPipeline
+from pipelines.generation_defaults import GenerationDefaults
+from training.cache import CachedLatentDataset, collate_cached
+from training.checkpoint import Stateful
+from training.conditioning import Conditioning, text_conditioning
+from training.data import ImageCaptionDataset, collate
+from training.models import LoraState, TrainedModule, TrainingModels, add_lora, freeze, load_component, save_lora
+
+if TYPE_CHECKING:
+    from training.train_text_to_image import TrainConfig
+
+logger = logging.getLogger("training")
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+"""The dtype of the frozen models' copies under each ``mixed_precision`` setting (float32 otherwise)."""
+
+
+class FinalModel(Protocol):
+    """What the end of a run writes."""
+
+    kind: Literal["pipeline", "lora"]
+    """The folder the model goes to (``OUTPUT_DIR/pipeline`` or ``OUTPUT_DIR/lora``), and what the card says."""
+
+    def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
+        """Write the model to ``folder`` (which exists)."""
+        ...
+
+
+class FullPipeline:
+    """The whole pipeline, ``LatentDiffusionPipeline.save_pretrained``: the trained U-Net (with the EMA weights when
+    there is an EMA), the conditioning's saved components, the frozen VAE as loaded, and the sampler. The settings the
+    validation grids were sampled at become the model's defaults (``generation_defaults.json``)."""
+
+    kind: Literal["pipeline", "lora"] = "pipeline"
+
+    def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
+        vae = method.vae
+        if method.weight_dtype != torch.float32:  # the frozen VAE as it was, not its half-precision copy
+            vae = load_component(AutoencoderKL, models.vae_source, "vae")
+        pipe = LatentDiffusionPipeline(
+            vae=vae, unet=method.unet, scheduler=models.sampler, **method.conditioning.saved_components()
+        )
+        pipe.generation_defaults = defaults
+        pipe.save_pretrained(folder)
+
+
+class LoraWeights:
+    """The U-Net's LoRA layers as ``pytorch_lora_weights.safetensors`` in diffusers' format
+    (:func:`training.models.save_lora`), which stock ``load_lora_weights`` reads."""
+
+    kind: Literal["pipeline", "lora"] = "lora"
+
+    def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
+        save_lora(method.unet, folder)
+
+
+class _EmaState:
+    """The checkpoint view of an EMA: its state, moved back to the training device when a checkpoint is loaded."""
+
+    def __init__(self, ema: EMAModel, device: torch.device | str) -> None:
+        self.ema, self.device = ema, device
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state_dict)
+        self.ema.to(self.device)
+
+
+@dataclass(eq=False)
+class Method:
+    """What a text-to-image run trains and how captions become conditioning; built once by :func:`build_method`.
+
+    Attributes:
+        conditioning: how captions become the U-Net's conditioning (and the text modules trained, if any).
+        unet: the (unwrapped) U-Net: what the loss, validation and the final save use.
+        vae: the frozen VAE (encodes the images when they are not cached).
+        unet_part: the U-Net as the optimizer trains it (the whole U-Net, or its LoRA layers).
+        ema: the exponential moving average of the U-Net's weights, or None.
+        final: what the end of the run writes.
+        cache_dir: where the cache of latents and caption outputs goes, or None to encode every step.
+        weight_dtype: the dtype of the frozen models' copies (mixed precision).
+        device: the device the models train on.
+    """
+
+    conditioning: Conditioning
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    unet_part: TrainedModule
+    ema: EMAModel | None
+    final: FinalModel
+    cache_dir: Path | None
+    weight_dtype: torch.dtype
+    device: torch.device | str
+
+    # ------------------------------------------------------------------------------------------- the optimizer
+    @property
+    def trained(self) -> tuple[TrainedModule, ...]:
+        """Every module the optimizer updates, in the order of its parameter groups."""
+        return (self.unet_part, *self.conditioning.trained)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One optimizer parameter group per trained module, each at its own learning rate."""
+        return [{"params": part.parameters, "lr": part.learning_rate} for part in self.trained]
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """All parameters the optimizer updates (what gradient clipping sees)."""
+        return [p for part in self.trained for p in part.parameters]
+
+    def prepare(self, accelerator: Accelerator, *objects: Any) -> list[Any]:
+        """``accelerator.prepare`` the trained modules together with ``objects`` (optimizer, data loader, LR
+        schedule); each trained module's ``runner`` becomes its prepared (maybe DDP-wrapped) module. Returns the
+        prepared ``objects``."""
+        trained = self.trained
+        prepared = accelerator.prepare(*(part.module for part in trained), *objects)
+        for part, runner in zip(trained, prepared):
+            part.runner = runner
+        if self.ema is not None:
+            self.ema.to(self.device)
+        return list(prepared[len(trained) :])
+
+    @property
+    def runners(self) -> tuple[torch.nn.Module, ...]:
+        """The prepared trained modules (for ``accelerator.accumulate``)."""
+        return tuple(part.runner for part in self.trained)
+
+    @property
+    def unet_runner(self) -> torch.nn.Module:
+        """The U-Net to call in the training forward pass (prepared by :meth:`prepare`)."""
+        return self.unet_part.runner
+
+    def stateful(self) -> dict[str, Stateful]:
+        """What a checkpoint holds of the models: each trained module's state (by its name) and the EMA."""
+        states: dict[str, Stateful] = {part.name: part.state for part in self.trained}
+        if self.ema is not None:
+            states["ema"] = _EmaState(self.ema, self.device)
+        return states
+
+    def after_update(self) -> None:
+        """After an applied optimizer step: move the EMA towards the new weights."""
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+
+    # ------------------------------------------------------------------------------------------- the data
+    def training_data(
+        self, dataset: ImageCaptionDataset, accelerator: Accelerator, *, batch_size: int
+    ) -> tuple[Any, Callable[[list[dict[str, Any]]], dict[str, Any]]]:
+        """The dataset the loop reads and its collate function: ``dataset`` itself, or with a cache, the cached
+        latents (the main process builds the cache once, the others wait and read it), and then the conditioning
+        reads the cached caption outputs where they cannot change."""
+        if self.cache_dir is None:
+            return dataset, collate
+        with accelerator.main_process_first():
+            self.conditioning.build_cache(dataset, self.vae, self.cache_dir, batch_size=batch_size)
+        cached = CachedLatentDataset(dataset, self.cache_dir)
+        self.conditioning = self.conditioning.from_cache(cached)
+        return cached, collate_cached
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The trained modules in evaluation mode for the block, in training mode again after it."""
+        self.unet.eval()
+        self.conditioning.set_training(False)
+        try:
+            yield
+        finally:
+            self.unet.train()
+            self.conditioning.set_training(True)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The U-Net holds the EMA weights for the block (when there is an EMA), its own weights again after it."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.unet.parameters())
+
+    def pipeline(self, models: TrainingModels) -> LatentDiffusionPipeline:
+        """A pipeline of the models as they are now (for validation samples)."""
+        return LatentDiffusionPipeline(
+            vae=self.vae, unet=self.unet, scheduler=models.sampler, **self.conditioning.pipeline_components()
+        )
+
+    # ------------------------------------------------------------------------------------------- the end
+    def save_final(self, output_dir: Path, models: TrainingModels, defaults: GenerationDefaults) -> Path:
+        """Write the final model to ``output_dir/pipeline`` or ``output_dir/lora`` (:attr:`final`) and return the
+        folder. With an EMA, the U-Net's own weights go to ``output_dir/unet-raw`` (for further training) and the
+        U-Net keeps the EMA weights from here on."""
+        folder = output_dir / self.final.kind
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.ema is not None:
+            self.unet.save_pretrained(output_dir / "unet-raw")
+            self.ema.copy_to(self.unet.parameters())
+        self.final.save(folder, self, models, defaults)
+        return folder
+
+
+def build_method(config: TrainConfig, models: TrainingModels, device: torch.device | str) -> Method:
+    """Settle what the run described by ``config`` trains, once: freeze the VAE (and the text encoder unless it is
+    trained) on ``device``, in the mixed-precision dtype where they can be reloaded for the final save; add LoRA
+    layers or train the whole U-Net; the EMA; the cache folder."""
+    weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
+    freeze(models.vae, device, weight_dtype)
+    conditioning = text_conditioning(
+        models,
+        train=config.train_text_encoder,
+        learning_rate=config.text_encoder_lr or config.learning_rate,
+        device=device,
+        dtype=weight_dtype,
+    )
+    unet = models.unet
+    final: FinalModel
+    if config.lora_rank is not None:
+        add_lora(unet, config.lora_rank, config.lora_alpha)
+        unet_part, final = TrainedModule("unet", unet, config.learning_rate, state=LoraState(unet)), LoraWeights()
+    else:
+        unet_part, final = TrainedModule("unet", unet, config.learning_rate, state=unet), FullPipeline()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    ema = None
+    if config.ema_decay is not None:
+        ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
+    cache_dir = None
+    if config.cache:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
+    return Method(conditioning, unet, models.vae, unet_part, ema, final, cache_dir, weight_dtype, device)
