@@ -56,6 +56,7 @@ def test_writes_pngs_with_metadata_and_prints_their_paths(capsys, tiny_sd_dir: s
             assert image.text == {
                 "mode": "txt2img",
                 "prompt_weighting": "true",
+                "long_prompts": "true",
                 "prompt": "A red fox, (snow:1.2)!",
                 "negative_prompt": "blurry",
                 "seed": str(seed),
