@@ -1,13 +1,15 @@
 """Generation throughput and peak memory (ours vs stock diffusers, side by side), and the training step rate.
 
-Generation: LatentDiffusionPipeline and stock StableDiffusionPipeline share the same components (random weights of
-a named preset, or a model folder), scheduler, seeds and arguments, and run alternately in one process, so the ratio
-is not skewed by the machine's state; ``--memory`` applies one of the memory modes to both. Training
-(``--task train``): the U-Net step rate of ``training.train_text_to_image`` on a synthetic shapes dataset, with and
-without the latent cache. Prints a table and writes JSON. Examples::
+Generation: our pipeline of the model's family and stock's (``LatentDiffusionPipeline`` and
+``StableDiffusionPipeline``; ``LatentDiffusionXLPipeline`` and ``StableDiffusionXLPipeline`` for SDXL) share the
+same components (random weights of a named preset, or a model folder), scheduler, seeds and arguments, and run
+alternately in one process, so the ratio is not skewed by the machine's state; ``--memory`` applies one of the memory
+modes to both. Training (``--task train``): the U-Net step rate of ``training.train_text_to_image`` on a synthetic
+shapes dataset, with and without the latent cache. Prints a table and writes JSON. Examples::
 
     python -m eval.benchmark --preset tiny --steps 20 --size 64
     python -m eval.benchmark --preset sd15 --device cuda --dtype float16 --steps 50 --size 512 --memory vae-tiling
+    python -m eval.benchmark --preset sdxl --steps 2 --size 256 --repeats 1
     python -m eval.benchmark --task train --preset small --train-steps 20 --batch-size 16
 """
 
@@ -21,17 +23,19 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ldm.attention import ATTENTION_BACKENDS
 from ldm.errors import OneLineParser, UserError, run_reporting
 from ldm.presets import PRESETS, build_components
-from pipelines import LatentDiffusionPipeline
+from pipelines.families import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, family_of_unet, pipelines_of
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.loading import load_pipeline
 from pipelines.schedulers import make_scheduler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STOCK_PIPELINES: dict = {STABLE_DIFFUSION: StableDiffusionPipeline, STABLE_DIFFUSION_XL: StableDiffusionXLPipeline}
+"""Stock diffusers' text-to-image pipeline of each family, the reference we time against."""
 MEMORY_MODES = ("none", "attention-slicing", "vae-slicing", "vae-tiling", "cpu-offload")
 
 
@@ -90,6 +94,15 @@ def time_pipeline(pipe, device: torch.device, kwargs: dict) -> tuple[float, floa
     return seconds, peak
 
 
+def stock_pipeline(cls: type[DiffusionPipeline], components: dict) -> DiffusionPipeline:
+    """Stock ``cls`` on the ``components`` it takes, without a safety checker."""
+    keys = cls._get_signature_keys(cls)[0]
+    given = {name: components.get(name) for name in keys}
+    given.update({name: None for name in ("safety_checker", "feature_extractor") if name in keys})
+    extra = {"requires_safety_checker": False} if "safety_checker" in keys else {}
+    return cls(**given, **extra)
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
@@ -106,9 +119,9 @@ def run(args: argparse.Namespace) -> dict:
     args.steps = defaults.num_inference_steps if args.steps is None else args.steps
     args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
     components["scheduler"] = make_scheduler("ddim", components["scheduler"].config)
-    ours = LatentDiffusionPipeline(**components).to(dtype=dtype)
-    stock_components = {**components, "safety_checker": None, "feature_extractor": None}
-    stock = StableDiffusionPipeline(**stock_components, requires_safety_checker=False)
+    family = family_of_unet(components["unet"].config)
+    ours = pipelines_of(family).text_to_image(**components).to(dtype=dtype)
+    stock = stock_pipeline(STOCK_PIPELINES[family], components)
     ours.set_attention_backend(args.attention)  # shared modules: stock uses the same processors
     if args.memory == "cpu-offload":  # each pipeline moves the shared modules itself
         apply_memory_mode(ours, args.memory, device)
@@ -136,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
             timings[name].append(seconds)
     result = {
         "source": args.model or f"preset:{args.preset}",
+        "pipelines": [type(ours).__name__, type(stock).__name__],
         "device": _device_name(device),
         "dtype": args.dtype,
         "attention": args.attention,

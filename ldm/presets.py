@@ -1,20 +1,28 @@
-"""Named model sizes: typed configs that build a U-Net, VAE, text encoder, tokenizer and scheduler.
+"""Named model sizes: typed configs that build a U-Net, VAE, text encoder(s), tokenizer(s) and scheduler.
 
 ``tiny`` is for tests (a pipeline that runs a 64x64 generation in well under a second on a CPU); ``small`` is a
 CPU-trainable model of 64x64 images with 16x16 latents (a VAE factor of 4, so corners survive); ``sd15`` is the
 exact Stable Diffusion 1.5 architecture (random weights), for training from scratch and GPU benchmarks.
-Presets are data: add one by adding an entry to :data:`PRESETS`.
+``tiny-sdxl`` and ``sdxl`` are the same for Stable Diffusion XL: two text encoders (CLIP ViT-L and OpenCLIP
+bigG with its projection), a U-Net with size/crop micro-conditioning (``addition_embed_type="text_time"``) and the
+Euler sampler SDXL ships with; ``sdxl`` is the exact SDXL 1.0 base architecture (2.6B U-Net parameters: build it on
+the meta device in tests). Presets are data: add one by adding an entry to :data:`PRESETS`; what differs between
+families (a second encoder, the sampler) is a field of :class:`ModelPreset`, not a branch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+from .tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, EOS_TOKEN, build_clip_tokenizer
+
+TextEncoderName = Literal["text_encoder", "text_encoder_2"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,14 @@ class UNetConfig:
     norm_num_groups: int = 32
     in_channels: int = 4
     out_channels: int = 4
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False
+    # SDXL's micro-conditioning: "text_time" adds the embedding of the pooled text embedding and the six size/crop
+    # numbers (each embedded to addition_time_embed_dim), so projection_class_embeddings_input_dim is
+    # 6 * addition_time_embed_dim + the pooled embedding's size.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+    force_upcast: bool = True  # decode in float32 when the pipeline runs in float16 (stock SDXL reads it)
 
     @property
     def down_block_types(self) -> tuple[str, ...]:
@@ -55,7 +72,9 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """The fields of transformers' ``CLIPTextConfig`` that a preset sets; the vocabulary is always CLIP's."""
+    """The fields of transformers' ``CLIPTextConfig`` that a preset sets (the vocabulary is always CLIP's), whether
+    the model carries its text projection (``CLIPTextModelWithProjection``, SDXL's second encoder, whose projected
+    pooled output conditions the U-Net) and the padding token of its tokenizer (SDXL's second one pads with ``!``)."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -63,6 +82,21 @@ class TextEncoderConfig:
     num_attention_heads: int = 12
     projection_dim: int = 768
     hidden_act: str = "quick_gelu"
+    with_projection: bool = False
+    pad_token: str = EOS_TOKEN
+
+    def clip_config(self, vocab_size: int) -> CLIPTextConfig:
+        """transformers' config: 77 positions, ``vocab_size`` tokens whose last two are BOS and EOS (CLIP's order)."""
+        own = {"with_projection", "pad_token"}
+        clip_fields = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in own}
+        return CLIPTextConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+            **clip_fields,
+        )
 
 
 @dataclass(frozen=True)
@@ -77,14 +111,41 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SamplerConfig:
+    """The inference scheduler a saved pipeline of the family ships with: its class and the options it sets on top
+    of the training schedule (:class:`SchedulerConfig`)."""
+
+    scheduler_class: type[SchedulerMixin]
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+SD_SAMPLER = SamplerConfig(PNDMScheduler, (("steps_offset", 1), ("skip_prk_steps", True), ("set_alpha_to_one", False)))
+"""Stable Diffusion 1.x's shipped sampler: PNDM (PLMS steps)."""
+
+SDXL_SAMPLER = SamplerConfig(EulerDiscreteScheduler, (("steps_offset", 1), ("timestep_spacing", "leading")))
+"""SDXL 1.0's shipped sampler: Euler with leading timestep spacing."""
+
+
+@dataclass(frozen=True)
 class ModelPreset:
-    """A complete latent-diffusion model size."""
+    """A complete latent-diffusion model size. ``text_encoder_2`` (SDXL's second encoder) None: one encoder."""
 
     name: str
     unet: UNetConfig
     vae: VAEConfig
     text_encoder: TextEncoderConfig
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    text_encoder_2: TextEncoderConfig | None = None
+    sampler: SamplerConfig = SD_SAMPLER
+
+    @property
+    def text_encoders(self) -> dict[TextEncoderName, TextEncoderConfig]:
+        """The text encoders by component name (``text_encoder`` and, for SDXL, ``text_encoder_2``)."""
+        encoders: dict[TextEncoderName, TextEncoderConfig | None] = {
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+        }
+        return {name: config for name, config in encoders.items() if config is not None}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -144,6 +205,75 @@ PRESETS: dict[str, ModelPreset] = {
         vae=VAEConfig(block_out_channels=(128, 256, 512, 512), sample_size=512),
         text_encoder=TextEncoderConfig(),
     ),
+    "tiny-sdxl": ModelPreset(
+        name="tiny-sdxl",
+        unet=UNetConfig(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),  # a varying depth, as SDXL's (1, 2, 10)
+            cross_attention_dim=32 + 48,  # both encoders' hidden states, concatenated
+            norm_num_groups=8,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+        ),
+        vae=VAEConfig(
+            block_out_channels=(8, 16, 32, 32),
+            sample_size=64,
+            layers_per_block=1,
+            norm_num_groups=8,
+            scaling_factor=0.13025,
+        ),
+        text_encoder=TextEncoderConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32
+        ),
+        # Different widths for the two encoders, so a swapped or mis-concatenated pair cannot pass a shape check.
+        text_encoder_2=TextEncoderConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            projection_dim=32,
+            hidden_act="gelu",
+            with_projection=True,
+            pad_token="!",
+        ),
+        sampler=SDXL_SAMPLER,
+    ),
+    "sdxl": ModelPreset(
+        name="sdxl",
+        unet=UNetConfig(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=768 + 1280,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=6 * 256 + 1280,
+        ),
+        vae=VAEConfig(block_out_channels=(128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025),
+        text_encoder=TextEncoderConfig(),  # CLIP ViT-L/14's text tower
+        text_encoder_2=TextEncoderConfig(  # OpenCLIP ViT-bigG/14's text tower with its projection
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+            hidden_act="gelu",
+            with_projection=True,
+            pad_token="!",
+        ),
+        sampler=SDXL_SAMPLER,
+    ),
 }
 
 
@@ -171,30 +301,36 @@ def build_vae(preset: ModelPreset) -> AutoencoderKL:
         norm_num_groups=cfg.norm_num_groups,
         sample_size=cfg.sample_size,
         scaling_factor=cfg.scaling_factor,
+        force_upcast=cfg.force_upcast,
     )
 
 
-def build_text_encoder(preset: ModelPreset, vocab_size: int = CLIP_VOCAB_SIZE) -> CLIPTextModel:
-    """A randomly initialised CLIP text transformer with 77 positions and CLIP's vocabulary, or a reduced one of
-    ``vocab_size`` tokens (``ldm.tokenizer.build_clip_tokenizer(texts=...)``: the specials are its last two ids)."""
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-        **asdict(preset.text_encoder),
-    )
-    return CLIPTextModel(config)
+def build_text_encoder(
+    preset: ModelPreset, vocab_size: int = CLIP_VOCAB_SIZE, name: TextEncoderName = "text_encoder"
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """The preset's text encoder ``name``, randomly initialised: a CLIP text transformer (with its text projection
+    for SDXL's ``text_encoder_2``) with 77 positions and CLIP's vocabulary, or a reduced one of ``vocab_size``
+    tokens (``ldm.tokenizer.build_clip_tokenizer(texts=...)``: the specials are its last two ids).
+
+    Raises:
+        ValueError: the preset has no encoder of that name (only SDXL presets have ``text_encoder_2``).
+    """
+    if name not in preset.text_encoders:
+        raise ValueError(f"preset {preset.name!r} has no {name}; it has {sorted(preset.text_encoders)}")
+    config = preset.text_encoders[name]
+    model_class = CLIPTextModelWithProjection if config.with_projection else CLIPTextModel
+    return model_class(config.clip_config(vocab_size))
 
 
-def build_scheduler(preset: ModelPreset) -> PNDMScheduler:
-    """Stable Diffusion 1.x's default sampler configuration with the preset's training schedule."""
-    return PNDMScheduler(**asdict(preset.scheduler), steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+def build_scheduler(preset: ModelPreset) -> SchedulerMixin:
+    """The sampler the preset's family ships with (PNDM for SD 1.x, Euler for SDXL) on its training schedule."""
+    sampler = preset.sampler
+    return sampler.scheduler_class(**asdict(preset.scheduler), **dict(sampler.options))
 
 
 def build_components(preset: ModelPreset | str, seed: int = 0) -> dict:
-    """All five pipeline components (``vae, text_encoder, tokenizer, unet, scheduler``), random weights.
+    """All pipeline components, random weights: ``vae, text_encoder, tokenizer, unet, scheduler``, and for an SDXL
+    preset ``text_encoder_2, tokenizer_2`` too (so ``StableDiffusionXLPipeline(**components)`` works).
 
     The weights depend only on ``seed``; the caller's global RNG state is left untouched.
     """
@@ -203,11 +339,9 @@ def build_components(preset: ModelPreset | str, seed: int = 0) -> dict:
         torch.manual_seed(seed)
         unet = build_unet(preset)
         vae = build_vae(preset)
-        text_encoder = build_text_encoder(preset)
-    return {
-        "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
-        "tokenizer": build_clip_tokenizer(),
-        "unet": unet.eval(),
-        "scheduler": build_scheduler(preset),
-    }
+        text_encoders = {name: build_text_encoder(preset, name=name) for name in preset.text_encoders}
+    components: dict[str, Any] = {"vae": vae.eval()}
+    for name, config in preset.text_encoders.items():
+        components[name] = text_encoders[name].eval()
+        components[name.replace("text_encoder", "tokenizer")] = build_clip_tokenizer(config.pad_token)
+    return {**components, "unet": unet.eval(), "scheduler": build_scheduler(preset)}

@@ -8,6 +8,10 @@ literal text (training captions such as "a car (red)" mean what they say). A pro
 weight syntax, or with ``weighting`` off) gives bitwise the embeddings of diffusers'
 ``StableDiffusionPipeline.encode_prompt``.
 
+:func:`encode_prompts_pooled` is the same for SDXL's encoders: it also returns the pooled (projected) embedding of
+each prompt's first chunk (as A1111 and ComfyUI pool a long prompt) and, with ``layer="penultimate"``, takes the
+penultimate layer's hidden states without the final layer norm, as ``StableDiffusionXLPipeline.encode_prompt`` does.
+
 ``OpenCLIPTextEncoder`` lets an ``open_clip`` text tower stand in for transformers' ``CLIPTextModel``, as Stable
 Diffusion 2 does with the penultimate layer of OpenCLIP ViT-H/14.
 """
@@ -198,23 +202,75 @@ def encode_prompts(
     sent and the embeddings returned (the text encoder's own device by default; like diffusers' ``device``, it must be
     where the encoder runs); ``dtype`` defaults to the text encoder's, as diffusers casts.
     """
+    return encode_prompts_pooled(
+        text_encoder,
+        tokenizer,
+        prompts,
+        num_chunks=num_chunks,
+        clip_skip=clip_skip,
+        device=device,
+        dtype=dtype,
+        weighting=weighting,
+        truncate=truncate,
+    ).hidden_states
+
+
+@dataclass
+class PromptEncoding:
+    """What :func:`encode_prompts_pooled` returns.
+
+    Attributes:
+        hidden_states: ``(batch, 77 * n, hidden)``, the U-Net's cross-attention context (one encoder's part of it).
+        pooled: ``(batch, dim)``, the encoder's pooled output of each prompt's first chunk: the projected text
+            embedding (``text_embeds``) of a ``CLIPTextModelWithProjection`` (SDXL's second encoder), None for an
+            encoder without a projection (stock SDXL pools only from the projected one).
+    """
+
+    hidden_states: Tensor
+    pooled: Tensor | None
+
+
+def encode_prompts_pooled(
+    text_encoder: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    num_chunks: int | None = None,
+    clip_skip: int | None = None,
+    layer: Literal["last", "penultimate"] = "last",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    weighting: bool = False,
+    truncate: bool = False,
+) -> PromptEncoding:
+    """:func:`encode_prompts` (same chunks, weights, truncation, device and dtype), plus the pooled embedding.
+
+    ``layer="last"`` (Stable Diffusion 1.x/2.x) takes the hidden states as :func:`encode_prompts` describes.
+    ``layer="penultimate"`` (SDXL) takes ``hidden_states[-(clip_skip + 2)]`` (``clip_skip`` None: 0) *without* the
+    final layer norm, exactly as ``StableDiffusionXLPipeline.encode_prompt`` does, so a prompt of at most 75 tokens
+    gives stock's embeddings bitwise. The pooled output is never weighted and comes from each prompt's first chunk
+    (A1111 and ComfyUI pool a long SDXL prompt the same way).
+    """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a list of strings (wrap a single prompt as [prompt]); got {prompts!r}")
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt (use [''] for the unconditional embedding)")
     if num_chunks is not None and num_chunks < 1:
         raise ValueError(f"num_chunks must be at least 1 (or None for as many as the prompts need); got {num_chunks}")
+    if layer not in ("last", "penultimate"):
+        raise ValueError(f"layer must be 'last' or 'penultimate'; got {layer!r}")
     # A text encoder being trained may come wrapped (DistributedDataParallel): it runs wrapped, so gradients sync,
     # and its config and layers are read from the model inside.
     model = getattr(text_encoder, "module", text_encoder)
-    if clip_skip is not None:
-        num_layers = getattr(model.config, "num_hidden_layers", None)
-        if clip_skip < 0 or (num_layers is not None and clip_skip >= num_layers):
-            raise ValueError(
-                f"clip_skip must be between 0 and the text encoder's number of layers minus one ({num_layers} layers)"
-                f" or None for the last layer; got {clip_skip}"
-            )
-    final_layer_norm = _final_layer_norm(model) if clip_skip is not None else None
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    skipped = (clip_skip or 0) + (1 if layer == "penultimate" else 0)
+    if clip_skip is not None and (clip_skip < 0 or (num_layers is not None and skipped >= num_layers)):
+        minus = "one" if layer == "last" else "two"
+        raise ValueError(
+            f"clip_skip must be between 0 and the text encoder's number of layers minus {minus} ({num_layers} layers)"
+            f" or None for the {layer} layer; got {clip_skip}"
+        )
+    final_layer_norm = _final_layer_norm(model) if clip_skip is not None and layer == "last" else None
     if tokenizer.pad_token_id is None or tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs bos, eos and pad tokens (a CLIPTokenizer from ldm.tokenizer has them)")
 
@@ -228,16 +284,65 @@ def encode_prompts(
     use_mask = getattr(model.config, "use_attention_mask", False)
     mask = attention_mask.to(run_device) if use_mask else None
 
-    if clip_skip is None:
-        embeds = text_encoder(input_ids, attention_mask=mask)[0]
+    if layer == "last" and clip_skip is None:
+        output = text_encoder(input_ids, attention_mask=mask)
+        embeds = output[0] if output[0].ndim == 3 else output.last_hidden_state
     else:
-        hidden_states = text_encoder(input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        embeds = final_layer_norm(hidden_states[-(clip_skip + 1)])
+        output = text_encoder(input_ids, attention_mask=mask, output_hidden_states=True)
+        embeds = output.hidden_states[-(skipped + 1)]
+        if final_layer_norm is not None:
+            embeds = final_layer_norm(embeds)
 
     embeds = _apply_weights(embeds, weights.to(embeds.device))
     out_dtype = dtype if dtype is not None else getattr(model, "dtype", embeds.dtype)
     embeds = embeds.to(dtype=out_dtype, device=run_device)
-    return embeds.reshape(len(prompts), n * CLIP_MAX_LENGTH, embeds.shape[-1])
+    pooled = output[0] if output[0].ndim == 2 else None  # text_embeds of a model with a projection
+    if pooled is not None:
+        pooled = pooled.reshape(len(prompts), n, -1)[:, 0].to(dtype=out_dtype, device=run_device)
+    return PromptEncoding(embeds.reshape(len(prompts), n * CLIP_MAX_LENGTH, embeds.shape[-1]), pooled)
+
+
+def encode_prompts_with_encoders(
+    encoders: list[tuple[PreTrainedTokenizerBase, nn.Module]],
+    texts: list[list[str]],
+    *,
+    num_chunks: int | None = None,
+    clip_skip: int | None = None,
+    device: torch.device | str | None = None,
+    weighting: bool = False,
+    truncate: bool = False,
+) -> PromptEncoding:
+    """SDXL's text conditioning: encoder ``k`` (a ``(tokenizer, text_encoder)`` pair) reads ``texts[k]``; their
+    penultimate hidden states (:func:`encode_prompts_pooled` with ``layer="penultimate"``, each in its encoder's
+    dtype) are concatenated along the features, ``(batch, 77 * n, D1 + D2)``, and the pooled embedding is the first
+    encoder's that has one (the projected second: ``StableDiffusionXLPipeline.encode_prompt``'s rule). All encoders
+    get the same chunk count ``n`` (``num_chunks``, or what the longest text needs), so the states line up."""
+    if len(texts) != len(encoders):
+        raise ValueError(f"got {len(texts)} lists of texts for {len(encoders)} text encoders; pass one per encoder")
+    n = max(
+        [num_chunks or 1]
+        + [
+            prompt_chunk_count(tokenizer, t, weighting, truncate)
+            for (tokenizer, _), ts in zip(encoders, texts)
+            for t in ts
+        ]
+    )
+    hidden, pooled = [], None
+    for (tokenizer, encoder), encoder_texts in zip(encoders, texts, strict=True):
+        encoding = encode_prompts_pooled(
+            encoder,
+            tokenizer,
+            encoder_texts,
+            num_chunks=n,
+            clip_skip=clip_skip,
+            layer="penultimate",
+            device=device,
+            weighting=weighting,
+            truncate=truncate,
+        )
+        hidden.append(encoding.hidden_states)
+        pooled = encoding.pooled if pooled is None else pooled
+    return PromptEncoding(torch.cat(hidden, dim=-1), pooled)
 
 
 def _chunk_inputs(

@@ -1,11 +1,12 @@
 """Convert between diffusers folders and the one-file formats other Stable Diffusion tools use.
 
 ``python -m pipelines.convert --model DIR --to-single-file OUT.safetensors`` writes the pipeline as one checkpoint
-in the original SD 1.x key layout (AUTOMATIC1111, ComfyUI); ``--from-single-file FILE --config DIR --out DIR`` turns
-such a checkpoint back into a diffusers folder (the architecture, tokenizer and scheduler come from ``--config``, a
-folder or Hub id of the same architecture); ``--model DIR --lora FILE --to-kohya-lora OUT.safetensors`` rewrites a
-diffusers LoRA (as ``training.train_text_to_image --lora-rank`` writes it) in kohya's layout. Files are written
-complete or not at all; the paths written are printed; a bad argument stops with one ``error: ...`` line.
+in its family's original key layout, SD 1.x or SDXL (AUTOMATIC1111, ComfyUI); ``--from-single-file FILE --config
+DIR --out DIR`` turns such a checkpoint back into a diffusers folder of ``--config``'s family (the architecture,
+tokenizer and scheduler come from ``--config``, a folder or Hub id of the same architecture); ``--model DIR --lora
+FILE --to-kohya-lora OUT.safetensors`` rewrites a diffusers LoRA (as ``training.train_text_to_image --lora-rank``
+writes it) in kohya's layout. Files are written complete or not at all; the paths written are printed; a bad
+argument stops with one ``error: ...`` line.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 
 from ldm.errors import OneLineParser, UserError, run_reporting
-from pipelines.families import require_supported_model, single_file_family
+from pipelines.families import require_supported_model, single_file_family, text_to_image_pipeline
 from pipelines.kohya_lora import export_kohya_lora
 from pipelines.loading import DTYPES, loading_bars_hidden
-from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 from pipelines.publish import load_for_publishing
 from pipelines.single_file import SAFETENSORS_SUFFIX, check_checkpoint_format, export_single_file
 
@@ -45,7 +46,7 @@ class ConvertError(UserError):
     """A conversion step failed; the message says what and what to do."""
 
 
-def _load_model(model: Path, allow_pickle: bool) -> LatentDiffusionPipeline:
+def _load_model(model: Path, allow_pickle: bool) -> DiffusionPipeline:
     """The ``--model`` folder's pipeline, from safetensors weights (pickle ones only with ``allow_pickle``).
 
     Raises:
@@ -95,12 +96,12 @@ def from_single_file(file: Path, config: str, out: Path, allow_pickle: bool) -> 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"--out {out} exists and is not an empty folder; pass a new folder")
     _check_format(file, allow_pickle)
-    require_supported_model(config, flag="--config")
+    pipeline_class = text_to_image_pipeline(require_supported_model(config, flag="--config"))
     if file.suffix == SAFETENSORS_SUFFIX:
         single_file_family(file)
     try:
         with loading_bars_hidden():
-            pipe = LatentDiffusionPipeline.from_single_file(
+            pipe = pipeline_class.from_single_file(
                 str(file), config=str(config_path) if config_path.exists() else config, allow_pickle=allow_pickle
             )
     except LOAD_ERRORS as err:
@@ -135,7 +136,7 @@ def to_kohya_lora(model: Path, lora: Path, out: Path, allow_pickle: bool) -> Pat
             f"could not load --lora {lora} into --model {model} ({err}); pass a LoRA of this model"
         ) from err
     try:
-        return export_kohya_lora(pipe.unet, out)
+        return export_kohya_lora(pipe, out)
     except ValueError as err:
         raise ConvertError(f"cannot write --lora {lora} in kohya's layout: {err}") from err
 

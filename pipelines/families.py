@@ -2,9 +2,10 @@
 
 A model is recognised by what its files say, before any weights load: a diffusers folder or Hub repository by the
 ``_class_name`` of its ``model_index.json`` (and its U-Net's ``addition_embed_type``), a one-file checkpoint by its
-keys (diffusers' ``infer_diffusers_model_type``). :data:`FAMILIES` is the table of the families we run; a model of
-any other kind (SDXL, SD3, Flux, PixArt, Kandinsky, ...) is refused up front with one line naming what is supported,
-instead of failing deep inside diffusers. Adding a family is adding a row.
+keys (diffusers' ``infer_diffusers_model_type``). :data:`FAMILIES` is the table of the families we run (Stable
+Diffusion 1.x/2.x and SDXL); a model of any other kind (SD3, Flux, PixArt, Kandinsky, ...) is refused up front with
+one line naming what is supported, instead of failing deep inside diffusers. Adding a family is adding a row (and its
+pipelines in :func:`pipelines_of`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ldm.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +67,77 @@ STABLE_DIFFUSION = ModelFamily(
     single_file_types=frozenset({"v1", "v2", "inpainting", "inpainting_v2"}),
 )
 
-FAMILIES: tuple[ModelFamily, ...] = (STABLE_DIFFUSION,)
+STABLE_DIFFUSION_XL = ModelFamily(
+    name="Stable Diffusion XL",
+    examples="StableDiffusionXLPipeline, LatentDiffusionXLPipeline, their img2img/inpaint pipelines and the refiner",
+    pipeline_classes=frozenset(
+        {
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",  # the refiner's folders too
+            "StableDiffusionXLInpaintPipeline",
+            "LatentDiffusionXLPipeline",
+            "LatentDiffusionXLImg2ImgPipeline",
+            "LatentDiffusionXLInpaintPipeline",
+        }
+    ),
+    single_file_types=frozenset({"xl_base", "xl_refiner", "xl_inpaint"}),
+    unet_addition_embed_type="text_time",
+)
+
+FAMILIES: tuple[ModelFamily, ...] = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL)
 """The families the commands run, in the order they are tried."""
+
+
+Task = Literal["text_to_image", "img2img", "inpaint"]
+"""What a generation does; each names a field of :class:`FamilyPipelines`."""
+
+
+@dataclass(frozen=True)
+class FamilyPipelines:
+    """Our pipeline classes of a family, by what they do (``inpaint`` None: the family has none yet)."""
+
+    text_to_image: type[LatentDiffusionPipeline]
+    img2img: type[LatentDiffusionPipeline]
+    inpaint: type[LatentDiffusionPipeline] | None
+
+
+def pipelines_of(family: ModelFamily) -> FamilyPipelines:
+    """The pipeline classes that run ``family`` (the loader loads a folder with ``text_to_image`` and reaches the
+    others with ``from_pipe``). Imported here, not at the top, so that recognising a model stays free of torch."""
+    from pipelines.pipeline_img2img import LatentDiffusionImg2ImgPipeline
+    from pipelines.pipeline_img2img_xl import LatentDiffusionXLImg2ImgPipeline
+    from pipelines.pipeline_inpaint import LatentDiffusionInpaintPipeline
+    from pipelines.pipeline_inpaint_xl import LatentDiffusionXLInpaintPipeline
+    from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+    from pipelines.pipeline_latent_diffusion_xl import LatentDiffusionXLPipeline
+
+    table = {
+        STABLE_DIFFUSION: FamilyPipelines(
+            LatentDiffusionPipeline, LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
+        ),
+        STABLE_DIFFUSION_XL: FamilyPipelines(
+            LatentDiffusionXLPipeline, LatentDiffusionXLImg2ImgPipeline, LatentDiffusionXLInpaintPipeline
+        ),
+    }
+    return table[family]
+
+
+def text_to_image_pipeline(family: ModelFamily) -> type[LatentDiffusionPipeline]:
+    """The class that loads a folder of ``family`` (``pipelines_of(family).text_to_image``)."""
+    return pipelines_of(family).text_to_image
+
+
+def family_of_unet(unet_config: Mapping[str, Any]) -> ModelFamily:
+    """The family of loaded components, known by their U-Net's ``addition_embed_type`` (SDXL's ``"text_time"``).
+
+    Raises:
+        UserError: a U-Net of no family in :data:`FAMILIES`.
+    """
+    embed_type = unet_config.get("addition_embed_type")
+    for family in FAMILIES:
+        if family.unet_addition_embed_type == embed_type:
+            return family
+    raise _refusal("the U-Net", f"one with addition_embed_type {embed_type!r}")
 
 
 def supported_text() -> str:
@@ -91,7 +164,7 @@ def family_of_index(
         if class_name not in family.pipeline_classes:
             continue
         embed_type = (unet_config or {}).get("addition_embed_type")
-        if embed_type != family.unet_addition_embed_type:
+        if unet_config is not None and embed_type != family.unet_addition_embed_type:
             raise _refusal(what, f"a {class_name} whose U-Net has addition_embed_type {embed_type!r}")
         return family
     raise _refusal(what, f"a {class_name} model" if class_name else "a pipeline with no _class_name")

@@ -27,12 +27,13 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import UserError
+from pipelines.families import Task
 from pipelines.generation_defaults import check_guidance_interval
 from pipelines.infotext import PARAMETERS_KEY, a1111_clip_skip, format_parameters
 from pipelines.loading import LoadedModel, ModelSettings, load_model
 from pipelines.masks import outpaint_canvas
-from pipelines.pipeline_img2img import IMG2IMG_STRENGTH, LatentDiffusionImg2ImgPipeline
-from pipelines.pipeline_inpaint import INPAINT_STRENGTH, LatentDiffusionInpaintPipeline
+from pipelines.pipeline_img2img import IMG2IMG_STRENGTH
+from pipelines.pipeline_inpaint import INPAINT_STRENGTH
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 from pipelines.schedulers import a1111_sampler, canonical_name, make_scheduler, scheduler_name
 
@@ -60,10 +61,11 @@ class Prepared(NamedTuple):
 
 
 class Mode(Protocol):
-    """How a request draws: the pipeline class it runs and the inputs it adds to the common ones."""
+    """How a request draws: the task it runs (which names the pipeline of the model's family, see
+    :class:`pipelines.families.FamilyPipelines`) and the inputs it adds to the common ones."""
 
     name: ClassVar[str]
-    pipeline_class: ClassVar[type[LatentDiffusionPipeline]]
+    task: ClassVar[Task]
 
     def prepare(self, pipe: LatentDiffusionPipeline) -> Prepared:
         """The pipeline inputs of this mode, the image size, and its metadata (ours and A1111's keys)."""
@@ -78,7 +80,7 @@ class TextToImage:
     width: int | None = None
 
     name: ClassVar[str] = "txt2img"
-    pipeline_class: ClassVar[type[LatentDiffusionPipeline]] = LatentDiffusionPipeline
+    task: ClassVar[Task] = "text_to_image"
 
     def prepare(self, pipe: LatentDiffusionPipeline) -> Prepared:
         factor = pipe.vae_scale_factor
@@ -102,7 +104,7 @@ class ImageToImage:
     source: str = ""
 
     name: ClassVar[str] = "img2img"
-    pipeline_class: ClassVar[type[LatentDiffusionPipeline]] = LatentDiffusionImg2ImgPipeline
+    task: ClassVar[Task] = "img2img"
 
     def prepare(self, pipe: LatentDiffusionPipeline) -> Prepared:
         metadata = {"image": self.source, "strength": str(float(self.strength))}
@@ -126,7 +128,7 @@ class Inpaint:
     mask_source: str = ""
 
     name: ClassVar[str] = "inpaint"
-    pipeline_class: ClassVar[type[LatentDiffusionPipeline]] = LatentDiffusionInpaintPipeline
+    task: ClassVar[Task] = "inpaint"
 
     def prepare(self, pipe: LatentDiffusionPipeline) -> Prepared:
         return _masked(self.image, self.mask, self, {"image": self.source, "mask": self.mask_source})
@@ -146,7 +148,7 @@ class Outpaint:
     strength: ClassVar[float] = INPAINT_STRENGTH
 
     name: ClassVar[str] = "outpaint"
-    pipeline_class: ClassVar[type[LatentDiffusionPipeline]] = LatentDiffusionInpaintPipeline
+    task: ClassVar[Task] = "inpaint"
 
     def prepare(self, pipe: LatentDiffusionPipeline) -> Prepared:
         canvas, mask = outpaint_canvas(self.image, **self.sides, multiple=pipe.vae_scale_factor)
@@ -377,7 +379,7 @@ def generate(
     if request.scheduler is not None:
         scheduler = make_scheduler(request.scheduler, loaded.scheduler.config)
     loaded.set_scheduler(scheduler)
-    pipe = loaded.pipeline(request.mode.pipeline_class)
+    pipe = loaded.pipeline(request.mode.task)
     prepared = request.mode.prepare(pipe)
     steps, guidance_scale, interval = pipe.sampling_settings(
         request.steps, request.guidance_scale, request.guidance_interval

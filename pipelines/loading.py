@@ -22,7 +22,7 @@ import transformers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm.errors import UserError
-from pipelines.families import ModelFamily, require_supported_model
+from pipelines.families import ModelFamily, Task, pipelines_of, require_supported_model
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
@@ -94,18 +94,18 @@ def loading_bars_hidden() -> Iterator[None]:
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> LatentDiffusionPipeline:
-    """``LatentDiffusionPipeline.from_pretrained`` of a model of a supported family, with safetensors weights where
-    the folder has them.
+    """The text-to-image pipeline of the model's family (``LatentDiffusionPipeline``, ``LatentDiffusionXLPipeline``)
+    loaded with ``from_pretrained``, with safetensors weights where the folder has them.
 
     Raises:
         UserError: the model is of an unsupported family, or could not be loaded (the message says which and why).
     """
-    require_supported_model(model)
+    pipeline_class = pipelines_of(require_supported_model(model)).text_to_image
     path = Path(model).expanduser()
     has_safetensors = path.is_dir() and any(path.rglob(f"*{SAFETENSORS_SUFFIX}"))
     try:
         with loading_bars_hidden():
-            return LatentDiffusionPipeline.from_pretrained(
+            return pipeline_class.from_pretrained(
                 str(path) if path.is_dir() else model, use_safetensors=True if has_safetensors else None, dtype=dtype
             )
     except OSError as err:
@@ -166,8 +166,16 @@ class LoadedModel:
     device: torch.device
     _views: dict[type, LatentDiffusionPipeline] = field(default_factory=dict, repr=False)
 
-    def pipeline(self, cls: type[LatentDiffusionPipeline]) -> LatentDiffusionPipeline:
-        """The pipeline of class ``cls`` (text-to-image, img2img, inpaint) sharing this model's components."""
+    def pipeline(self, task: Task) -> LatentDiffusionPipeline:
+        """The pipeline of this model's family for ``task`` (``"text_to_image"``, ``"img2img"``, ``"inpaint"``),
+        sharing this model's components.
+
+        Raises:
+            UserError: the family has no pipeline for ``task`` yet.
+        """
+        cls = getattr(pipelines_of(self.family), task)
+        if cls is None:
+            raise UserError(f"{task.replace('_', ' ')} is not available for {self.family} models yet; use txt2img")
         if cls is type(self.pipe):
             return self.pipe
         if cls not in self._views:

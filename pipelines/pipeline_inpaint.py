@@ -35,7 +35,7 @@ from ldm.diffusion import q_sample_from
 from ldm.errors import UserError
 from pipelines.masks import latent_mask, paste_unmasked, warn_if_mask_is_uniform
 from pipelines.pipeline_img2img import LatentDiffusionImg2ImgPipeline, expand_to_batch
-from pipelines.pipeline_latent_diffusion import LatentDiffusionPipelineOutput, StepHook
+from pipelines.pipeline_latent_diffusion import CallSetup, LatentDiffusionPipelineOutput, StepHook
 
 logger = logging.getLogger(__name__)
 
@@ -248,22 +248,27 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
         timestep: torch.Tensor,
         is_strength_max: bool,
         return_image_latents: bool,
+        add_noise: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The initial latents, the noise they were made with, and the image's latents (None unless needed), with
         stock's random draws in stock's order: the image's posterior sample (when strength < 1 or the image latents
         are needed), then the noise. At strength 1 the latents are pure noise; below, the image's latents noised to
         ``timestep``; given ``latents`` are the noise (as stock). With one generator per output and fewer images,
-        each output's copy of its image is encoded with its own generator (:meth:`encode_images`)."""
+        each output's copy of its image is encoded with its own generator (:meth:`encode_images`). ``add_noise``
+        False (an SDXL refiner's ``denoising_start``): the image's latents are already noisy and are the initial
+        latents as they are (the noise is still drawn, for the kept region)."""
         num_images = batch_size * num_images_per_prompt
         image_latents = None
-        if return_image_latents or (latents is None and not is_strength_max):
+        if return_image_latents or not add_noise or (latents is None and not is_strength_max):
             image = image.to(device=device, dtype=dtype)
             # In the standard memory layout, as stock's copy is: a half-precision VAE can return channels-last
             # latents, for which the U-Net's kernels round differently.
             image_latents = self.encode_images(image, batch_size, num_images, generator).contiguous()
-        if latents is None:
+        if latents is None or not add_noise:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            if is_strength_max:
+            if not add_noise:
+                latents = image_latents
+            elif is_strength_max:
                 latents = noise * self.scheduler.init_noise_sigma
             else:
                 latents = self.scheduler.add_noise(image_latents, noise, timestep)
@@ -389,7 +394,7 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
             Everything else as :meth:`LatentDiffusionPipeline.__call__`. With ``output_type="latent"`` the final
             latents are returned (no paste).
         """
-        replacement = self.unet_kind() == "text-to-image"
+        replacement = self.unet_kind() == "text-to-image"  # for the checks; inpaint_from_setup asks again
 
         # 1. Check inputs.
         self.check_inpaint_inputs(
@@ -425,13 +430,66 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
             long_prompts=long_prompts,
             deprecated=kwargs,
         )
-        batch_size, num_images, device = setup.batch_size, setup.num_images, setup.device
+        return self.inpaint_from_setup(
+            setup,
+            image,
+            mask_image,
+            masked_image_latents=masked_image_latents,
+            height=height,
+            width=width,
+            padding_mask_crop=padding_mask_crop,
+            strength=strength,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            latents=latents,
+            output_type=output_type,
+            return_dict=return_dict,
+            keep_unmasked_pixels=keep_unmasked_pixels,
+            mask_blur=mask_blur,
+            resamples=resamples,
+        )
+
+    def inpaint_timesteps(
+        self, setup: CallSetup, strength: float, timesteps: list[int] | None, sigmas: list[float] | None
+    ) -> tuple[torch.Tensor, int, bool]:
+        """The timesteps to run, their number, and whether the initial latents get noise added: the last
+        ``strength`` fraction of the schedule, from the image noised to its first timestep (the SDXL pipeline adds
+        the base + refiner split)."""
+        timesteps, num_steps = self.strength_timesteps(
+            setup.num_inference_steps, strength, setup.device, timesteps, sigmas
+        )
+        return timesteps, num_steps, True
+
+    def inpaint_from_setup(
+        self,
+        setup: CallSetup,
+        image: PipelineImageInput,
+        mask_image: PipelineImageInput,
+        *,
+        masked_image_latents: torch.Tensor | None,
+        height: int,
+        width: int,
+        padding_mask_crop: int | None,
+        strength: float,
+        timesteps: list[int] | None,
+        sigmas: list[float] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        return_dict: bool,
+        keep_unmasked_pixels: bool,
+        mask_blur: float,
+        resamples: int,
+    ) -> LatentDiffusionPipelineOutput | tuple:
+        """The rest of an inpainting call once :meth:`start_call` has settled the conditioning (checked inputs, as
+        :meth:`__call__` takes them): timesteps, image and mask, initial latents, the loop with the step hook of the
+        U-Net's kind, decoding and the optional paste."""
+        replacement = self.unet_kind() == "text-to-image"
+        batch_size, num_images, device, generator = setup.batch_size, setup.num_images, setup.device, setup.generator
+        num_images_per_prompt = num_images // batch_size
         dtype = setup.conditioning.prompt_embeds.dtype
 
         # 3. Timesteps: the last `strength` fraction of the schedule.
-        timesteps, num_inference_steps = self.strength_timesteps(
-            setup.num_inference_steps, strength, device, timesteps, sigmas
-        )
+        timesteps, num_inference_steps, add_noise = self.inpaint_timesteps(setup, strength, timesteps, sigmas)
         latent_timestep = timesteps[:1].repeat(num_images)
 
         # 4. The image in [-1, 1] and the mask in {0, 1}, cropped around the mask with padding_mask_crop.
@@ -446,6 +504,9 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
             mask_image, height=height, width=width, resize_mode=resize_mode, crops_coords=crops_coords
         )
         warn_if_mask_is_uniform(mask_condition)
+        image_is_latents = init_image.shape[1] == self.vae.config.latent_channels
+        if image_is_latents and keep_unmasked_pixels:
+            raise UserError("keep_unmasked_pixels pastes the original pixels: pass the image as pixels, not latents")
 
         # 5. Initial latents and the masked image's latents, in stock's order of random draws.
         factor = self.vae_scale_factor
@@ -462,8 +523,14 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
             latent_timestep,
             is_strength_max=strength == 1,
             return_image_latents=replacement,
+            add_noise=add_noise,
         )
-        masked_image = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
+        if masked_image_latents is not None:
+            masked_image = masked_image_latents
+        elif image_is_latents:  # e.g. a base model's latents for a refiner: masked in latent space
+            masked_image = init_image * (latent_mask(mask_condition, tuple(init_image.shape[-2:])) < 0.5)
+        else:
+            masked_image = init_image * (mask_condition < 0.5)
         mask, masked_image_latents = self.prepare_mask_latents(
             mask_condition,
             masked_image,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
@@ -64,12 +64,61 @@ class LatentDiffusionPipelineOutput(BaseOutput):
 class TextConditioning:
     """What the U-Net is conditioned on for one call: the prompt embeddings ``(B * n, L, D)``, the negative ones (None
     when the call does not guide), the padding mask of the embeddings (None: attend to all) and the U-Net's added
-    conditions (``added_cond_kwargs``: IP-Adapter image embeddings; None without)."""
+    conditions of the prompts (``added_cond_kwargs``: IP-Adapter image embeddings, SDXL's pooled text embedding and
+    size/crop ids; None without) and of the negative prompts (``negative_added_cond_kwargs``, the same keys; None
+    when the call does not guide). A guided step gives the U-Net each added condition as ``[negative; positive]``,
+    an unguided one the positive alone."""
 
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None
     attention_mask: torch.Tensor | None
     added_cond_kwargs: dict[str, Any] | None
+    negative_added_cond_kwargs: dict[str, Any] | None = None
+
+
+@dataclass
+class FamilyInputs:
+    """The call arguments that only some model families take (SDXL's second prompts, pooled embeddings and sizes),
+    handed from ``__call__`` through :meth:`LatentDiffusionPipeline.start_call` to ``encode_conditioning``. Stable
+    Diffusion 1.x/2.x has none."""
+
+
+def concat_added_conditions(negative: dict[str, Any] | None, positive: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The U-Net's added conditions of a guided step: each one ``[negative; positive]`` along the batch (a list of
+    tensors, as IP-Adapter image embeddings come, element by element)."""
+    if positive is None:
+        return None
+    if negative is None:
+        raise ValueError("a guided step needs the negative added conditions too (TextConditioning.negative_*)")
+
+    def cat(neg: Any, pos: Any) -> Any:
+        if isinstance(pos, (list, tuple)):
+            return [torch.cat([n, q]) for n, q in zip(neg, pos, strict=True)]
+        return torch.cat([neg, pos])
+
+    return {key: cat(negative[key], value) for key, value in positive.items()}
+
+
+def split_added_conditions(both: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``[negative; positive]`` added conditions (as stock's ``prepare_ip_adapter_image_embeds`` returns them when
+    guiding) split into the negative and the positive halves."""
+
+    def half(value: Any, index: int) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [v.chunk(2)[index] for v in value]
+        return value.chunk(2)[index]
+
+    return {k: half(v, 0) for k, v in both.items()}, {k: half(v, 1) for k, v in both.items()}
+
+
+def padding_mask(counts: list[int], num_images_per_prompt: int, device: torch.device) -> torch.Tensor | None:
+    """``(B * n, 77 * max(counts))``: 1 on the first ``counts[b]`` chunks of prompt ``b``, 0 on the chunks its batch
+    adds beyond them; None when every prompt has the same count (no mask: the call is stock's)."""
+    if min(counts) == max(counts):
+        return None
+    positions = torch.arange(max(counts) * CLIP_MAX_LENGTH, device=device)
+    lengths = torch.tensor(counts, device=device)[:, None] * CLIP_MAX_LENGTH
+    return (positions[None, :] < lengths).long().repeat_interleave(num_images_per_prompt, dim=0)
 
 
 @dataclass
@@ -132,9 +181,12 @@ def _fix_legacy_scheduler_config(scheduler: KarrasDiffusionSchedulers | None) ->
         scheduler._internal_dict = FrozenDict({**scheduler.config, **fixes})
 
 
-def _load_generation_defaults(model: str, kwargs: dict[str, Any]) -> GenerationDefaults:
+def _load_generation_defaults(
+    model: str, kwargs: dict[str, Any], stock: GenerationDefaults | None = None
+) -> GenerationDefaults:
     """The defaults of a local folder, or of a Hub repository when its file is reachable (a repository without one,
-    or no network, gives stock's)."""
+    or no network, gives ``stock``, the stock pipeline's defaults for the model's family: SD's if None)."""
+    stock = stock or GenerationDefaults()
     folder = Path(model).expanduser()
     if not folder.is_dir():
         from huggingface_hub import hf_hub_download
@@ -151,8 +203,10 @@ def _load_generation_defaults(model: str, kwargs: dict[str, Any]) -> GenerationD
             )
         except (EntryNotFoundError, OSError, ValueError):
             logger.debug("no %s for %s", GENERATION_DEFAULTS_FILE, model, exc_info=True)
-            return GenerationDefaults()
+            return stock
         folder = Path(path).parent
+    if not (folder / GENERATION_DEFAULTS_FILE).is_file():
+        return stock
     return GenerationDefaults.load(folder)
 
 
@@ -193,6 +247,11 @@ class LatentDiffusionPipeline(
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    # Callback tensor names that are added conditions: name -> (added_cond_kwargs key, which half). "both" is
+    # [negative; positive] at a guided step (the positive alone otherwise), "negative" the negative half.
+    _callback_added_conditions: dict[str, tuple[str, Literal["both", "negative"]]] = {}
+    # What a call uses for the settings it and the model's generation_defaults.json leave out: stock's.
+    stock_generation_defaults = GenerationDefaults()
 
     def __init__(
         self,
@@ -224,12 +283,17 @@ class LatentDiffusionPipeline(
                 "%s keeps the safety_checker it is given but does not run it; check images yourself if you need to",
                 type(self).__name__,
             )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """The state every pipeline of ours sets up after registering its modules (shared by the families)."""
+        vae = getattr(self, "vae", None)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Set once a half-precision decode has overflowed: later decodes go straight to float32.
         self._upcast_vae_decode = False
         # What a call uses for the settings it leaves out; from_pretrained reads the model's own.
-        self.generation_defaults = GenerationDefaults()
+        self.generation_defaults = self.stock_generation_defaults
 
     # ------------------------------------------------------------------------------------------------ load and save
 
@@ -238,9 +302,12 @@ class LatentDiffusionPipeline(
         """``DiffusionPipeline.from_pretrained``, plus the model's recommended sampling settings
         (``generation_defaults.json`` in the folder or Hub repository, when it has one). A safety checker in the
         folder is not loaded unless passed as ``safety_checker=``."""
-        kwargs.setdefault("safety_checker", None)
+        if "safety_checker" in inspect.signature(cls.__init__).parameters:
+            kwargs.setdefault("safety_checker", None)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        pipe.generation_defaults = _load_generation_defaults(str(pretrained_model_name_or_path), kwargs)
+        pipe.generation_defaults = _load_generation_defaults(
+            str(pretrained_model_name_or_path), kwargs, cls.stock_generation_defaults
+        )
         return pipe
 
     @classmethod
@@ -266,13 +333,15 @@ class LatentDiffusionPipeline(
         check_checkpoint_format(pretrained_model_link_or_path, allow_pickle)
         pipe = super().from_single_file(str(pretrained_model_link_or_path), **kwargs)
         if kwargs.get("config") is not None:
-            pipe.generation_defaults = _load_generation_defaults(str(kwargs["config"]), kwargs)
+            pipe.generation_defaults = _load_generation_defaults(
+                str(kwargs["config"]), kwargs, cls.stock_generation_defaults
+            )
         return pipe
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """``DiffusionPipeline.save_pretrained``, plus ``generation_defaults.json`` when they are not stock's."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        if self.generation_defaults != GenerationDefaults():
+        if self.generation_defaults != self.stock_generation_defaults:
             self.generation_defaults.save(save_directory)
 
     # ------------------------------------------------------------------------------------- call state (as in stock)
@@ -605,10 +674,11 @@ class LatentDiffusionPipeline(
         ip_adapter_image: PipelineImageInput | None = None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         long_prompts: bool = True,
+        family_inputs: FamilyInputs | None = None,
     ) -> TextConditioning:
         """The prompt (and, when guiding, negative prompt) embeddings, their padding mask and the IP-Adapter image
         embeddings of this call (call :meth:`_start_call` first: guidance, ``clip_skip`` and the LoRA scale are read
-        from the call state)."""
+        from the call state). ``family_inputs``: none for this family."""
         do_cfg = self.do_classifier_free_guidance
         lora_scale = (self.cross_attention_kwargs or {}).get("scale")
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -627,15 +697,32 @@ class LatentDiffusionPipeline(
         attention_mask = self.prompt_padding_mask(
             prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_weighting, device, long_prompts
         )
-        added_cond_kwargs = None
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, prompt_embeds.shape[0], do_cfg
-            )
-            added_cond_kwargs = {"image_embeds": image_embeds}
-        return TextConditioning(
-            prompt_embeds, negative_prompt_embeds if do_cfg else None, attention_mask, added_cond_kwargs
+        added, negative_added = self.ip_adapter_conditions(
+            ip_adapter_image, ip_adapter_image_embeds, device, prompt_embeds.shape[0]
         )
+        return TextConditioning(
+            prompt_embeds, negative_prompt_embeds if do_cfg else None, attention_mask, added, negative_added
+        )
+
+    def ip_adapter_conditions(
+        self,
+        ip_adapter_image: PipelineImageInput | None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None,
+        device: torch.device,
+        num_images: int,
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The IP-Adapter image embeddings as added conditions of the prompts and (when guiding) of the negative
+        prompts, as stock computes them; None without an image prompt (and for the negative when not guiding)."""
+        do_cfg = self.do_classifier_free_guidance
+        if ip_adapter_image is None and ip_adapter_image_embeds is None:
+            return None, None
+        image_embeds = self.prepare_ip_adapter_image_embeds(
+            ip_adapter_image, ip_adapter_image_embeds, device, num_images, do_cfg
+        )
+        if not do_cfg:
+            return {"image_embeds": image_embeds}, None
+        negative, positive = split_added_conditions({"image_embeds": image_embeds})
+        return positive, negative
 
     def prompt_padding_mask(
         self,
@@ -658,11 +745,7 @@ class LatentDiffusionPipeline(
             return None
         prompts, negatives = self._prompt_texts(prompt, negative_prompt, None, None, do_classifier_free_guidance)
         counts = self._chunk_counts(prompts, negatives, prompt_weighting, not long_prompts)
-        if min(counts) == max(counts):
-            return None
-        positions = torch.arange(max(counts) * CLIP_MAX_LENGTH, device=device)
-        lengths = torch.tensor(counts, device=device)[:, None] * CLIP_MAX_LENGTH
-        return (positions[None, :] < lengths).long().repeat_interleave(num_images_per_prompt, dim=0)
+        return padding_mask(counts, num_images_per_prompt, device)
 
     def _prompt_texts(
         self,
@@ -774,6 +857,7 @@ class LatentDiffusionPipeline(
         negative_attention_mask: torch.Tensor | None = None,
         callback: Callable | None = None,
         callback_steps: int | None = None,
+        negative_added_cond_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """The sampling loop: at each timestep the U-Net's guided prediction, then the scheduler's step x_t -> x_{t-1}.
 
@@ -788,9 +872,11 @@ class LatentDiffusionPipeline(
 
         ``step_hook`` (a :class:`StepHook`) adds what image editing needs: channels concatenated to the U-Net input,
         a replacement of the latents after each step, and RePaint resampling of each step.
-        ``timestep_cond`` (LCM's guidance embedding) and ``added_cond_kwargs`` (IP-Adapter image embeddings) go to
-        the U-Net as in stock. ``prompt_attention_mask`` / ``negative_attention_mask`` ``(B, L)`` mask padded
-        positions of the embeddings (a batch of prompts with different chunk counts); None attends to all.
+        ``timestep_cond`` (LCM's guidance embedding) goes to the U-Net as in stock; ``added_cond_kwargs`` and
+        ``negative_added_cond_kwargs`` (IP-Adapter image embeddings, SDXL's pooled embedding and size/crop ids) of
+        the prompts and negative prompts go as ``[negative; positive]`` at guided steps, the positive alone at the
+        others. ``prompt_attention_mask`` / ``negative_attention_mask`` ``(B, L)`` mask padded positions of the
+        embeddings (a batch of prompts with different chunk counts); None attends to all.
         """
         hook = step_hook or StepHook()
         self._guidance_scale = guidance_scale
@@ -803,20 +889,29 @@ class LatentDiffusionPipeline(
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         lo, hi = (bound * num_train_timesteps for bound in guidance_interval)
 
+        cond = TextConditioning(
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            added_cond_kwargs,
+            negative_added_cond_kwargs,
+        )
+
         def guided_at(t: torch.Tensor) -> bool:
-            return negative_prompt_embeds is not None and self.do_classifier_free_guidance and lo <= float(t) <= hi
+            return (
+                cond.negative_prompt_embeds is not None and self.do_classifier_free_guidance and lo <= float(t) <= hi
+            )
 
         def step(i: int, t: torch.Tensor, latents: torch.Tensor, guided: bool) -> torch.Tensor:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = hook.unet_input(self.scheduler.scale_model_input(model_input, t), guided)
-            embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+            embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]) if guided else cond.prompt_embeds
             mask = prompt_attention_mask
             if guided and prompt_attention_mask is not None:
                 mask = torch.cat([negative_attention_mask, prompt_attention_mask])
-            cond_kwargs = added_cond_kwargs
-            if added_cond_kwargs is not None and not guided and ip_guided:
-                # IP-Adapter embeddings are [neg; pos] when the call guides; an unguided step takes the positive half.
-                cond_kwargs = {"image_embeds": [e.chunk(2)[1] for e in added_cond_kwargs["image_embeds"]]}
+            cond_kwargs = cond.added_cond_kwargs
+            if guided:
+                cond_kwargs = concat_added_conditions(cond.negative_added_cond_kwargs, cond.added_cond_kwargs)
             noise_pred = self.unet(
                 model_input,
                 t,
@@ -832,7 +927,6 @@ class LatentDiffusionPipeline(
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             return hook.after_step(i, latents)
 
-        ip_guided = negative_prompt_embeds is not None and self.do_classifier_free_guidance
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -843,16 +937,8 @@ class LatentDiffusionPipeline(
                     latents = step(i, t, hook.renoise(i, latents), guided)
 
                 if callback_on_step_end is not None:
-                    latents, prompt_embeds, negative_prompt_embeds = self._step_end_callback(
-                        callback_on_step_end,
-                        tensor_inputs,
-                        i,
-                        t,
-                        guided,
-                        latents,
-                        prompt_embeds,
-                        negative_prompt_embeds,
-                        hook,
+                    latents = self._step_end_callback(
+                        callback_on_step_end, tensor_inputs, i, t, guided, latents, cond, hook
                     )
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
@@ -888,10 +974,12 @@ class LatentDiffusionPipeline(
         prompt_weighting: bool,
         long_prompts: bool,
         deprecated: dict[str, Any],
+        family_inputs: FamilyInputs | None = None,
     ) -> CallSetup:
         """Steps 1 and 2 of every call of this pipeline and its img2img / inpaint subclasses: fill in the model's
         defaults, check the arguments (``deprecated`` is the call's ``**kwargs``: stock's ``callback`` and
-        ``callback_steps``), set the call state the properties read, and encode the prompts."""
+        ``callback_steps``), set the call state the properties read, and encode the prompts (``family_inputs``:
+        the family's own arguments, for its ``encode_conditioning``)."""
         callback, callback_steps = self._deprecated_callback(deprecated)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -930,6 +1018,7 @@ class LatentDiffusionPipeline(
             ip_adapter_image,
             ip_adapter_image_embeds,
             long_prompts,
+            family_inputs,
         )
         batch_size = self._batch_size(prompt, prompt_embeds)
         return CallSetup(
@@ -977,6 +1066,7 @@ class LatentDiffusionPipeline(
             negative_attention_mask=conditioning.attention_mask,
             callback=setup.callback,
             callback_steps=setup.callback_steps,
+            negative_added_cond_kwargs=conditioning.negative_added_cond_kwargs,
         )
 
     def finish_call(
@@ -1007,40 +1097,72 @@ class LatentDiffusionPipeline(
         t: torch.Tensor,
         guided: bool,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None,
+        cond: TextConditioning,
         hook: StepHook,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
         """Call ``callback_on_step_end(pipe, i, t, tensors)`` with the tensors it names, as stock passes them
-        (``prompt_embeds`` is ``[negative; positive]`` at a guided step), and take back the ones it returns; a
-        returned ``prompt_embeds`` of the doubled batch is split back into the two halves."""
-        both = None
-        tensors = {"latents": latents, "negative_prompt_embeds": negative_prompt_embeds}
-        if "prompt_embeds" in tensor_inputs:
-            both = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
-            tensors["prompt_embeds"] = both
+        (``prompt_embeds`` and the added conditions such as SDXL's ``add_text_embeds`` are ``[negative; positive]`` at
+        a guided step), and take back the ones it returns: the latents are returned, the conditioning is updated in
+        ``cond`` (a returned tensor of the doubled batch is split back into the two halves)."""
+        negative_added = cond.negative_added_cond_kwargs or {}
+        # name -> (negative, positive) for the tensors stock passes as [negative; positive] at a guided step
+        pairs = {"prompt_embeds": (cond.negative_prompt_embeds, cond.prompt_embeds)}
+        tensors: dict[str, Any] = {"latents": latents, "negative_prompt_embeds": cond.negative_prompt_embeds}
+        for name, (key, which) in self._callback_added_conditions.items():
+            if which == "negative":
+                tensors[name] = negative_added.get(key)
+            else:
+                pairs[name] = (negative_added.get(key), cond.added_cond_kwargs[key])
+        passed = {
+            name: torch.cat([negative, positive]) if guided else positive
+            for name, (negative, positive) in pairs.items()
+            if name in tensor_inputs
+        }
+        tensors.update(passed)
         tensors.update(hook.callback_tensors(guided))
         outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in tensor_inputs})
+
         latents = outputs.pop("latents", latents)
-        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-        returned = outputs.pop("prompt_embeds", both)
-        hook.set_callback_tensors(outputs, guided)
-        if returned is not both:
-            if guided and returned.shape[0] == 2 * prompt_embeds.shape[0]:
-                negative_prompt_embeds, prompt_embeds = returned.chunk(2)
+        if "negative_prompt_embeds" in outputs:
+            cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds")
+        for name, (key, which) in self._callback_added_conditions.items():
+            if which == "negative" and name in outputs:
+                cond.negative_added_cond_kwargs[key] = outputs.pop(name)
+        for name, (negative, positive) in pairs.items():
+            returned = outputs.pop(name, None)
+            if returned is None or returned is passed.get(name):
+                continue
+            if guided and returned.shape[0] == 2 * positive.shape[0]:
+                negative, positive = returned.chunk(2)
             else:
-                prompt_embeds = returned
-        return latents, prompt_embeds, negative_prompt_embeds
+                positive = returned
+            if name == "prompt_embeds":
+                cond.negative_prompt_embeds, cond.prompt_embeds = negative, positive
+            else:
+                key = self._callback_added_conditions[name][0]
+                cond.added_cond_kwargs[key] = positive
+                if cond.negative_added_cond_kwargs is not None:
+                    cond.negative_added_cond_kwargs[key] = negative
+        hook.set_callback_tensors(outputs, guided)
+        return latents
 
     # ---------------------------------------------------------------------------------------------------- 5. decode
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's latents -> the VAE's: divided by the VAE's ``scaling_factor``."""
+        return latents / self.vae.config.scaling_factor
+
+    def decode_in_float32(self) -> bool:
+        """Whether a half-precision VAE decodes in float32 right away: once a half-precision decode has overflowed."""
+        return self._upcast_vae_decode
 
     def decode_latents(self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None):
         """Latents -> images in [-1, 1] with the VAE. A half-precision decode that overflows to NaN/inf (the SD 1.x
         VAE does at some resolutions) is redone in float32, and later calls decode in float32 directly."""
-        latents = latents / self.vae.config.scaling_factor
         half = self.vae.dtype in (torch.float16, torch.bfloat16)
-        if not (half and self._upcast_vae_decode):
-            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[0]
+        if not (half and self.decode_in_float32()):
+            vae_latents = self.unscale_latents(latents).to(self.vae.dtype)
+            image = self.vae.decode(vae_latents, return_dict=False, generator=generator)[0]
             if not half or torch.isfinite(image).all():
                 return image
             logger.warning("the %s VAE decode overflowed (NaN/inf); decoding in float32 from now on", self.vae.dtype)
@@ -1048,7 +1170,7 @@ class LatentDiffusionPipeline(
         dtype = self.vae.dtype
         self.vae.to(torch.float32)
         try:
-            image = self.vae.decode(latents.float(), return_dict=False, generator=generator)[0]
+            image = self.vae.decode(self.unscale_latents(latents.float()), return_dict=False, generator=generator)[0]
         finally:
             self.vae.to(dtype)
         return image

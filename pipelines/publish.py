@@ -2,9 +2,11 @@
 
 Builds the repository in a staging folder first: the pipeline re-saved with safetensors weights, a ``README.md``
 model card with the front matter the Hub reads (an existing card's metadata and body are kept and merged, not
-duplicated), the sample grid (``samples.png``, or a small grid drawn now with fixed prompts and seeds) and the
-training loss figure (``loss.png``) when the folder has one. Then it creates the repository (``exist_ok``) and
-uploads the folder. ``--dry-run OUT`` writes the staging folder to ``OUT`` and uploads nothing.
+duplicated; the model's family adds its tags, such as SDXL's ``stable-diffusion-xl``; ``--base-model`` names the
+model it was made from where the card does not), the sample grid (``samples.png``, or a small grid drawn now with
+fixed prompts and seeds) and the training loss figure (``loss.png``) when the folder has one. Then it creates the
+repository (``exist_ok``) and uploads the folder. ``--dry-run OUT`` writes the staging folder to ``OUT`` and uploads
+nothing.
 
 ``--space`` publishes a Gradio Space instead: the web demo (``pipelines/app.py`` as ``app.py``), the model beside it
 in ``model/`` (where the app looks first), the ``ldm`` and ``pipelines`` packages it imports, ``requirements.txt``
@@ -31,7 +33,13 @@ from huggingface_hub.utils import validate_repo_id
 
 from ldm.errors import OneLineParser, UserError, run_reporting
 from pipelines.cli import int_at_least
-from pipelines.families import require_supported_model
+from pipelines.families import (
+    STABLE_DIFFUSION,
+    STABLE_DIFFUSION_XL,
+    ModelFamily,
+    require_supported_model,
+    text_to_image_pipeline,
+)
 from pipelines.grid import sample_grid
 from pipelines.loading import loading_bars_hidden
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
@@ -54,6 +62,31 @@ class PublishError(UserError):
     """A publishing step failed; the message says what and what to do."""
 
 
+@dataclass(frozen=True)
+class FamilyCard:
+    """What a model card says of a model family.
+
+    Attributes:
+        tags: the Hub tags a card of the family carries besides :data:`REQUIRED_TAGS` (the ones diffusers'
+            training scripts give the family's models, by which the Hub lists them).
+        base_model_example: for a card that names no base model, the Hub id a warning suggests to pass as
+            ``--base-model`` (None: no warning; the project trains such models from scratch).
+    """
+
+    tags: tuple[str, ...] = ()
+    base_model_example: str | None = None
+
+
+FAMILY_CARDS: dict[ModelFamily, FamilyCard] = {
+    # The project's own SD-architecture models are not Stable Diffusion: their cards keep the tags training wrote.
+    STABLE_DIFFUSION: FamilyCard(),
+    STABLE_DIFFUSION_XL: FamilyCard(
+        tags=("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
+        base_model_example="stabilityai/stable-diffusion-xl-base-1.0",
+    ),
+}
+
+
 @dataclass
 class PublishConfig:
     """What to publish and where."""
@@ -64,6 +97,7 @@ class PublishConfig:
     license: str | None = None
     commit_message: str = "Upload text-to-image pipeline"
     allow_pickle: bool = False
+    base_model: str | None = None
     samples: bool = True
     sample_steps: int = 25
     space: bool = False
@@ -91,7 +125,8 @@ def pickle_only_components(model_dir: Path) -> list[str]:
 
 
 def load_for_publishing(model_dir: Path, allow_pickle: bool) -> LatentDiffusionPipeline:
-    """Load the pipeline from safetensors weights; pickle weights only with ``allow_pickle`` (never remote code).
+    """Load the pipeline (its family's text-to-image class) from safetensors weights; pickle weights only with
+    ``allow_pickle`` (never remote code).
 
     Raises:
         PublishError: no such pipeline folder, pickle-only weights without ``allow_pickle``, or a failed load.
@@ -101,7 +136,7 @@ def load_for_publishing(model_dir: Path, allow_pickle: bool) -> LatentDiffusionP
         raise PublishError(f"--model {model_dir}: no such folder; pass a diffusers pipeline folder")
     if not model_dir.is_dir() or not (model_dir / "model_index.json").is_file():
         raise PublishError(f"--model {model_dir} is not a diffusers pipeline folder (no model_index.json)")
-    require_supported_model(str(model_dir))
+    pipeline_class = text_to_image_pipeline(require_supported_model(str(model_dir)))
     pickled = pickle_only_components(model_dir)
     if pickled and not allow_pickle:
         raise PublishError(
@@ -109,14 +144,16 @@ def load_for_publishing(model_dir: Path, allow_pickle: bool) -> LatentDiffusionP
             "to safetensors, or pass --allow-pickle if you trust the files"
         )
     try:
-        return LatentDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=None if pickled else True)
+        return pipeline_class.from_pretrained(str(model_dir), use_safetensors=None if pickled else True)
     except OSError as err:
         raise PublishError(f"could not load --model {model_dir}: {err}; pass a complete pipeline folder") from err
 
 
-def read_card(model_dir: Path, repo_id: str) -> tuple[ModelCardData, str]:
+def read_card(
+    model_dir: Path, repo_id: str, pipeline_class: type = LatentDiffusionPipeline
+) -> tuple[ModelCardData, str]:
     """The metadata and body of the folder's ``README.md`` (as ``training.validation.write_model_card`` writes it),
-    or empty metadata and a short body with the loading code when there is no card.
+    or empty metadata and a short body with the code that loads it with ``pipeline_class`` when there is no card.
 
     Raises:
         PublishError: the card's YAML front matter does not parse.
@@ -127,9 +164,9 @@ def read_card(model_dir: Path, repo_id: str) -> tuple[ModelCardData, str]:
             "## Use",
             "",
             "```python",
-            "from pipelines import LatentDiffusionPipeline",
+            f"from {pipeline_class.__module__.split('.')[0]} import {pipeline_class.__name__}",
             "",
-            f'pipe = LatentDiffusionPipeline.from_pretrained("{repo_id}")',
+            f'pipe = {pipeline_class.__name__}.from_pretrained("{repo_id}")',
             "```",
         ]
         return ModelCardData(), "\n".join([f"# {repo_id.split('/')[-1]}", "", *use, ""])
@@ -141,14 +178,22 @@ def read_card(model_dir: Path, repo_id: str) -> tuple[ModelCardData, str]:
     return card.data, card.text.rstrip("\n") + "\n"
 
 
-def model_card(data: ModelCardData, body: str, license: str | None, files: list[str]) -> ModelCard:
-    """The card with the Hub metadata a text-to-image diffusers model needs merged into ``data`` (the license:
-    ``license``, else the card's, else "other"; the card's other keys, such as ``base_model``, kept), and sections
-    for the figures in ``files`` that ``body`` does not show yet."""
+def model_card(
+    data: ModelCardData,
+    body: str,
+    license: str | None,
+    files: list[str],
+    family: ModelFamily = STABLE_DIFFUSION,
+    base_model: str | None = None,
+) -> ModelCard:
+    """The card with the Hub metadata a text-to-image diffusers model of ``family`` needs merged into ``data`` (the
+    license: ``license``, else the card's, else "other"; ``base_model``, else the card's; the family's tags; the
+    card's other keys kept), and sections for the figures in ``files`` that ``body`` does not show yet."""
     data.license = license or data.license or "other"
     data.library_name = "diffusers"
     data.pipeline_tag = "text-to-image"
-    data.tags = list(dict.fromkeys([*(data.tags or []), *REQUIRED_TAGS]))
+    data.base_model = base_model or data.base_model
+    data.tags = list(dict.fromkeys([*(data.tags or []), *REQUIRED_TAGS, *FAMILY_CARDS[family].tags]))
     captions = {"samples.png": ("Samples", "samples"), "loss.png": ("Training loss", "training loss")}
     for file in files:
         if file in captions and f"({file})" not in body:
@@ -166,7 +211,8 @@ def stage(config: PublishConfig, staging: Path) -> Path:
     model_dir = Path(config.model).expanduser()
     with loading_bars_hidden():  # stderr keeps room for the one-line error
         pipe = load_for_publishing(model_dir, config.allow_pickle)
-        data, body = read_card(model_dir, config.repo_id)  # fails before anything is written
+        family = require_supported_model(str(model_dir))
+        data, body = read_card(model_dir, config.repo_id, type(pipe))  # fails before anything is written
         staging.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(staging, safe_serialization=True)
     files = []
@@ -187,7 +233,14 @@ def stage(config: PublishConfig, staging: Path) -> Path:
         if (model_dir / figure).is_file():
             shutil.copyfile(model_dir / figure, staging / figure)
             files.append(figure)
-    model_card(data, body, config.license, files).save(staging / "README.md")
+    example = FAMILY_CARDS[family].base_model_example
+    if not (config.base_model or data.base_model) and example:
+        logger.warning(
+            "the card names no base model; pass --base-model with the Hub id of the model this one was made from "
+            "(e.g. %s)",
+            example,
+        )
+    model_card(data, body, config.license, files, family, config.base_model).save(staging / "README.md")
     return staging
 
 
@@ -296,6 +349,11 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--license", metavar="ID", help="license id for the card (default: the card's, or other)")
     parser.add_argument(
+        "--base-model",
+        metavar="HUB_ID",
+        help="the model this one was made from, for the card's base_model (default: the card's)",
+    )
+    parser.add_argument(
         "--commit-message", default=PublishConfig.commit_message, metavar="TEXT", help="message of the Hub commit"
     )
     parser.add_argument("--dry-run", type=Path, metavar="OUT", help="write the repository to OUT; upload nothing")
@@ -328,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         license=args.license,
         commit_message=args.commit_message,
         allow_pickle=args.allow_pickle,
+        base_model=args.base_model,
         samples=not args.no_samples,
         sample_steps=args.sample_steps,
         space=args.space,

@@ -1,27 +1,34 @@
-"""Single-file checkpoints in the original Stable Diffusion 1.x (CompVis ``ldm``) key layout.
+"""Single-file checkpoints in the original key layouts of Stable Diffusion 1.x (CompVis ``ldm``) and SDXL
+(Stability's ``generative-models``).
 
 A diffusers folder holds each component apart, under diffusers' module names; AUTOMATIC1111, ComfyUI and most model
-sites trade *one* file with the U-Net under ``model.diffusion_model.``, the VAE under ``first_stage_model.`` and the
-CLIP text encoder under ``cond_stage_model.transformer.``, in the module names of the original code. This module writes
-that file (:func:`export_single_file`): the inverse of diffusers' ``convert_ldm_unet_checkpoint``,
-``convert_ldm_vae_checkpoint`` and ``convert_ldm_clip_checkpoint`` (``diffusers/loaders/single_file_utils.py``), kept
-as data: a table from diffusers module paths to original ones, built for any number of levels and
-``layers_per_block``. Reading a single file back is diffusers' ``FromSingleFileMixin``
-(``LatentDiffusionPipeline.from_single_file``); :func:`check_checkpoint_format` is the pickle gate in front of it.
+sites trade *one* file in the module names of the original code: the U-Net under ``model.diffusion_model.``, the VAE
+under ``first_stage_model.``, and the text encoders under ``cond_stage_model.transformer.`` (SD 1.x: CLIP ViT-L in
+the Hugging Face names) or ``conditioner.embedders.0.transformer.`` and ``conditioner.embedders.1.model.`` (SDXL:
+CLIP ViT-L in the Hugging Face names, OpenCLIP ViT-bigG in open_clip's). This module writes that file
+(:func:`export_single_file`): the inverse of diffusers' ``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint`` and ``convert_open_clip_checkpoint``
+(``diffusers/loaders/single_file_utils.py``), kept as data: a :class:`SingleFileLayout` per family names each
+component's :class:`ComponentLayout`, whose tables map diffusers module paths to original ones for any number of
+levels, ``layers_per_block`` and text-encoder layers. Reading a single file back is diffusers' ``FromSingleFileMixin``
+(``LatentDiffusionPipeline.from_single_file``, stock ``StableDiffusionXLPipeline.from_single_file``);
+:func:`check_checkpoint_format` is the pickle gate in front of it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import safetensors.torch
 import torch
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ldm.errors import UserError
 
@@ -30,6 +37,8 @@ logger = logging.getLogger(__name__)
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 SAFETENSORS_SUFFIX = ".safetensors"
 
 # Modules whose names differ inside a block: diffusers name -> original name.
@@ -44,7 +53,7 @@ UNET_RESNET_RENAMES = {
 VAE_RESNET_RENAMES = {"conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION_RENAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 # The original VAE attention projects with 1x1 convolutions where diffusers has linear layers.
-VAE_CONV_ATTENTION = ("q", "k", "v", "proj_out")
+VAE_CONV_ATTENTION = frozenset(("attn_1", layer, "weight") for layer in ("q", "k", "v", "proj_out"))
 
 UNET_TOP_LEVEL = {
     "time_embedding.linear_1": "time_embed.0",
@@ -52,6 +61,9 @@ UNET_TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's embedding of the pooled text embedding and the size / crop ids ("text_time"), added to the time one
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 VAE_TOP_LEVEL = {
     **{f"{coder}.{name}": f"{coder}.{name}" for coder in ("encoder", "decoder") for name in ("conv_in", "conv_out")},
@@ -60,6 +72,22 @@ VAE_TOP_LEVEL = {
     "quant_conv": "quant_conv",
     "post_quant_conv": "post_quant_conv",
 }
+
+# open_clip's names for a CLIP text transformer's modules (diffusers' convert_open_clip_checkpoint reads them).
+OPEN_CLIP_TOP_LEVEL = {"embeddings.token_embedding": "token_embedding", "final_layer_norm": "ln_final"}
+OPEN_CLIP_LAYER_RENAMES = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+# Parameters stored bare in open_clip: diffusers key -> (original name, stored transposed).
+OPEN_CLIP_PARAMETERS = {
+    "embeddings.position_embedding.weight": ("positional_embedding", False),
+    "text_projection.weight": ("text_projection", True),
+}
+OPEN_CLIP_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 
 ModuleMap = dict[str, str]
 """diffusers module path -> original module path; a parameter's key is renamed by its longest listed prefix."""
@@ -76,8 +104,9 @@ def _add_block(table: ModuleMap, diffusers: str, original: str, renames: Mapping
 
 
 def unet_module_map(config: Mapping[str, Any]) -> ModuleMap:
-    """The module table of a ``UNet2DConditionModel`` config (SD 1.x/2.x layout: CrossAttn/plain down and up blocks,
-    a cross-attention mid block).
+    """The module table of a ``UNet2DConditionModel`` config (SD 1.x/2.x and SDXL: CrossAttn/plain down and up
+    blocks, a cross-attention mid block; SDXL's ``add_embedding`` is the original ``label_emb``, and its deeper
+    transformers keep their inner names, so ``transformer_layers_per_block`` needs no table).
 
     Original layout: ``input_blocks.0`` is ``conv_in``; level ``b`` has ``L = layers_per_block`` input blocks
     ``1 + b(L+1) + l`` of [resnet, attention] and, below the last level, a downsampler ``1 + b(L+1) + L``; the
@@ -138,6 +167,15 @@ def vae_module_map(config: Mapping[str, Any]) -> ModuleMap:
     return table
 
 
+def open_clip_module_map(config: Any) -> ModuleMap:
+    """The module table of a ``CLIPTextConfig``'s transformer in open_clip's names (``encoder.layers.i`` ->
+    ``transformer.resblocks.i``); the fused attention input and the bare parameters are :class:`OpenCLIPLayout`'s."""
+    table = dict(OPEN_CLIP_TOP_LEVEL)
+    for i in range(config.num_hidden_layers):
+        _add_block(table, f"encoder.layers.{i}", f"transformer.resblocks.{i}", OPEN_CLIP_LAYER_RENAMES)
+    return table
+
+
 def rename_key(key: str, table: ModuleMap) -> str | None:
     """``key`` with its longest prefix found in ``table`` replaced (``None`` when no prefix of it is there)."""
     parts = key.split(".")
@@ -148,6 +186,13 @@ def rename_key(key: str, table: ModuleMap) -> str | None:
     return None
 
 
+def _lora_message(what: str) -> str:
+    return (
+        f"the {what} has LoRA layers loaded; fuse them first (pipe.fuse_lora(); pipe.unload_lora_weights()), or "
+        "export the LoRA alone with pipelines.kohya_lora.export_kohya_lora"
+    )
+
+
 def _renamed(state_dict: Mapping[str, torch.Tensor], table: ModuleMap, prefix: str, what: str) -> dict:
     """``state_dict`` under its original names with ``prefix``.
 
@@ -156,10 +201,7 @@ def _renamed(state_dict: Mapping[str, torch.Tensor], table: ModuleMap, prefix: s
             have no original name (naming the first few), so the file would be incomplete.
     """
     if any(".base_layer." in key or ".lora_" in key for key in state_dict):
-        raise UserError(
-            f"the {what} has LoRA layers loaded; fuse them first (pipe.fuse_lora(); pipe.unload_lora_weights()), or "
-            "export the LoRA alone with pipelines.kohya_lora.export_kohya_lora"
-        )
+        raise UserError(_lora_message(what))
     renamed, unmapped = {}, []
     for key, tensor in state_dict.items():
         original = rename_key(key, table)
@@ -170,50 +212,172 @@ def _renamed(state_dict: Mapping[str, torch.Tensor], table: ModuleMap, prefix: s
     if unmapped:
         raise UserError(
             f"{len(unmapped)} {what} weights have no place in the original Stable Diffusion layout (e.g. "
-            f"{unmapped[:3]}); single-file export supports SD 1.x/2.x-shaped models"
+            f"{unmapped[:3]}); single-file export supports SD 1.x/2.x- and SDXL-shaped models"
         )
     return renamed
 
 
-# ------------------------------------------------------------------------------------------------ state dicts
+# ------------------------------------------------------------------------------------------- component layouts
 
 
-def unet_to_original(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A ``UNet2DConditionModel``'s weights under ``model.diffusion_model.`` in the original names."""
-    return _renamed(unet.state_dict(), unet_module_map(unet.config), UNET_PREFIX, "U-Net")
+class ComponentLayout(Protocol):
+    """How one diffusers component is written into the single file: under which prefix, in which names."""
+
+    prefix: str
+
+    def to_original(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s weights under their original names, each key starting with :attr:`prefix`."""
+        ...
 
 
-def vae_to_original(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """An ``AutoencoderKL``'s weights under ``first_stage_model.``; the mid-block attention's linear weights
-    ``(C, C)`` become the original 1x1 convolution weights ``(C, C, 1, 1)``."""
-    renamed = _renamed(vae.state_dict(), vae_module_map(vae.config), VAE_PREFIX, "VAE")
-    for key, tensor in renamed.items():
-        parts = key.split(".")
-        if parts[-1] == "weight" and parts[-2] in VAE_CONV_ATTENTION and parts[-3] == "attn_1" and tensor.ndim == 2:
-            renamed[key] = tensor[:, :, None, None]
-    return renamed
+@dataclass(frozen=True)
+class UNetLayout:
+    """A ``UNet2DConditionModel`` in the original ``openaimodel.UNetModel`` names (:func:`unet_module_map`)."""
+
+    prefix: str = UNET_PREFIX
+
+    def to_original(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return _renamed(model.state_dict(), unet_module_map(model.config), self.prefix, "U-Net")
 
 
-def text_encoder_to_original(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A ``CLIPTextModel``'s weights under ``cond_stage_model.transformer.text_model.`` (transformers >= 5.6
-    flattened the model, so its own keys may lack the ``text_model.`` level the original layout has).
+@dataclass(frozen=True)
+class VAELayout:
+    """An ``AutoencoderKL`` in the original names; the mid-block attention's linear weights ``(C, C)`` become the
+    original 1x1 convolution weights ``(C, C, 1, 1)``."""
+
+    prefix: str = VAE_PREFIX
+
+    def to_original(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        renamed = _renamed(model.state_dict(), vae_module_map(model.config), self.prefix, "VAE")
+        for key, tensor in renamed.items():
+            if tuple(key.split(".")[-3:]) in VAE_CONV_ATTENTION and tensor.ndim == 2:
+                renamed[key] = tensor[:, :, None, None]
+        return renamed
+
+
+def _text_model_state(model: torch.nn.Module, model_class: type, what: str) -> dict[str, torch.Tensor]:
+    """``model``'s weights with the keys of its text transformer relative to it (transformers >= 5.6 flattened
+    ``CLIPTextModel``, so its keys may lack the ``text_model.`` level ``CLIPTextModelWithProjection`` still has).
 
     Raises:
-        ValueError: another text encoder (an open_clip tower is SD 2's layout, not this one).
+        UserError: ``model`` is not a ``model_class``.
     """
-    if not isinstance(text_encoder, CLIPTextModel):
+    if not isinstance(model, model_class):
         raise UserError(
-            f"single-file export writes SD 1.x's CLIPTextModel layout; this pipeline's text encoder is a "
-            f"{type(text_encoder).__name__}"
+            f"single-file export writes the {what} as a {model_class.__name__}; this pipeline's is a "
+            f"{type(model).__name__}"
         )
-    inner = "" if hasattr(text_encoder, "text_model") else "text_model."
-    return {TEXT_ENCODER_PREFIX + inner + key: tensor for key, tensor in text_encoder.state_dict().items()}
+    return {key.removeprefix("text_model."): tensor for key, tensor in model.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class CLIPLayout:
+    """A ``CLIPTextModel`` in transformers' own names under ``prefix + "text_model."`` (the original code wraps the
+    Hugging Face model): SD 1.x's ``cond_stage_model.transformer.``, SDXL's
+    ``conditioner.embedders.0.transformer.``."""
+
+    prefix: str
+
+    def to_original(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        state = _text_model_state(model, CLIPTextModel, "text encoder")
+        if any(".base_layer." in key or ".lora_" in key for key in state):
+            raise UserError(_lora_message("text encoder"))
+        return {f"{self.prefix}text_model.{key}": tensor for key, tensor in state.items()}
+
+
+@dataclass(frozen=True)
+class OpenCLIPLayout:
+    """A ``CLIPTextModelWithProjection`` in open_clip's names (SDXL's OpenCLIP ViT-bigG/14 text tower under
+    ``conditioner.embedders.1.model.``): each layer's query, key and value projections fused into one
+    ``attn.in_proj_weight`` / ``in_proj_bias`` (``nn.MultiheadAttention``'s ``[q; k; v]``), the position embedding
+    as the bare parameter ``positional_embedding``, and ``text_projection`` a ``(width, projection_dim)`` matrix
+    that multiplies from the right (the transpose of the ``nn.Linear`` weight).
+
+    The inverse of diffusers' ``convert_open_clip_checkpoint``."""
+
+    prefix: str
+
+    def to_original(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        state = _text_model_state(model, CLIPTextModelWithProjection, "second text encoder")
+        fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        rest: dict[str, torch.Tensor] = {}
+        renamed: dict[str, torch.Tensor] = {}
+        for key, tensor in state.items():
+            projection = OPEN_CLIP_QKV.fullmatch(key)
+            if projection is not None:
+                layer, qkv, kind = projection.groups()
+                fused.setdefault((layer, kind), {})[qkv] = tensor
+            elif key in OPEN_CLIP_PARAMETERS:
+                name, transposed = OPEN_CLIP_PARAMETERS[key]
+                renamed[self.prefix + name] = tensor.T if transposed else tensor
+            else:
+                rest[key] = tensor
+        renamed.update(_renamed(rest, open_clip_module_map(model.config), self.prefix, "second text encoder"))
+        for (layer, kind), parts in fused.items():
+            in_proj = torch.cat([parts["q"], parts["k"], parts["v"]])
+            renamed[f"{self.prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = in_proj
+        return renamed
+
+
+@dataclass(frozen=True)
+class SingleFileLayout:
+    """One family's single-file layout: which pipeline components the file holds and how each is written.
+
+    Attributes:
+        name: the family, for messages ("Stable Diffusion 1.x", "SDXL base").
+        components: pipeline attribute -> its layout, in the order they are written.
+    """
+
+    name: str
+    components: Mapping[str, ComponentLayout]
+
+    def to_original(self, pipe: Any) -> dict[str, torch.Tensor]:
+        """The whole checkpoint of ``pipe`` under the original names (the tensors are the models' own, on their
+        devices; a fused or transposed one is a new tensor)."""
+        state: dict[str, torch.Tensor] = {}
+        for component, layout in self.components.items():
+            state.update(layout.to_original(getattr(pipe, component)))
+        return state
+
+
+STABLE_DIFFUSION_LAYOUT = SingleFileLayout(
+    name="Stable Diffusion 1.x",
+    components={"unet": UNetLayout(), "vae": VAELayout(), "text_encoder": CLIPLayout(TEXT_ENCODER_PREFIX)},
+)
+SDXL_LAYOUT = SingleFileLayout(
+    name="SDXL base",
+    components={
+        "unet": UNetLayout(),
+        "vae": VAELayout(),
+        "text_encoder": CLIPLayout(SDXL_TEXT_ENCODER_PREFIX),
+        "text_encoder_2": OpenCLIPLayout(SDXL_TEXT_ENCODER_2_PREFIX),
+    },
+)
+LAYOUTS: tuple[SingleFileLayout, ...] = (STABLE_DIFFUSION_LAYOUT, SDXL_LAYOUT)
+"""The single-file layouts export writes; a pipeline's is the one whose components it has."""
+
+
+def layout_of(pipe: Any) -> SingleFileLayout:
+    """The layout of ``pipe``: the one whose components are exactly the pipeline's models that a layout writes
+    (other components, such as a safety checker or an image encoder, are not in such files).
+
+    Raises:
+        UserError: no layout holds this set of components (e.g. an SDXL refiner, which has no first text encoder).
+    """
+    written = {component for layout in LAYOUTS for component in layout.components}
+    present = {component for component in written if getattr(pipe, component, None) is not None}
+    for layout in LAYOUTS:
+        if present == set(layout.components):
+            return layout
+    known = "; ".join(f"{layout.name}: {', '.join(layout.components)}" for layout in LAYOUTS)
+    has = ", ".join(sorted(present)) or "none of them"
+    raise UserError(f"single-file export writes pipelines with these components ({known}); this one has {has}")
 
 
 def pipeline_to_original(pipe: Any) -> dict[str, torch.Tensor]:
-    """The whole checkpoint of a pipeline with ``unet``, ``vae`` and ``text_encoder``, under the original names (the
-    tensors are the models' own, on their devices)."""
-    return {**unet_to_original(pipe.unet), **vae_to_original(pipe.vae), **text_encoder_to_original(pipe.text_encoder)}
+    """The whole checkpoint of a pipeline (SD 1.x: ``unet``, ``vae``, ``text_encoder``; SDXL base: and
+    ``text_encoder_2``) under the original names of its family's layout (:func:`layout_of`)."""
+    return layout_of(pipe).to_original(pipe)
 
 
 def stored(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -246,16 +410,17 @@ def save_safetensors_atomically(tensors: dict[str, torch.Tensor], path: str | Pa
 
 
 def export_single_file(pipe: Any, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write ``pipe`` (a ``LatentDiffusionPipeline``, or any pipeline with ``unet``, ``vae`` and a ``CLIPTextModel``
-    ``text_encoder``) to ``path`` as one ``.safetensors`` file in the original SD 1.x key layout; floating-point
-    weights cast to ``dtype`` when given. Returns ``path``.
+    """Write ``pipe`` (an SD 1.x pipeline with ``unet``, ``vae`` and a ``CLIPTextModel`` ``text_encoder``, or an SDXL
+    base one with a ``CLIPTextModelWithProjection`` ``text_encoder_2`` too) to ``path`` as one ``.safetensors``
+    file in its family's original key layout (:func:`layout_of`); floating-point weights cast to ``dtype`` when
+    given. Returns ``path``; the file is complete or not written.
 
     The tokenizer and scheduler are not in such a file: loading it back takes a diffusers folder of the same
     architecture as ``config`` (``LatentDiffusionPipeline.from_single_file(path, config=FOLDER)``).
 
     Raises:
-        UserError: ``path`` does not end in ``.safetensors``.
-        ValueError: the pipeline has no such layout.
+        UserError: ``path`` does not end in ``.safetensors``, or the pipeline has no such layout (the message says
+            why).
     """
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:

@@ -21,6 +21,13 @@ def tiny_components() -> dict:
     return build_components("tiny", seed=0)
 
 
+@pytest.fixture
+def tiny_sdxl_components() -> dict:
+    """Fresh tiny SDXL components (vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, unet, scheduler) with
+    fixed random weights, as ``StableDiffusionXLPipeline(**components)`` takes them."""
+    return build_components("tiny-sdxl", seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> str:
     """A folder saved by stock ``StableDiffusionPipeline.save_pretrained`` from the tiny components."""

@@ -8,11 +8,10 @@ components it gives the validation and saved pipelines. The trainer calls only t
 Stable Diffusion 1.x/2.x cross-attend to the last hidden states of one CLIP text encoder, with long captions
 encoded in 77-token chunks (:func:`ldm.text.encode_prompts`). That encoder is either frozen
 (:class:`FrozenTextEncoder`, whose outputs can be read from the cache instead, :class:`CachedTextEncoder`) or trained
-with the U-Net (:class:`TrainedTextEncoder`). :func:`text_conditioning` picks one, once, from the settings.
+with the U-Net (:class:`TrainedTextEncoder`).
 
-SDXL's conditioning (the next family) is another implementation of the same protocol: two text encoders whose hidden
-states are concatenated, and ``added_cond_kwargs={"text_embeds": pooled, "time_ids": ...}`` from the second encoder's
-pooled output and the batch's original size and crop corner.
+SDXL's conditioning is another implementation of the same protocol (:mod:`training.conditioning_xl`), and
+:func:`training.methods.text_conditioning` picks the implementation from the run's model family (one table).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from diffusers import AutoencoderKL
@@ -28,7 +27,14 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.text import encode_prompts
-from training.cache import CachedLatentDataset, build_cache, cache_fingerprint, cache_is_current
+from training.cache import (
+    CachedLatentDataset,
+    CaptionEncoder,
+    ClipCaptionEncoder,
+    cache_fingerprint,
+    cache_is_current,
+    write_cache,
+)
 from training.data import ImageCaptionDataset
 from training.models import TrainedModule, TrainingModels, freeze, load_component
 
@@ -49,11 +55,18 @@ class UNetConditioning:
     encoder_hidden_states: Tensor
     added_cond_kwargs: dict[str, Tensor] | None = None
 
+    KEPT_DTYPE: ClassVar[frozenset[str]] = frozenset({"time_ids"})
+    """Added inputs that keep their dtype in :meth:`to`: ``time_ids`` are pixel sizes, which bfloat16 rounds above
+    256 (the U-Net casts their sinusoidal embedding to its own dtype itself)."""
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> UNetConditioning:
-        """The same inputs on ``device`` in ``dtype``."""
+        """The same inputs on ``device`` in ``dtype`` (``time_ids`` in their own dtype, :attr:`KEPT_DTYPE`)."""
         added = self.added_cond_kwargs
         if added is not None:
-            added = {name: value.to(device, dtype) for name, value in added.items()}
+            added = {
+                name: value.to(device, value.dtype if name in self.KEPT_DTYPE else dtype)
+                for name, value in added.items()
+            }
         return UNetConditioning(self.encoder_hidden_states.to(device, dtype), added)
 
 
@@ -111,12 +124,29 @@ class _TextEncoder:
         return UNetConditioning(encode_prompts(self.text_encoder, self.tokenizer, captions, device=self.device))
 
     def build_cache(self, dataset: ImageCaptionDataset, vae: AutoencoderKL, folder: Path, *, batch_size: int) -> Path:
-        if not cache_is_current(folder, cache_fingerprint(dataset, vae, self.text_encoder)):
-            build_cache(dataset, vae, self.text_encoder, self.tokenizer, folder, batch_size=batch_size)
-        return folder
+        return build_cache_with(
+            ClipCaptionEncoder(self.text_encoder, self.tokenizer, self.device),
+            dataset,
+            vae,
+            folder,
+            batch_size=batch_size,
+        )
+
+    def from_outputs(self, batch: Batch, outputs: Mapping[str, Tensor]) -> UNetConditioning:
+        """The conditioning from the cached caption outputs of the batch (``prompt_embeds``)."""
+        return UNetConditioning(outputs["prompt_embeds"])
 
     def pipeline_components(self) -> dict[str, Any]:
         return {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+
+
+def build_cache_with(
+    encoder: CaptionEncoder, dataset: ImageCaptionDataset, vae: AutoencoderKL, folder: Path, *, batch_size: int
+) -> Path:
+    """Write the cache of ``dataset`` with ``encoder``'s caption outputs unless a current one is in ``folder``."""
+    if not cache_is_current(folder, cache_fingerprint(dataset, vae, encoder)):
+        write_cache(dataset, vae, encoder, folder, batch_size=batch_size)
+    return folder
 
 
 class FrozenTextEncoder(_TextEncoder):
@@ -162,18 +192,35 @@ class FrozenTextEncoder(_TextEncoder):
         }
 
 
+class CachedEncoders(Protocol):
+    """What :class:`CachedTextEncoder` needs of a frozen conditioning: the conditioning from cached outputs, and the
+    rest of :class:`Conditioning` for evaluation, caching and saving."""
+
+    def from_outputs(self, batch: Batch, outputs: Mapping[str, Tensor]) -> UNetConditioning: ...
+
+    def evaluate(self, batch: Batch, captions: list[str]) -> UNetConditioning: ...
+
+    def build_cache(
+        self, dataset: ImageCaptionDataset, vae: AutoencoderKL, folder: Path, *, batch_size: int
+    ) -> Path: ...
+
+    def pipeline_components(self) -> dict[str, Any]: ...
+
+    def saved_components(self) -> dict[str, Any]: ...
+
+
 class CachedTextEncoder:
-    """A frozen text encoder whose outputs for the training captions are read from the cache
-    (:meth:`CachedLatentDataset.embeddings`: exactly what :func:`ldm.text.encode_prompts` pads a batch to);
-    evaluation, caching and saving go to the encoder."""
+    """Frozen text encoders whose outputs for the training captions are read from the cache
+    (:meth:`CachedLatentDataset.text_outputs`: exactly what the encoders pad a batch to), turned into conditioning by
+    the encoders' ``from_outputs``; evaluation, caching and saving go to the encoders."""
 
     trained: tuple[TrainedModule, ...] = ()
 
-    def __init__(self, encoder: FrozenTextEncoder, cache: CachedLatentDataset) -> None:
+    def __init__(self, encoder: CachedEncoders, cache: CachedLatentDataset) -> None:
         self.encoder, self.cache = encoder, cache
 
     def __call__(self, batch: Batch, captions: list[str]) -> UNetConditioning:
-        return UNetConditioning(self.cache.embeddings(captions))
+        return self.encoder.from_outputs(batch, self.cache.text_outputs(captions))
 
     def evaluate(self, batch: Batch, captions: list[str]) -> UNetConditioning:
         return self.encoder.evaluate(batch, captions)
@@ -228,11 +275,11 @@ class TrainedTextEncoder(_TextEncoder):
         return self.pipeline_components()
 
 
-def text_conditioning(
+def sd_conditioning(
     models: TrainingModels, *, train: bool, learning_rate: float, device: torch.device | str, dtype: torch.dtype
 ) -> Conditioning:
-    """The conditioning of a Stable Diffusion 1.x/2.x run: its text encoder trained at ``learning_rate`` (``train``)
-    or frozen (cast to the mixed-precision ``dtype`` when it can be reloaded for the final save)."""
+    """Stable Diffusion 1.x/2.x: its text encoder trained at ``learning_rate`` (``train``) or frozen (cast to the
+    mixed-precision ``dtype`` when it can be reloaded for the final save)."""
     if train:
         return TrainedTextEncoder(models.text_encoder, models.tokenizer, learning_rate=learning_rate, device=device)
     return FrozenTextEncoder(

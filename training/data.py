@@ -3,12 +3,15 @@
 :class:`ImageCaptionDataset` turns records (read by :func:`load_image_caption_records`, checked by
 :func:`scan_images`) into training samples; every random choice in it is a function of ``(seed, epoch, index)``, so a
 resumed run sees the same samples. :func:`collate` stacks them into batches of one bucket (:mod:`training.buckets`).
+Each sample records where its pixels come from (:class:`CropWindow`: original size and crop corner), SDXL's
+micro-conditioning (:mod:`training.micro_conditioning`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -22,10 +25,15 @@ from training.record_formats import DataSummary, ImageCaptionRecords
 
 __all__ = [
     "CropMode",
+    "CropWindow",
     "ImageCaptionDataset",
     "Interpolation",
+    "MICRO_CONDITIONING",
+    "apply_crop_window",
     "collate",
+    "crop_window",
     "resize_and_crop",
+    "stack_micro_conditioning",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +41,67 @@ logger = logging.getLogger(__name__)
 CropMode = Literal["center", "random"]
 Interpolation = Literal["bicubic", "lanczos"]
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+@dataclass(frozen=True)
+class CropWindow:
+    """Where a training sample's pixels come from: SDXL's size and crop micro-conditioning of the sample.
+
+    Sizes and corners are ``(height, width)`` and ``(top, left)``, SDXL's order (``add_time_ids``), unlike PIL's
+    ``(width, height)``. Cropping the source image, resized to ``resized_size``, at ``crop_top_left`` to
+    ``target_size`` gives the sample's pixels exactly.
+
+    Attributes:
+        original_size: the source image's size before any resize (after EXIF orientation).
+        resized_size: the size it was resized to, covering the target with its aspect ratio kept.
+        crop_top_left: the corner of the crop in the resized image's pixels.
+        target_size: the size of the crop: the sample's bucket.
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    def mirrored(self) -> CropWindow:
+        """The window of the horizontally flipped sample, in the flipped resized image: ``left`` becomes
+        ``resized_width - left - target_width`` (the crop of a flipped image is the flip of the crop)."""
+        top, left = self.crop_top_left
+        return replace(self, crop_top_left=(top, self.resized_size[1] - left - self.target_size[1]))
+
+
+def crop_window(
+    image_size: tuple[int, int],
+    size: tuple[int, int],
+    crop: CropMode = "center",
+    offset: tuple[float, float] = (0.5, 0.5),
+) -> CropWindow:
+    """The :class:`CropWindow` of :func:`resize_and_crop` for an image of ``image_size`` and a target ``size``, both
+    PIL ``(width, height)``: the image is scaled to just cover ``size``, then ``crop="center"`` takes the middle
+    (the top-left of the two middles when the free range is odd) and ``"random"`` places the window at ``offset``
+    (two uniforms in [0, 1), x then y) of the free range, every position equally likely."""
+    width, height = image_size
+    target_width, target_height = size
+    scale = max(target_width / width, target_height / height)
+    new_width, new_height = max(target_width, round(width * scale)), max(target_height, round(height * scale))
+    free_x, free_y = new_width - target_width, new_height - target_height
+    if crop == "center":
+        left, top = free_x // 2, free_y // 2
+    else:
+        left, top = min(free_x, int(offset[0] * (free_x + 1))), min(free_y, int(offset[1] * (free_y + 1)))
+    return CropWindow((height, width), (new_height, new_width), (top, left), (target_height, target_width))
+
+
+def apply_crop_window(image: Image.Image, window: CropWindow, interpolation: Interpolation = "lanczos") -> Image.Image:
+    """Resize ``image`` to ``window.resized_size`` (PIL's bicubic and Lanczos filters antialias when shrinking; an
+    image already that size is not resampled) and crop ``window.target_size`` at ``window.crop_top_left``."""
+    if (image.height, image.width) != window.original_size:
+        raise ValueError(f"the window is for a {window.original_size} (h, w) image; got {image.size[::-1]}")
+    new_height, new_width = window.resized_size
+    if (new_width, new_height) != image.size:
+        image = image.resize((new_width, new_height), _RESAMPLE[interpolation])
+    (top, left), (height, width) = window.crop_top_left, window.target_size
+    return image.crop((left, top, left + width, top + height))
 
 
 def resize_and_crop(
@@ -46,20 +115,10 @@ def resize_and_crop(
 
     For a square ``size`` this resizes the shorter side to the resolution. PIL's bicubic and Lanczos filters
     antialias when shrinking; an image already covering ``size`` exactly is not resampled. ``crop="center"`` takes
-    the middle; ``"random"`` places the window at ``offset`` (two uniforms in [0, 1)) of the free range.
+    the middle; ``"random"`` places the window at ``offset`` (two uniforms in [0, 1)) of the free range. Where the
+    crop lies is :func:`crop_window`.
     """
-    width, height = image.size
-    target_width, target_height = size
-    scale = max(target_width / width, target_height / height)
-    new_size = (max(target_width, round(width * scale)), max(target_height, round(height * scale)))
-    if new_size != image.size:
-        image = image.resize(new_size, _RESAMPLE[interpolation])
-    free_x, free_y = new_size[0] - target_width, new_size[1] - target_height
-    if crop == "center":
-        left, top = free_x // 2, free_y // 2
-    else:
-        left, top = min(free_x, int(offset[0] * (free_x + 1))), min(free_y, int(offset[1] * (free_y + 1)))
-    return image.crop((left, top, left + target_width, top + target_height))
+    return apply_crop_window(image, crop_window(image.size, size, crop, offset), interpolation)
 
 
 def _check_choice(name: str, value: str, choices: object) -> None:
@@ -68,7 +127,8 @@ def _check_choice(name: str, value: str, choices: object) -> None:
 
 
 class ImageCaptionDataset(Dataset[dict[str, Any]]):
-    """Training samples ``{"pixel_values", "caption", "index", "replaced"}`` from :class:`ImageCaptionRecords`.
+    """Training samples ``{"pixel_values", "caption", "index", "replaced", "original_size", "crop_top_left",
+    "target_size"}`` from :class:`ImageCaptionRecords`.
 
     ``pixel_values`` is a float tensor (3, H, W) in [-1, 1], where (W, H) is the bucket of the index
     (:meth:`target_size`). With ``bucketing=True`` the buckets are ``make_buckets(resolution)`` (step 64, or 8 when
@@ -79,6 +139,18 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
     or "random", :func:`resize_and_crop`).
     ``flip=True`` mirrors half the samples horizontally; it is off by default because it breaks captions that say
     "on the left" or show text.
+
+    ``original_size``, ``crop_top_left`` and ``target_size`` are the sample's :class:`CropWindow` as ``(height,
+    width)`` and ``(top, left)`` tuples of ints: SDXL's micro-conditioning (see :mod:`training.micro_conditioning`).
+    They are the decoded image's size after EXIF rotation, before any resize; the corner of what was cropped (center,
+    random or bucket crop) in the resized image's pixels; the bucket. For a flipped sample the corner is measured in
+    the flipped resized image (``left = resized_width - left - target_width``), so cropping the flipped resized image
+    there gives the sample's pixels: the corner of the image the model is shown. diffusers'
+    ``train_text_to_image_sdxl.py`` example records the same (it flips the resized image, then crops it at the
+    corner it records), and kohya's sd-scripts mirror a flipped sample's corner the same way. We follow diffusers
+    and the SDXL paper (the pixels cropped from the top-left, sec. 2.2) in recording the crop actually taken; kohya's
+    ``crop_ltrb`` is instead where the image would sit letterboxed in its bucket (0 on the cropped axis, and the
+    same for every random crop).
 
     Randomness (crop position, flip, which caption of a list) comes from a generator seeded by
     ``(seed, epoch, index)`` (:func:`training.buckets.derive_seed`), so the same triple always gives the same sample.
@@ -195,15 +267,20 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
                     err,
                 )
                 continue
-            image = resize_and_crop(image, self.target_size(index), self.crop, (crop_x, crop_y), self.interpolation)
+            window = crop_window(image.size, self.target_size(index), self.crop, (crop_x, crop_y))
+            image = apply_crop_window(image, window, self.interpolation)
             if self.flip and flip < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                window = window.mirrored()
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
             return {
                 "pixel_values": pixels.float() / 127.5 - 1.0,
                 "caption": self.pick_caption(candidate, index),
                 "index": candidate,
                 "replaced": candidate != index,
+                "original_size": window.original_size,
+                "crop_top_left": window.crop_top_left,
+                "target_size": window.target_size,
             }
         raise RuntimeError(
             f"none of the {len(members)} images of bucket {self.target_size(index)} of {self.records.source} "
@@ -211,8 +288,18 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
         )
 
 
+MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")
+"""The keys of a sample's (and a batch's) SDXL size and crop micro-conditioning, in ``add_time_ids`` order."""
+
+
+def stack_micro_conditioning(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The samples' :data:`MICRO_CONDITIONING` stacked as LongTensors (B, 2) (image or cached samples alike)."""
+    return {key: torch.tensor([list(sample[key]) for sample in batch], dtype=torch.long) for key in MICRO_CONDITIONING}
+
+
 def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples: ``pixel_values`` (B, 3, H, W), ``captions`` (list), ``indices`` (LongTensor), ``num_replaced``.
+    """Stack samples: ``pixel_values`` (B, 3, H, W), ``captions`` (list), ``indices`` (LongTensor), ``num_replaced``,
+    and the micro-conditioning ``original_size``, ``crop_top_left``, ``target_size`` as LongTensors (B, 2).
 
     ``num_replaced`` counts the samples whose image failed to decode and was replaced (see
     :class:`ImageCaptionDataset`). All samples must share a size: batch with :class:`BucketBatchSampler`.
@@ -230,4 +317,5 @@ def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "captions": [sample["caption"] for sample in batch],
         "indices": torch.tensor([sample["index"] for sample in batch], dtype=torch.long),
         "num_replaced": sum(bool(sample.get("replaced", False)) for sample in batch),
+        **stack_micro_conditioning(batch),
     }

@@ -27,10 +27,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from pipelines import LatentDiffusionPipeline
+from pipelines.families import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, ModelFamily, pipelines_of
 from pipelines.generation_defaults import GenerationDefaults
 from training.cache import CachedLatentDataset, collate_cached
 from training.checkpoint import Stateful
-from training.conditioning import Conditioning, text_conditioning
+from training.conditioning import Conditioning, sd_conditioning
+from training.conditioning_xl import sdxl_conditioning
 from training.data import ImageCaptionDataset, collate
 from training.models import LoraState, TrainedModule, TrainingModels, add_lora, freeze, load_component, save_lora
 
@@ -41,6 +43,25 @@ logger = logging.getLogger("training")
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 """The dtype of the frozen models' copies under each ``mixed_precision`` setting (float32 otherwise)."""
+
+_CONDITIONINGS: dict[ModelFamily, Callable[..., Conditioning]] = {
+    STABLE_DIFFUSION: sd_conditioning,
+    STABLE_DIFFUSION_XL: sdxl_conditioning,
+}
+"""How each model family's captions become conditioning."""
+
+
+def text_conditioning(
+    models: TrainingModels, *, train: bool, learning_rate: float, device: torch.device | str, dtype: torch.dtype
+) -> Conditioning:
+    """The conditioning of a run of ``models.family`` (:data:`_CONDITIONINGS`): Stable Diffusion 1.x/2.x's text
+    encoder trained at ``learning_rate`` (``train``) or frozen; SDXL's two frozen encoders with the pooled embedding
+    and size/crop ``time_ids``. Frozen encoders are cast to the mixed-precision ``dtype`` when they can be reloaded.
+
+    Raises:
+        UserError: ``train`` for SDXL (its text encoders are not trained yet).
+    """
+    return _CONDITIONINGS[models.family](models, train=train, learning_rate=learning_rate, device=device, dtype=dtype)
 
 
 class FinalModel(Protocol):
@@ -55,9 +76,10 @@ class FinalModel(Protocol):
 
 
 class FullPipeline:
-    """The whole pipeline, ``LatentDiffusionPipeline.save_pretrained``: the trained U-Net (with the EMA weights when
-    there is an EMA), the conditioning's saved components, the frozen VAE as loaded, and the sampler. The settings the
-    validation grids were sampled at become the model's defaults (``generation_defaults.json``)."""
+    """The whole pipeline, saved by the family's pipeline class (:attr:`Method.pipeline_class`): the trained U-Net
+    (with the EMA weights when there is an EMA), the conditioning's saved components (both text encoders for SDXL),
+    the frozen VAE as loaded, and the sampler. The settings the validation grids were sampled at become the model's
+    defaults (``generation_defaults.json``)."""
 
     kind: Literal["pipeline", "lora"] = "pipeline"
 
@@ -65,7 +87,7 @@ class FullPipeline:
         vae = method.vae
         if method.weight_dtype != torch.float32:  # the frozen VAE as it was, not its half-precision copy
             vae = load_component(AutoencoderKL, models.vae_source, "vae")
-        pipe = LatentDiffusionPipeline(
+        pipe = method.pipeline_class(
             vae=vae, unet=method.unet, scheduler=models.sampler, **method.conditioning.saved_components()
         )
         pipe.generation_defaults = defaults
@@ -110,6 +132,7 @@ class Method:
         cache_dir: where the cache of latents and caption outputs goes, or None to encode every step.
         weight_dtype: the dtype of the frozen models' copies (mixed precision).
         device: the device the models train on.
+        pipeline_class: the model family's text-to-image pipeline (validation samples and the saved model).
     """
 
     conditioning: Conditioning
@@ -121,6 +144,7 @@ class Method:
     cache_dir: Path | None
     weight_dtype: torch.dtype
     device: torch.device | str
+    pipeline_class: type[LatentDiffusionPipeline] = LatentDiffusionPipeline
 
     # ------------------------------------------------------------------------------------------- the optimizer
     @property
@@ -213,7 +237,7 @@ class Method:
 
     def pipeline(self, models: TrainingModels) -> LatentDiffusionPipeline:
         """A pipeline of the models as they are now (for validation samples)."""
-        return LatentDiffusionPipeline(
+        return self.pipeline_class(
             vae=self.vae, unet=self.unet, scheduler=models.sampler, **self.conditioning.pipeline_components()
         )
 
@@ -232,9 +256,9 @@ class Method:
 
 
 def build_method(config: TrainConfig, models: TrainingModels, device: torch.device | str) -> Method:
-    """Settle what the run described by ``config`` trains, once: freeze the VAE (and the text encoder unless it is
-    trained) on ``device``, in the mixed-precision dtype where they can be reloaded for the final save; add LoRA
-    layers or train the whole U-Net; the EMA; the cache folder."""
+    """Settle what the run described by ``config`` trains, once: freeze the VAE (and the text encoders unless they
+    are trained) on ``device``, in the mixed-precision dtype where they can be reloaded for the final save; the
+    family's conditioning and pipeline class; add LoRA layers or train the whole U-Net; the EMA; the cache folder."""
     weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
     freeze(models.vae, device, weight_dtype)
     conditioning = text_conditioning(
@@ -260,4 +284,7 @@ def build_method(config: TrainConfig, models: TrainingModels, device: torch.devi
     cache_dir = None
     if config.cache:
         cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
-    return Method(conditioning, unet, models.vae, unet_part, ema, final, cache_dir, weight_dtype, device)
+    pipeline_class = pipelines_of(models.family).text_to_image
+    return Method(
+        conditioning, unet, models.vae, unet_part, ema, final, cache_dir, weight_dtype, device, pipeline_class
+    )

@@ -2,8 +2,10 @@
 
 Fine-tuning starts from a pipeline folder or Hub id of a family the project runs (checked up front by
 :func:`pipelines.families.require_supported_model`); training from scratch builds a U-Net of an ``ldm`` preset and
-takes the (frozen) VAE and text encoder from given folders. Either way the training noise schedule is a
-``DDPMScheduler`` and the sampler saved with the model keeps the same training schedule.
+takes the (frozen) VAE and text encoders from given folders. The family (from ``model_index.json``, or the preset
+U-Net's config) says which text encoders a run loads (:data:`TEXT_ENCODERS`: one CLIP encoder for Stable Diffusion
+1.x/2.x; SDXL's two, ``text_encoder`` / ``tokenizer`` and ``text_encoder_2`` / ``tokenizer_2``). Either way the
+training noise schedule is a ``DDPMScheduler`` and the sampler saved with the model keeps the same training schedule.
 
 A module the optimizer updates is a :class:`TrainedModule`: its parameters and learning rate, what a checkpoint keeps
 of it (the module, or a view such as :class:`LoraState`), and the module the forward pass calls once
@@ -20,23 +22,37 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm.errors import UserError
 from ldm.presets import build_unet, get_preset
-from pipelines.families import require_supported_model
+from pipelines.families import (
+    STABLE_DIFFUSION,
+    STABLE_DIFFUSION_XL,
+    ModelFamily,
+    family_of_unet,
+    require_supported_model,
+)
 from training.checkpoint import Stateful
 
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
+TEXT_ENCODERS: dict[ModelFamily, tuple[tuple[str, type[CLIPTextModel] | type[CLIPTextModelWithProjection]], ...]] = {
+    STABLE_DIFFUSION: (("text_encoder", CLIPTextModel),),
+    STABLE_DIFFUSION_XL: (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)),
+}
+"""The text encoders of each family's pipeline: component name and class (its tokenizer is the component named
+with ``tokenizer`` for ``text_encoder``)."""
+
 
 @dataclass
 class TrainingModels:
     """What a text-to-image run trains with. ``sampler`` is the scheduler saved with the final pipeline; the two
-    sources are where the VAE and text encoder came from (``text_encoder_source`` is None for a text encoder
-    initialised here, which nothing can reload)."""
+    sources are where the VAE and text encoders came from (``text_encoder_source`` is None for text encoders
+    initialised here, which nothing can reload). ``family`` picks the conditioning and the pipeline class;
+    ``text_encoder_2`` / ``tokenizer_2`` are SDXL's second encoder (None for a family with one)."""
 
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
@@ -46,6 +62,9 @@ class TrainingModels:
     sampler: SchedulerMixin
     vae_source: str
     text_encoder_source: str | None
+    family: ModelFamily = STABLE_DIFFUSION
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
 
 @dataclass(eq=False)
@@ -116,10 +135,13 @@ def load_training_models(
     """Load (fine-tune) or build (from scratch) the models of a text-to-image run.
 
     ``vae`` / ``text_encoder`` override the pipeline's when fine-tuning, and are required when training from a
-    preset. ``prediction_type`` None keeps the model's (``epsilon`` for a new one). ``zero_terminal_snr`` rescales
-    the betas so the last step is pure noise (Lin et al. 2024), which needs v-prediction and trailing timesteps.
+    preset (for an SDXL preset, ``text_encoder`` is a folder with both encoders' and tokenizers' subfolders, such as
+    an SDXL pipeline folder). The family, from the pipeline's ``model_index.json`` or the preset U-Net's config,
+    says which text encoders load (:data:`TEXT_ENCODERS`). ``prediction_type`` None keeps the model's (``epsilon``
+    for a new one). ``zero_terminal_snr`` rescales the betas so the last step is pure noise (Lin et al. 2024), which
+    needs v-prediction and trailing timesteps.
     ``fresh_text_encoder_seed``: replace the text encoder's weights by a fresh initialisation of its architecture
-    from this seed (the same weights on every process; its tokenizer is kept).
+    from this seed (the same weights on every process; its tokenizer is kept; every encoder of the family).
 
     Raises:
         UserError: a model of a family this version does not run, a component that cannot be loaded, or settings
@@ -130,30 +152,33 @@ def load_training_models(
     if preset is not None and (vae is None or text_encoder is None):
         raise UserError("training from a preset needs --vae and --text-encoder folders (they stay frozen)")
     if pretrained_model is not None:
-        require_supported_model(pretrained_model, flag="--pretrained-model")
-
-    vae_source, text_source = vae or pretrained_model, text_encoder or pretrained_model
-    vae_model = load_component(AutoencoderKL, vae_source, "vae")
-    text_model = load_component(CLIPTextModel, text_source, "text_encoder")
-    tokenizer = load_component(CLIPTokenizer, text_source, "tokenizer")
-    if fresh_text_encoder_seed is not None:
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left alone
-            torch.manual_seed(fresh_text_encoder_seed)
-            text_model = type(text_model)(text_model.config)
-        text_source = None
-    if pretrained_model is not None:
+        family = require_supported_model(pretrained_model, flag="--pretrained-model")
         unet = load_component(UNet2DConditionModel, pretrained_model, "unet")
         base_config = dict(load_component(DDPMScheduler, pretrained_model, "scheduler").config)
         sampler_cls = _sampler_class(pretrained_model)
     else:
         spec = get_preset(preset)
         unet = build_unet(spec)
+        family = family_of_unet(unet.config)
         base_config = dict(DDPMScheduler.from_config(vars(spec.scheduler)).config)
         sampler_cls = DDIMScheduler
-    if unet.config.cross_attention_dim != text_model.config.hidden_size:
+
+    vae_source, text_source = vae or pretrained_model, text_encoder or pretrained_model
+    vae_model = load_component(AutoencoderKL, vae_source, "vae")
+    encoders = {
+        name: (load_component(cls, text_source, name), load_component(CLIPTokenizer, text_source, _tokenizer(name)))
+        for name, cls in TEXT_ENCODERS[family]
+    }
+    if fresh_text_encoder_seed is not None:
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left alone
+            torch.manual_seed(fresh_text_encoder_seed)
+            encoders = {name: (type(model)(model.config), tok) for name, (model, tok) in encoders.items()}
+        text_source = None
+    hidden_size = sum(model.config.hidden_size for model, _ in encoders.values())
+    if unet.config.cross_attention_dim != hidden_size:
         raise UserError(
-            f"the U-Net's cross_attention_dim ({unet.config.cross_attention_dim}) does not match the text encoder's "
-            f"hidden size ({text_model.config.hidden_size}); pick a preset or text encoder that agree"
+            f"the U-Net's cross_attention_dim ({unet.config.cross_attention_dim}) does not match the text encoders' "
+            f"hidden size ({hidden_size}, {' + '.join(encoders)}); pick a preset or text encoder that agree"
         )
 
     prediction_type = prediction_type or base_config.get("prediction_type", "epsilon")
@@ -167,7 +192,26 @@ def load_training_models(
         schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     noise_scheduler = DDPMScheduler.from_config(base_config, **schedule)
     sampler = sampler_cls.from_config(noise_scheduler.config)
-    return TrainingModels(vae_model, text_model, tokenizer, unet, noise_scheduler, sampler, vae_source, text_source)
+    text_model, tokenizer = encoders["text_encoder"]
+    text_model_2, tokenizer_2 = encoders.get("text_encoder_2", (None, None))
+    return TrainingModels(
+        vae_model,
+        text_model,
+        tokenizer,
+        unet,
+        noise_scheduler,
+        sampler,
+        vae_source,
+        text_source,
+        family=family,
+        text_encoder_2=text_model_2,
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def _tokenizer(text_encoder_name: str) -> str:
+    """The tokenizer component of a text encoder component (``text_encoder_2`` -> ``tokenizer_2``)."""
+    return text_encoder_name.replace("text_encoder", "tokenizer")
 
 
 def _sampler_class(pretrained_model: str) -> type[SchedulerMixin]:

@@ -63,7 +63,10 @@ class TrainConfig(LoopConfig):
     pretrained_model: str | None = help_field(None, "pipeline folder or Hub id to fine-tune")
     preset: str | None = help_field(None, "ldm preset of a U-Net to train from scratch (needs --vae, --text-encoder)")
     vae: str | None = help_field(None, "folder or Hub id of the (frozen) VAE; default: the pretrained model's")
-    text_encoder: str | None = help_field(None, "folder with text_encoder/ and tokenizer/; default: the model's")
+    text_encoder: str | None = help_field(
+        None,
+        "folder with text_encoder/ and tokenizer/ (SDXL: also text_encoder_2/, tokenizer_2/); default: the model's",
+    )
     # data
     resolution: int = help_field(512, "training image side (or bucket area side with --bucketing)")
     crop: Literal["center", "random"] = help_field("center", "crop after resizing the shorter side")
@@ -144,7 +147,8 @@ def train(config: TrainConfig) -> Path:
     accelerator, generator = run.accelerator, run.generator
 
     # ---------------------------------------------------------------------------------------------------- models
-    # A model of a family this version does not run (an SDXL folder, say) is refused here, before the data is read.
+    # The family (SD 1.x/2.x or SDXL) decides the text encoders loaded, the conditioning and the pipeline class; a
+    # model of a family this version does not run is refused here, before the data is read.
     models = load_training_models(
         pretrained_model=config.pretrained_model,
         preset=config.preset,
@@ -251,6 +255,7 @@ def train(config: TrainConfig) -> Path:
             steps=loop.step,
             sample_grid_file=grid_name,
             lora=method.final.kind == "lora",
+            pipeline_class=method.pipeline_class.__name__,
         )
         if config.push_to_hub:
             _push_to_hub(final_dir, config)
@@ -370,7 +375,7 @@ def _push_to_hub(final_dir: Path, config: TrainConfig) -> None:
 
 def sample_grid(accelerator: Accelerator, pipe: LatentDiffusionPipeline, config: TrainConfig) -> PIL.Image.Image:
     """The validation grid: one image per validation prompt, sampled with the validation seed, steps and guidance
-    scale (under the run's autocast)."""
+    scale (under the run's autocast), by the family's pipeline (:meth:`Method.pipeline`)."""
     with accelerator.autocast():
         return prompt_grid(
             pipe,

@@ -29,8 +29,10 @@ def write_model_card(
     steps: int,
     sample_grid_file: str | None,
     lora: bool,
+    pipeline_class: str = "LatentDiffusionPipeline",
 ) -> Path:
-    """A ``README.md`` model card with Hub metadata: what the model started from, the data, the recipe, samples."""
+    """A ``README.md`` model card with Hub metadata: what the model started from, the data, the recipe, samples,
+    and how to load it (with ``pipeline_class``, the family's pipeline in :mod:`pipelines`)."""
     folder = Path(folder)
     tags = ["text-to-image", "diffusers", "latent-diffusion"] + (["lora"] if lora else [])
     lines = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "license: other"]
@@ -48,9 +50,9 @@ def write_model_card(
         "## Use",
         "",
         "```python",
-        "from pipelines import LatentDiffusionPipeline",
+        f"from pipelines import {pipeline_class}",
         "",
-        'pipe = LatentDiffusionPipeline.from_pretrained("path/to/this/folder")',
+        f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")',
         "```",
         "",
     ]

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from eval.benchmark import main
 
 
-def test_benchmark_writes_json_for_both_pipelines(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "preset, pipelines",
+    [
+        ("tiny", ["LatentDiffusionPipeline", "StableDiffusionPipeline"]),
+        ("tiny-sdxl", ["LatentDiffusionXLPipeline", "StableDiffusionXLPipeline"]),
+    ],
+)
+def test_benchmark_writes_json_for_both_pipelines(tmp_path, capsys, preset, pipelines):
     out = tmp_path / "bench.json"
-    assert main(["--preset", "tiny", "--steps", "2", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["--preset", preset, "--steps", "2", "--repeats", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     for name in ("ours", "stock"):
         assert result[name]["seconds_per_call"] > 0
         assert result[name]["it_per_s"] == 2 / result[name]["seconds_per_call"]
-    assert result["size"] == 64 and result["source"] == "preset:tiny"
+    assert result["size"] == 64 and result["source"] == f"preset:{preset}"
+    assert result["pipelines"] == pipelines  # the family's pipelines, ours and stock's
     printed = capsys.readouterr().out
     assert "speed ratio ours / stock" in printed and str(out) in printed
 

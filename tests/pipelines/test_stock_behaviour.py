@@ -24,10 +24,18 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
 )
 
 from ldm.presets import build_components
-from pipelines import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline, LatentDiffusionPipeline
+from pipelines import (
+    LatentDiffusionImg2ImgPipeline,
+    LatentDiffusionInpaintPipeline,
+    LatentDiffusionPipeline,
+    LatentDiffusionXLImg2ImgPipeline,
+    LatentDiffusionXLPipeline,
+)
 from tests.pipelines.editing import edit_components, img2img_inputs, inpaint_inputs, inpainting_unet_edit_components
 
 PARITY_TOLERANCE = 1e-4
@@ -41,7 +49,7 @@ class PipelineCase:
     ``components()`` returns fresh tiny components in stock's ``components`` layout (optional ones included, as
     None); ``inputs(batch_size)`` returns the call's keyword arguments for that many prompts, without ``generator``
     (the checks add it) and without ``output_type`` / ``num_inference_steps``. ``init_kwargs`` are the non-component
-    arguments both constructors take.
+    arguments both constructors take; ``none_components`` the optional components the case leaves out.
     """
 
     name: str
@@ -50,6 +58,7 @@ class PipelineCase:
     components: Callable[[], dict[str, Any]]
     inputs: Callable[[int], dict[str, Any]]
     init_kwargs: tuple[tuple[str, Any], ...] = (("requires_safety_checker", False),)
+    none_components: tuple[str, ...] = ("safety_checker", "feature_extractor", "image_encoder")
 
     def build(self, cls: type[DiffusionPipeline], components: dict[str, Any] | None = None) -> DiffusionPipeline:
         """``cls`` on fresh (or the given) components, with DDIM (one U-Net call per step) and no progress bar."""
@@ -67,6 +76,11 @@ def sd_components() -> dict[str, Any]:
         "feature_extractor": None,
         "image_encoder": None,
     }
+
+
+def sdxl_components() -> dict[str, Any]:
+    """The tiny SDXL components, with stock's optional components (feature extractor, image encoder)."""
+    return build_components("tiny-sdxl", seed=0) | {"feature_extractor": None, "image_encoder": None}
 
 
 def txt2img_inputs(batch_size: int) -> dict[str, Any]:
@@ -88,6 +102,28 @@ CASES = [
         StableDiffusionInpaintPipeline,
         inpainting_unet_edit_components,
         inpaint_inputs,
+    ),
+    PipelineCase(
+        "sdxl-txt2img",
+        LatentDiffusionXLPipeline,
+        StableDiffusionXLPipeline,
+        sdxl_components,
+        txt2img_inputs,
+        init_kwargs=(("force_zeros_for_empty_prompt", True), ("add_watermarker", False)),
+        none_components=("feature_extractor", "image_encoder"),
+    ),
+    PipelineCase(
+        "sdxl-img2img",
+        LatentDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        sdxl_components,
+        img2img_inputs,
+        init_kwargs=(
+            ("requires_aesthetics_score", False),
+            ("force_zeros_for_empty_prompt", True),
+            ("add_watermarker", False),
+        ),
+        none_components=("feature_extractor", "image_encoder"),
     ),
 ]
 
@@ -156,8 +192,8 @@ def test_save_load_round_trip_keeps_images(case, tmp_path):
 
 def test_optional_components_none_survive_save_and_load(case, tmp_path):
     pipe = case.build(case.ours)
-    optional = pipe._optional_components
-    assert set(optional) >= {"safety_checker", "feature_extractor", "image_encoder"}
+    optional = case.none_components
+    assert set(pipe._optional_components) >= set(optional)
     assert all(getattr(pipe, name) is None for name in optional)
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())

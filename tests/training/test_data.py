@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from common.images import to_rgb
 from tests.training.test_records import BLUE, GREEN, RED, WHITE, captioned_folder, noise, png_bytes, solid
-from training.data import ImageCaptionDataset, collate, resize_and_crop
+from training.data import ImageCaptionDataset, collate, crop_window, resize_and_crop
 from training.record_formats import ImageCaptionRecords
 from training.records import load_image_caption_records, scan_images
 
@@ -155,6 +155,91 @@ def test_resize_and_crop_random_offsets_cover_the_free_range() -> None:
     assert np.array_equal(np.asarray(resize_and_crop(image, (16, 16), "random", (0.0, 0.0))), reference[:, :16])
     assert np.array_equal(np.asarray(resize_and_crop(image, (16, 16), "random", (0.9999, 0.5))), reference[:, 24:])
     assert resize_and_crop(noise((30, 45)), (16, 8)).size == (16, 8)
+
+
+# ------------------------------------------------------------------------------------------ micro-conditioning
+
+
+def cover_size(original: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """Closed form: the (h, w) an (h, w) image is resized to so that it just covers the (h, w) target."""
+    scale = max(target[0] / original[0], target[1] / original[1])
+    return max(target[0], round(original[0] * scale)), max(target[1], round(original[1] * scale))
+
+
+def crop_at(source: Image.Image, sample: dict, flipped: bool) -> np.ndarray:
+    """The sample's pixels rebuilt from its source image and its recorded micro-conditioning alone: resize to cover
+    the target (PIL Lanczos), mirror if ``flipped``, crop ``target_size`` at ``crop_top_left``."""
+    height, width = cover_size(sample["original_size"], sample["target_size"])
+    resized = source.resize((width, height), Image.Resampling.LANCZOS)  # PIL returns a copy when the size is equal
+    if flipped:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    (top, left), (crop_h, crop_w) = sample["crop_top_left"], sample["target_size"]
+    return np.asarray(resized, dtype=np.int64)[top : top + crop_h, left : left + crop_w]
+
+
+def test_the_recorded_crop_rebuilds_every_sample_exactly(tmp_path: Path) -> None:
+    """Random crops, flips and buckets: cropping the resized (and, for a flipped sample, mirrored) source image at
+    the recorded corner gives the sample's pixels exactly, and only the flipped-image convention does so."""
+    # no resampling for the first two (one side equals the target already), resampled for the others
+    sizes = [(80, 32), (32, 72), (50, 26), (26, 52), (70, 33), (45, 45)]
+    sources = {f"{i}.png": noise(size, seed=10 + i) for i, size in enumerate(sizes)}
+    folder = captioned_folder(tmp_path, sources, {name: name for name in sources})
+    records = load_image_caption_records(str(folder), num_workers=1)
+    square = ImageCaptionDataset(records, resolution=32, crop="random", flip=True, seed=5)
+    buckets = ImageCaptionDataset(records, resolution=32, bucketing=True, crop="random", flip=True, seed=5)
+    kinds: set[tuple[bool, bool]] = set()
+    for dataset in (square, buckets):
+        for epoch in range(4):
+            dataset.set_epoch(epoch)
+            for index in range(len(dataset)):
+                sample = dataset[index]
+                source = sources[sample["caption"]]
+                assert sample["original_size"] == (source.height, source.width)
+                assert sample["target_size"] == dataset.target_size(index)[::-1]
+                assert sample["target_size"] == tuple(sample["pixel_values"].shape[1:])
+                pixels = pixels_of(sample)
+                plain, mirrored = crop_at(source, sample, False), crop_at(source, sample, True)
+                assert np.array_equal(plain, pixels) != np.array_equal(mirrored, pixels)
+                flipped = np.array_equal(mirrored, pixels)
+                top, left = sample["crop_top_left"]
+                free_w = cover_size(sample["original_size"], sample["target_size"])[1] - sample["target_size"][1]
+                kinds.add((flipped, 2 * left != free_w))
+                assert 0 <= left <= free_w and top >= 0
+    # flipped and plain samples, both with the crop off the middle (where the two conventions differ)
+    assert kinds == {(False, True), (True, True), (False, False), (True, False)}
+    batch = collate([buckets[i] for i in buckets.batch_sampler(8, shuffle=False).batches()[0]])
+    for key in ("original_size", "crop_top_left", "target_size"):
+        rows = [list(buckets[i][key]) for i in batch["indices"].tolist()]
+        assert batch[key].dtype == torch.long and batch[key].tolist() == rows
+
+
+def test_original_size_is_the_displayed_size_of_an_exif_rotated_file(tmp_path: Path) -> None:
+    """A 48x16 JPEG (w x h) shown rotated by EXIF is a 48-high, 16-wide image: its original size is (48, 16) (not
+    the resized 24 x 8); the square 8 crop is taken from the middle (top 8) of the resized image, and the crop
+    rebuilt from the rotated file is the sample."""
+    image = noise((48, 16), seed=4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    (tmp_path / "photo.txt").write_text("a photo")
+    sample = ImageCaptionDataset(load_image_caption_records(str(tmp_path)), resolution=8)[0]
+    assert (sample["original_size"], sample["crop_top_left"], sample["target_size"]) == ((48, 16), (8, 0), (8, 8))
+    with Image.open(tmp_path / "photo.jpg") as stored:
+        assert stored.size == (48, 16)
+        shown = to_rgb(ImageOps.exif_transpose(stored))
+    assert np.array_equal(crop_at(shown, sample, False), pixels_of(sample))
+
+
+def test_crop_window_is_the_closed_form_cover_and_crop() -> None:
+    # 100x50 (w x h) to 32x32: scaled to 64x32, free range 32 columns; center takes the floor of the middle
+    assert crop_window((100, 50), (32, 32)).resized_size == (32, 64)
+    assert crop_window((100, 50), (32, 32)).crop_top_left == (0, 16)
+    assert crop_window((101, 50), (32, 32)).crop_top_left == (0, 16)  # 65 wide: 33 free, floor(33 / 2)
+    assert crop_window((100, 50), (32, 32), "random", (0.0, 0.9)).crop_top_left == (0, 0)
+    assert crop_window((100, 50), (32, 32), "random", (0.9999, 0.9)).crop_top_left == (0, 32)
+    window = crop_window((100, 50), (32, 32), "random", (0.25, 0.0))
+    assert window.crop_top_left == (0, 8) and window.mirrored().crop_top_left == (0, 64 - 8 - 32)
+    assert window.mirrored().mirrored() == window
 
 
 # --------------------------------------------------------------------------------------------------- determinism

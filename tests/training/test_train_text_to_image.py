@@ -459,12 +459,12 @@ def test_a_library_error_inside_training_keeps_its_traceback(tiny_sd_dir, shapes
 def test_a_model_of_another_family_is_refused_up_front(shapes_dir, tmp_path, capsys):
     sdxl = tmp_path / "sdxl"
     sdxl.mkdir()
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "unet": ["diffusers", "x"]}
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1", "unet": ["diffusers", "x"]}
     (sdxl / "model_index.json").write_text(json.dumps(index))
     code = main(cli_args(str(sdxl), shapes_dir, tmp_path / "out"))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --pretrained-model ") and err.count("\n") == 1
-    assert "StableDiffusionXLPipeline" in err and "Stable Diffusion 1.x/2.x" in err
+    assert "StableDiffusion3Pipeline" in err and "Stable Diffusion 1.x/2.x" in err
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
