@@ -233,10 +233,12 @@ PRESETS: dict[str, ModelPreset] = {
             hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32
         ),
         # Different widths for the two encoders, so a swapped or mis-concatenated pair cannot pass a shape check.
+        # Ten layers: diffusers tells an SDXL single file by its second encoder's tenth layer (resblocks.9), so an
+        # exported tiny model is recognised as SDXL by its keys alone.
         text_encoder_2=TextEncoderConfig(
             hidden_size=48,
             intermediate_size=96,
-            num_hidden_layers=3,
+            num_hidden_layers=10,
             num_attention_heads=4,
             projection_dim=32,
             hidden_act="gelu",

@@ -8,7 +8,6 @@ those of the released ``sd_xl_base_1.0.safetensors`` (which diffusers recognises
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,13 +36,6 @@ from .test_pipeline import PARITY_TOLERANCE
 from .test_publish import one_line_error
 
 TINY_SDXL = PRESETS["tiny-sdxl"]
-# diffusers tells an SDXL base file by its second encoder's 10th layer (resblocks.9), so the single file of a model
-# with fewer layers reads as SD 1.x by its keys; ten layers of width 48 cost little.
-TINY_SDXL_FILE = dataclasses.replace(
-    TINY_SDXL,
-    name="tiny-sdxl-10-layers",
-    text_encoder_2=dataclasses.replace(TINY_SDXL.text_encoder_2, num_hidden_layers=10),
-)
 SDXL_PREFIX_2 = "conditioner.embedders.1.model."
 
 # Names and shapes of the released sd_xl_base_1.0.safetensors (what A1111 / ComfyUI read).
@@ -109,9 +101,9 @@ def exported(tmp_path_factory) -> dict:
     """The tiny SDXL pipeline exported to one file, its images, and a config folder of the same architecture with
     *other* weights (seed 1), so a loader that read the folder's weights would draw other images."""
     tmp = tmp_path_factory.mktemp("single-file-xl")
-    pipe = StableDiffusionXLPipeline(**build_components(TINY_SDXL_FILE, seed=0))
+    pipe = StableDiffusionXLPipeline(**build_components(TINY_SDXL, seed=0))
     path = export_single_file(pipe, tmp / "model.safetensors")
-    StableDiffusionXLPipeline(**build_components(TINY_SDXL_FILE, seed=1)).save_pretrained(tmp / "config")
+    StableDiffusionXLPipeline(**build_components(TINY_SDXL, seed=1)).save_pretrained(tmp / "config")
     return {"pipe": pipe, "path": path, "config": str(tmp / "config"), "images": generate(pipe)}
 
 
@@ -128,7 +120,7 @@ def test_sdxl_export_has_the_released_checkpoints_names_and_shapes():
 @pytest.mark.parametrize("name", ["tiny", "sdxl"])
 def test_diffusers_converters_recover_every_weight(name):
     # the tiny model on the CPU, to compare values; the real size on the meta device, names and shapes only
-    preset = TINY_SDXL_FILE if name == "tiny" else PRESETS["sdxl"]
+    preset = TINY_SDXL if name == "tiny" else PRESETS["sdxl"]
     models = preset_models(preset, "cpu" if name == "tiny" else "meta")
     state = pipeline_to_original(models)
     recovered = {
@@ -145,7 +137,7 @@ def test_diffusers_converters_recover_every_weight(name):
 
 
 def test_text_projection_is_stored_transposed_and_qkv_fused():
-    models = preset_models(TINY_SDXL_FILE, "cpu")
+    models = preset_models(TINY_SDXL, "cpu")
     state = pipeline_to_original(models)
     encoder = models.text_encoder_2
     projection = encoder.text_projection.weight  # (projection_dim 32, width 48): the shape tells the transpose
