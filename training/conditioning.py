@@ -5,18 +5,18 @@ A :class:`Conditioning` turns a batch and its captions (after caption dropout) i
 says which of its modules the optimizer trains (:class:`~training.models.TrainedModule`), what it caches, and which
 components it gives the validation and saved pipelines. The trainer calls only this interface.
 
-Stable Diffusion 1.x/2.x cross-attend to the last hidden states of one CLIP text encoder, with long captions
-encoded in 77-token chunks (:func:`ldm.text.encode_prompts`). That encoder is either frozen
-(:class:`FrozenTextEncoder`, whose outputs can be read from the cache instead, :class:`CachedTextEncoder`) or trained
-with the U-Net (:class:`TrainedTextEncoder`).
-
-SDXL's conditioning is another implementation of the same protocol (:mod:`training.conditioning_xl`), and
-:func:`training.methods.text_conditioning` picks the implementation from the run's model family (one table).
+Every run's conditioning is :class:`TextEncoders`: the family's text encoders, each frozen or trained (all its
+weights, or LoRA layers), and what the family computes from them (:class:`TextEncoding`). Stable Diffusion 1.x/2.x
+cross-attend to the last hidden states of one CLIP text encoder, with long captions in 77-token chunks
+(:class:`SDTextEncoding`); SDXL's two encoders, pooled embedding and size/crop ids are another encoding
+(:mod:`training.conditioning_xl`). When every encoder is frozen, the captions' outputs can be read from the cache
+instead (:class:`CachedTextEncoder`). :func:`training.methods.text_conditioning` builds it from the run's settings
+and the family (one table).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -24,7 +24,6 @@ from typing import Any, ClassVar, Protocol
 import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.text import encode_prompts
 from training.cache import (
@@ -36,10 +35,12 @@ from training.cache import (
     write_cache,
 )
 from training.data import ImageCaptionDataset
-from training.models import TrainedModule, TrainingModels, freeze, load_component
+from training.models import TrainedModule, freeze, load_component, tokenizer_name
 
 Batch = Mapping[str, Any]
 """A collated training batch: ``captions`` and ``pixel_values`` (or the cached ``latent_mean`` / ``latent_std``)."""
+
+Device = torch.device | str
 
 
 @dataclass
@@ -113,31 +114,132 @@ class Conditioning(Protocol):
         ...
 
 
-class _TextEncoder:
-    """What the frozen and the trained CLIP text encoder share: evaluation, the cache and the pipeline parts."""
+class TextEncoding(Protocol):
+    """What a model family computes from its text encoders: a batch's conditioning, the cache's caption outputs, and
+    the conditioning from those cached outputs. ``encoders`` are the family's ``(tokenizer, text encoder)`` pairs in
+    the order of its components (:data:`training.models.TEXT_ENCODERS`)."""
 
-    def __init__(self, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, device: torch.device | str) -> None:
-        self.text_encoder, self.tokenizer, self.device = text_encoder, tokenizer, device
+    def encode(
+        self, encoders: Sequence[tuple[Any, torch.nn.Module]], batch: Batch, captions: list[str], device: Device
+    ) -> UNetConditioning:
+        """The conditioning of ``captions`` (the batch's, after caption dropout)."""
+        ...
+
+    def caption_encoder(self, encoders: Sequence[tuple[Any, torch.nn.Module]], device: Device) -> CaptionEncoder:
+        """What the cache stores of a caption (frozen encoders)."""
+        ...
+
+    def from_outputs(self, batch: Batch, outputs: Mapping[str, Tensor]) -> UNetConditioning:
+        """The conditioning from the cached caption outputs of the batch."""
+        ...
+
+
+class SDTextEncoding:
+    """Stable Diffusion 1.x/2.x: the last hidden states of one CLIP text encoder, long captions in 77-token chunks
+    (:func:`ldm.text.encode_prompts`)."""
+
+    def encode(
+        self, encoders: Sequence[tuple[Any, torch.nn.Module]], batch: Batch, captions: list[str], device: Device
+    ) -> UNetConditioning:
+        ((tokenizer, text_encoder),) = encoders
+        return UNetConditioning(encode_prompts(text_encoder, tokenizer, captions, device=device))
+
+    def caption_encoder(self, encoders: Sequence[tuple[Any, torch.nn.Module]], device: Device) -> CaptionEncoder:
+        ((tokenizer, text_encoder),) = encoders
+        return ClipCaptionEncoder(text_encoder, tokenizer, device)
+
+    def from_outputs(self, batch: Batch, outputs: Mapping[str, Tensor]) -> UNetConditioning:
+        return UNetConditioning(outputs["prompt_embeds"])
+
+
+@dataclass(eq=False)
+class TextEncoder:
+    """One text encoder of a run: its component name, model and tokenizer, and the :class:`TrainedModule` that
+    trains it (all its weights, or its LoRA layers), or None when it is frozen."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: Any
+    trained: TrainedModule | None = None
+
+    @property
+    def runner(self) -> torch.nn.Module:
+        """The module a training step calls: the prepared (maybe DDP-wrapped) module when trained."""
+        return self.model if self.trained is None else self.trained.runner
+
+
+class TextEncoders:
+    """A family's text encoders (:class:`TextEncoding`), each trained or frozen: the :class:`Conditioning` of every
+    text-to-image run.
+
+    Frozen encoders are cast to the mixed-precision dtype when ``source`` (where they were loaded from) can reload
+    them for the final save; encoders initialised by the run (``source`` None) stay in full precision and are saved
+    as they are. Trained encoders stay in full precision, like the U-Net (autocast runs them in mixed precision),
+    and are saved as trained. With the cache, a run whose encoders are all frozen reads their outputs from it
+    (:class:`CachedTextEncoder`); one that trains an encoder reads only the latents: its outputs change every step.
+    """
+
+    def __init__(
+        self,
+        encoding: TextEncoding,
+        encoders: Sequence[TextEncoder],
+        *,
+        source: str | None,
+        device: Device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.encoding, self.encoders, self.source, self.device = encoding, list(encoders), source, device
+        self.cast = source is not None and dtype != torch.float32
+        for encoder in self.encoders:
+            if encoder.trained is None:
+                freeze(encoder.model, device, dtype if self.cast else torch.float32)
+            else:
+                encoder.model.train().to(device)
+
+    @property
+    def trained(self) -> tuple[TrainedModule, ...]:
+        return tuple(encoder.trained for encoder in self.encoders if encoder.trained is not None)
+
+    def _pairs(self, *, training: bool) -> list[tuple[Any, torch.nn.Module]]:
+        return [(e.tokenizer, e.runner if training else e.model) for e in self.encoders]
+
+    def __call__(self, batch: Batch, captions: list[str]) -> UNetConditioning:
+        # frozen encoders' parameters require no gradients, so they record no graph
+        return self.encoding.encode(self._pairs(training=True), batch, captions, self.device)
 
     @torch.no_grad()
     def evaluate(self, batch: Batch, captions: list[str]) -> UNetConditioning:
-        return UNetConditioning(encode_prompts(self.text_encoder, self.tokenizer, captions, device=self.device))
-
-    def build_cache(self, dataset: ImageCaptionDataset, vae: AutoencoderKL, folder: Path, *, batch_size: int) -> Path:
-        return build_cache_with(
-            ClipCaptionEncoder(self.text_encoder, self.tokenizer, self.device),
-            dataset,
-            vae,
-            folder,
-            batch_size=batch_size,
-        )
+        return self.encoding.encode(self._pairs(training=False), batch, captions, self.device)
 
     def from_outputs(self, batch: Batch, outputs: Mapping[str, Tensor]) -> UNetConditioning:
-        """The conditioning from the cached caption outputs of the batch (``prompt_embeds``)."""
-        return UNetConditioning(outputs["prompt_embeds"])
+        return self.encoding.from_outputs(batch, outputs)
+
+    def set_training(self, mode: bool) -> None:
+        for encoder in self.encoders:
+            if encoder.trained is not None:  # frozen ones stay in evaluation mode
+                encoder.model.train(mode)
+
+    def build_cache(self, dataset: ImageCaptionDataset, vae: AutoencoderKL, folder: Path, *, batch_size: int) -> Path:
+        encoder = self.encoding.caption_encoder(self._pairs(training=False), self.device)
+        return build_cache_with(encoder, dataset, vae, folder, batch_size=batch_size)
+
+    def from_cache(self, cache: CachedLatentDataset) -> Conditioning:
+        return self if self.trained else CachedTextEncoder(self, cache)
 
     def pipeline_components(self) -> dict[str, Any]:
-        return {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        components: dict[str, Any] = {}
+        for encoder in self.encoders:
+            components[encoder.name] = encoder.model
+            components[tokenizer_name(encoder.name)] = encoder.tokenizer
+        return components
+
+    def saved_components(self) -> dict[str, Any]:
+        components = self.pipeline_components()
+        if self.source is not None and self.cast:
+            for encoder in self.encoders:
+                if encoder.trained is None:  # the frozen encoder as it was, not its half-precision copy
+                    components[encoder.name] = load_component(type(encoder.model), self.source, encoder.name)
+        return components
 
 
 def build_cache_with(
@@ -149,139 +251,33 @@ def build_cache_with(
     return folder
 
 
-class FrozenTextEncoder(_TextEncoder):
-    """One frozen CLIP text encoder's last hidden states (Stable Diffusion 1.x/2.x).
-
-    ``source`` is where the encoder was loaded from: a mixed-precision run casts the frozen copy and saves the one
-    reloaded from there. A text encoder initialised by the run (``source`` None) stays in full precision and is
-    saved as it is: nothing could reload it.
-    """
-
-    trained: tuple[TrainedModule, ...] = ()
-
-    def __init__(
-        self,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        *,
-        source: str | None,
-        device: torch.device | str,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__(text_encoder, tokenizer, device)
-        self.source = source
-        self.cast = source is not None and dtype != torch.float32
-        freeze(text_encoder, device, dtype if self.cast else torch.float32)
-
-    def __call__(self, batch: Batch, captions: list[str]) -> UNetConditioning:
-        # no parameter requires gradients, so no graph is recorded
-        return UNetConditioning(encode_prompts(self.text_encoder, self.tokenizer, captions, device=self.device))
-
-    def set_training(self, mode: bool) -> None:
-        pass  # frozen: always in evaluation mode
-
-    def from_cache(self, cache: CachedLatentDataset) -> Conditioning:
-        return CachedTextEncoder(self, cache)
-
-    def saved_components(self) -> dict[str, Any]:
-        if self.source is None or not self.cast:
-            return self.pipeline_components()
-        return {
-            "text_encoder": load_component(CLIPTextModel, self.source, "text_encoder"),
-            "tokenizer": self.tokenizer,
-        }
-
-
-class CachedEncoders(Protocol):
-    """What :class:`CachedTextEncoder` needs of a frozen conditioning: the conditioning from cached outputs, and the
-    rest of :class:`Conditioning` for evaluation, caching and saving."""
-
-    def from_outputs(self, batch: Batch, outputs: Mapping[str, Tensor]) -> UNetConditioning: ...
-
-    def evaluate(self, batch: Batch, captions: list[str]) -> UNetConditioning: ...
-
-    def build_cache(
-        self, dataset: ImageCaptionDataset, vae: AutoencoderKL, folder: Path, *, batch_size: int
-    ) -> Path: ...
-
-    def pipeline_components(self) -> dict[str, Any]: ...
-
-    def saved_components(self) -> dict[str, Any]: ...
-
-
 class CachedTextEncoder:
     """Frozen text encoders whose outputs for the training captions are read from the cache
     (:meth:`CachedLatentDataset.text_outputs`: exactly what the encoders pad a batch to), turned into conditioning by
-    the encoders' ``from_outputs``; evaluation, caching and saving go to the encoders."""
+    the family's ``from_outputs``; evaluation, caching and saving go to the encoders."""
 
     trained: tuple[TrainedModule, ...] = ()
 
-    def __init__(self, encoder: CachedEncoders, cache: CachedLatentDataset) -> None:
-        self.encoder, self.cache = encoder, cache
+    def __init__(self, encoders: TextEncoders, cache: CachedLatentDataset) -> None:
+        self.encoders, self.cache = encoders, cache
 
     def __call__(self, batch: Batch, captions: list[str]) -> UNetConditioning:
-        return self.encoder.from_outputs(batch, self.cache.text_outputs(captions))
+        return self.encoders.from_outputs(batch, self.cache.text_outputs(captions))
 
     def evaluate(self, batch: Batch, captions: list[str]) -> UNetConditioning:
-        return self.encoder.evaluate(batch, captions)
+        return self.encoders.evaluate(batch, captions)
 
     def set_training(self, mode: bool) -> None:
         pass
 
     def build_cache(self, dataset: ImageCaptionDataset, vae: AutoencoderKL, folder: Path, *, batch_size: int) -> Path:
-        return self.encoder.build_cache(dataset, vae, folder, batch_size=batch_size)
+        return self.encoders.build_cache(dataset, vae, folder, batch_size=batch_size)
 
     def from_cache(self, cache: CachedLatentDataset) -> Conditioning:
-        return CachedTextEncoder(self.encoder, cache)
+        return CachedTextEncoder(self.encoders, cache)
 
     def pipeline_components(self) -> dict[str, Any]:
-        return self.encoder.pipeline_components()
+        return self.encoders.pipeline_components()
 
     def saved_components(self) -> dict[str, Any]:
-        return self.encoder.saved_components()
-
-
-class TrainedTextEncoder(_TextEncoder):
-    """One CLIP text encoder trained with the U-Net (all its weights, at its own learning rate). It stays in full
-    precision, like the U-Net (autocast runs it in mixed precision), and is saved as trained. With the cache, only
-    the latents are read from it: the encoder's outputs change every step."""
-
-    def __init__(
-        self,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        *,
-        learning_rate: float,
-        device: torch.device | str,
-    ) -> None:
-        super().__init__(text_encoder, tokenizer, device)
-        text_encoder.requires_grad_(True).train().to(device)
-        self.module = TrainedModule("text_encoder", text_encoder, learning_rate, state=text_encoder)
-
-    @property
-    def trained(self) -> tuple[TrainedModule, ...]:
-        return (self.module,)
-
-    def __call__(self, batch: Batch, captions: list[str]) -> UNetConditioning:
-        return UNetConditioning(encode_prompts(self.module.runner, self.tokenizer, captions, device=self.device))
-
-    def set_training(self, mode: bool) -> None:
-        self.text_encoder.train(mode)
-
-    def from_cache(self, cache: CachedLatentDataset) -> Conditioning:
-        return self
-
-    def saved_components(self) -> dict[str, Any]:
-        return self.pipeline_components()
-
-
-def sd_conditioning(
-    models: TrainingModels, *, train: bool, learning_rate: float, device: torch.device | str, dtype: torch.dtype
-) -> Conditioning:
-    """Stable Diffusion 1.x/2.x: its text encoder trained at ``learning_rate`` (``train``) or frozen (cast to the
-    mixed-precision ``dtype`` when it can be reloaded for the final save)."""
-    if train:
-        return TrainedTextEncoder(models.text_encoder, models.tokenizer, learning_rate=learning_rate, device=device)
-    return FrozenTextEncoder(
-        models.text_encoder, models.tokenizer, source=models.text_encoder_source, device=device, dtype=dtype
-    )
+        return self.encoders.saved_components()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -26,13 +26,15 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from ldm.errors import UserError
 from pipelines import LatentDiffusionPipeline
 from pipelines.families import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, ModelFamily, pipelines_of
 from pipelines.generation_defaults import GenerationDefaults
+from pipelines.kohya_lora import export_kohya_lora
 from training.cache import CachedLatentDataset, collate_cached
 from training.checkpoint import Stateful
-from training.conditioning import Conditioning, sd_conditioning
-from training.conditioning_xl import sdxl_conditioning
+from training.conditioning import Conditioning, SDTextEncoding, TextEncoder, TextEncoders, TextEncoding
+from training.conditioning_xl import SDXLTextEncoding
 from training.data import ImageCaptionDataset, collate
 from training.models import LoraState, TrainedModule, TrainingModels, add_lora, freeze, load_component, save_lora
 
@@ -44,24 +46,50 @@ logger = logging.getLogger("training")
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 """The dtype of the frozen models' copies under each ``mixed_precision`` setting (float32 otherwise)."""
 
-_CONDITIONINGS: dict[ModelFamily, Callable[..., Conditioning]] = {
-    STABLE_DIFFUSION: sd_conditioning,
-    STABLE_DIFFUSION_XL: sdxl_conditioning,
+KOHYA_LORA_FILE = "kohya_lora.safetensors"
+"""The name of a LoRA run's weights in kohya's layout, next to diffusers' ``pytorch_lora_weights.safetensors``."""
+
+_ENCODINGS: dict[ModelFamily, TextEncoding] = {
+    STABLE_DIFFUSION: SDTextEncoding(),
+    STABLE_DIFFUSION_XL: SDXLTextEncoding(),
 }
-"""How each model family's captions become conditioning."""
+"""What each model family computes from its text encoders."""
 
 
 def text_conditioning(
-    models: TrainingModels, *, train: bool, learning_rate: float, device: torch.device | str, dtype: torch.dtype
-) -> Conditioning:
-    """The conditioning of a run of ``models.family`` (:data:`_CONDITIONINGS`): Stable Diffusion 1.x/2.x's text
-    encoder trained at ``learning_rate`` (``train``) or frozen; SDXL's two frozen encoders with the pooled embedding
-    and size/crop ``time_ids``. Frozen encoders are cast to the mixed-precision ``dtype`` when they can be reloaded.
+    models: TrainingModels,
+    *,
+    train: Sequence[str] = (),
+    lora: tuple[int, float | None] | None = None,
+    learning_rate: float,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> TextEncoders:
+    """The conditioning of a run of ``models.family`` (:data:`_ENCODINGS`): the text encoders named in ``train``
+    trained at ``learning_rate`` (all their weights, or with ``lora`` = ``(rank, alpha)`` LoRA layers), the others
+    frozen (cast to the mixed-precision ``dtype`` when they can be reloaded).
 
     Raises:
-        UserError: ``train`` for SDXL (its text encoders are not trained yet).
+        UserError: a name in ``train`` that is not one of the family's text encoders.
     """
-    return _CONDITIONINGS[models.family](models, train=train, learning_rate=learning_rate, device=device, dtype=dtype)
+    encoders = models.text_encoders()
+    names = [name for name, _, _ in encoders]
+    unknown = [name for name in train if name not in names]
+    if unknown:
+        raise UserError(f"--trained-text-encoders: {unknown} are not text encoders of this model; choose from {names}")
+    slots = []
+    for name, model, tokenizer in encoders:
+        trained = None
+        if name in train:
+            if lora is not None:
+                add_lora(model, *lora)
+                trained = TrainedModule(name, model, learning_rate, state=LoraState(model))
+            else:
+                trained = TrainedModule(name, model.requires_grad_(True), learning_rate, state=model)
+        slots.append(TextEncoder(name, model, tokenizer, trained))
+    return TextEncoders(
+        _ENCODINGS[models.family], slots, source=models.text_encoder_source, device=device, dtype=dtype
+    )
 
 
 class FinalModel(Protocol):
@@ -95,13 +123,17 @@ class FullPipeline:
 
 
 class LoraWeights:
-    """The U-Net's LoRA layers as ``pytorch_lora_weights.safetensors`` in diffusers' format
-    (:func:`training.models.save_lora`), which stock ``load_lora_weights`` reads."""
+    """The LoRA layers of the U-Net and of the text encoders trained with LoRA, twice: diffusers' format
+    (``pytorch_lora_weights.safetensors``, :func:`training.models.save_lora`, which stock ``load_lora_weights``
+    reads), and kohya's (:data:`KOHYA_LORA_FILE`, with per-module alpha and ``ss_*`` metadata, which A1111, ComfyUI
+    and kohya's scripts read)."""
 
     kind: Literal["pipeline", "lora"] = "lora"
 
     def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
-        save_lora(method.unet, folder)
+        trained = {part.name: part.module for part in method.trained}
+        save_lora(trained, folder, method.pipeline_class)
+        export_kohya_lora(method.pipeline(models), folder / KOHYA_LORA_FILE)
 
 
 class _EmaState:
@@ -261,20 +293,29 @@ def build_method(config: TrainConfig, models: TrainingModels, device: torch.devi
     family's conditioning and pipeline class; add LoRA layers or train the whole U-Net; the EMA; the cache folder."""
     weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
     freeze(models.vae, device, weight_dtype)
-    conditioning = text_conditioning(
-        models,
-        train=config.train_text_encoder,
-        learning_rate=config.text_encoder_lr or config.learning_rate,
-        device=device,
-        dtype=weight_dtype,
-    )
+    lora = None if config.lora_rank is None else (config.lora_rank, config.lora_alpha)
+    trained_encoders: Sequence[str] = ()
+    if config.train_text_encoder:
+        trained_encoders = config.trained_text_encoders or [name for name, _, _ in models.text_encoders()]
     unet = models.unet
     final: FinalModel
-    if config.lora_rank is not None:
-        add_lora(unet, config.lora_rank, config.lora_alpha)
-        unet_part, final = TrainedModule("unet", unet, config.learning_rate, state=LoraState(unet)), LoraWeights()
-    else:
-        unet_part, final = TrainedModule("unet", unet, config.learning_rate, state=unet), FullPipeline()
+    # LoRA layers start from random weights: draw them from the run's seed, so that a run and its resumed copy (or
+    # two runs of one config) agree whatever drew from the global generator before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        conditioning = text_conditioning(
+            models,
+            train=trained_encoders,
+            lora=lora,
+            learning_rate=config.text_encoder_lr or config.learning_rate,
+            device=device,
+            dtype=weight_dtype,
+        )
+        if lora is not None:
+            add_lora(unet, *lora)
+            unet_part, final = TrainedModule("unet", unet, config.learning_rate, state=LoraState(unet)), LoraWeights()
+        else:
+            unet_part, final = TrainedModule("unet", unet, config.learning_rate, state=unet), FullPipeline()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

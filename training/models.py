@@ -15,6 +15,7 @@ of it (the module, or a view such as :class:`LoraState`), and the module the for
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel
 
 from ldm.errors import UserError
 from ldm.presets import build_unet, get_preset
@@ -38,6 +39,9 @@ from training.checkpoint import Stateful
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+"""The U-Net's LoRA targets: the attention projections (diffusers' training scripts' choice)."""
+TEXT_ENCODER_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+"""A CLIP text encoder's LoRA targets: its attention projections (diffusers' and kohya's choice)."""
 
 TEXT_ENCODERS: dict[ModelFamily, tuple[tuple[str, type[CLIPTextModel] | type[CLIPTextModelWithProjection]], ...]] = {
     STABLE_DIFFUSION: (("text_encoder", CLIPTextModel),),
@@ -65,6 +69,12 @@ class TrainingModels:
     family: ModelFamily = STABLE_DIFFUSION
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
+
+    def text_encoders(self) -> list[tuple[str, torch.nn.Module, CLIPTokenizer]]:
+        """The family's text encoders as ``(component name, model, tokenizer)``, in :data:`TEXT_ENCODERS` order."""
+        return [
+            (name, getattr(self, name), getattr(self, tokenizer_name(name))) for name, _ in TEXT_ENCODERS[self.family]
+        ]
 
 
 @dataclass(eq=False)
@@ -166,7 +176,10 @@ def load_training_models(
     vae_source, text_source = vae or pretrained_model, text_encoder or pretrained_model
     vae_model = load_component(AutoencoderKL, vae_source, "vae")
     encoders = {
-        name: (load_component(cls, text_source, name), load_component(CLIPTokenizer, text_source, _tokenizer(name)))
+        name: (
+            load_component(cls, text_source, name),
+            load_component(CLIPTokenizer, text_source, tokenizer_name(name)),
+        )
         for name, cls in TEXT_ENCODERS[family]
     }
     if fresh_text_encoder_seed is not None:
@@ -209,7 +222,7 @@ def load_training_models(
     )
 
 
-def _tokenizer(text_encoder_name: str) -> str:
+def tokenizer_name(text_encoder_name: str) -> str:
     """The tokenizer component of a text encoder component (``text_encoder_2`` -> ``tokenizer_2``)."""
     return text_encoder_name.replace("text_encoder", "tokenizer")
 
@@ -227,50 +240,71 @@ def _sampler_class(pretrained_model: str) -> type[SchedulerMixin]:
         return DDIMScheduler
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None) -> None:
-    """Freeze the U-Net and add trainable LoRA layers (peft) to its attention projections."""
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None) -> None:
+    """Freeze ``model`` (a U-Net or a CLIP text encoder) and add trainable LoRA layers (peft) to its attention
+    projections (:data:`LORA_TARGET_MODULES`)."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
-    )
+    text_encoder = isinstance(model, PreTrainedModel)
+    targets = TEXT_ENCODER_LORA_TARGET_MODULES if text_encoder else LORA_TARGET_MODULES
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
+    model.requires_grad_(False)
+    if not text_encoder:
+        model.add_adapter(config)
+        return
+    # transformers' own add_adapter wants a newer peft than the registries have (0.22); inject the layers with peft
+    # and record the adapter as add_adapter does, so that peft's state-dict helpers and diffusers see it.
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name="default")
+    model.peft_config = {"default": config}
+    model._hf_peft_config_loaded = True
 
 
 class LoraState:
-    """A checkpointable view of only the U-Net's LoRA weights (what a LoRA run changes)."""
+    """A checkpointable view of only a model's LoRA weights (what a LoRA run changes)."""
 
-    def __init__(self, unet: UNet2DConditionModel):
-        self.unet = unet
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.unet, state_dict)
+        result = set_peft_model_state_dict(self.model, state_dict)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise UserError(
-                f"the checkpoint's LoRA weights do not fit this U-Net (unexpected keys {unexpected[:5]}); resume from "
-                "a checkpoint of a run with the same --lora-rank and model"
+                f"the checkpoint's LoRA weights do not fit this {type(self.model).__name__} (unexpected keys "
+                f"{unexpected[:5]}); resume from a checkpoint of a run with the same --lora-rank and model"
             )
 
 
-def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (``load_lora_weights`` reads it)."""
+def save_lora(
+    models: torch.nn.Module | Mapping[str, torch.nn.Module],
+    folder: str | Path,
+    pipeline_class: Any = None,
+) -> Path:
+    """Write the LoRA layers of ``models`` (a U-Net, or pipeline components by name: ``unet``, ``text_encoder``,
+    ``text_encoder_2``; those with LoRA layers are saved) to ``pytorch_lora_weights.safetensors`` in diffusers'
+    format, which stock ``load_lora_weights`` of ``pipeline_class`` (default: ``StableDiffusionPipeline``) reads."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    # The adapter's config (rank and alpha) goes into the file's metadata: without it, diffusers loads the LoRA
-    # with alpha = rank, the wrong strength for any LoRA trained with another --lora-alpha.
-    metadata = next(iter(unet.peft_config.values())).to_dict()
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
-    )
+    if isinstance(models, torch.nn.Module):
+        models = {"unet": models}
+    layers: dict[str, Any] = {}
+    for name, model in models.items():
+        if not getattr(model, "peft_config", None):
+            continue
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        # Each adapter's config (rank and alpha) goes into the file's metadata: without it, diffusers loads the LoRA
+        # with alpha = rank, the wrong strength for any LoRA trained with another --lora-alpha.
+        layers[f"{name}_lora_adapter_metadata"] = next(iter(model.peft_config.values())).to_dict()
+    (pipeline_class or StableDiffusionPipeline).save_lora_weights(folder, safe_serialization=True, **layers)
     return Path(folder) / "pytorch_lora_weights.safetensors"

@@ -86,7 +86,12 @@ class TrainConfig(LoopConfig):
     lora_rank: int | None = help_field(None, "train LoRA layers of this rank instead of the whole U-Net")
     lora_alpha: float | None = help_field(None, "LoRA alpha (default: the rank)")
     train_text_encoder: bool = help_field(
-        False, "train the whole text encoder with the U-Net (with --cache, only the latents are read from the cache)"
+        False,
+        "train the text encoder(s) with the U-Net: all their weights, or with --lora-rank LoRA layers on them (with "
+        "--cache, only the latents are read from the cache)",
+    )
+    trained_text_encoders: list[str] = help_field(
+        [], "with --train-text-encoder, which to train (SDXL: text_encoder, text_encoder_2); default: all"
     )
     text_encoder_lr: float | None = help_field(None, "peak learning rate of the text encoder (default: the U-Net's)")
     text_encoder_init: Literal["pretrained", "random"] = help_field(
@@ -126,8 +131,8 @@ class TrainConfig(LoopConfig):
             raise ConfigError(
                 f"text_encoder_lr must be > 0 and needs --train-text-encoder; got {self.text_encoder_lr}"
             )
-        if self.train_text_encoder and self.lora_rank is not None:
-            raise ConfigError("train_text_encoder trains the full text encoder; drop it with --lora-rank")
+        if self.trained_text_encoders and not self.train_text_encoder:
+            raise ConfigError("trained_text_encoders says which text encoders --train-text-encoder trains; add it")
         if self.cache and (self.crop != "center" or self.flip):
             raise ConfigError("cache needs the same pixels every epoch: use --crop center without --flip")
         if self.push_to_hub:

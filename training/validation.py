@@ -46,16 +46,15 @@ def write_model_card(
     lines += ["```json", json.dumps(config, indent=2, default=str), "```", ""]
     if sample_grid_file:
         lines += ["## Samples", "", f"![validation samples]({sample_grid_file})", ""]
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        f"from pipelines import {pipeline_class}",
-        "",
-        f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")',
-        "```",
-        "",
-    ]
+    if lora:
+        load = [
+            f'pipe = {pipeline_class}.from_pretrained("{base_model or "path/to/the/base/model"}")',
+            'pipe.load_lora_weights("path/to/this/folder")',
+        ]
+        other_tools = ["", "`kohya_lora.safetensors` is the same LoRA in kohya's layout (AUTOMATIC1111, ComfyUI)."]
+    else:
+        load, other_tools = [f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")'], []
+    lines += ["## Use", "", "```python", f"from pipelines import {pipeline_class}", "", *load, "```", *other_tools, ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -163,15 +163,36 @@ def canvas_pixels(canvas) -> np.ndarray:
     return np.asarray(PIL.Image.open(io.BytesIO(canvas.screenshot())).convert("L"), dtype=np.float32)
 
 
-def wait_for_canvas(canvas, ready, what: str) -> np.ndarray:
+def wait_for_canvas(canvas, ready, what: str, timeout_s: float = WAIT_MS / 1000) -> np.ndarray | None:
     """Poll screenshots of the editor's canvas until ``ready(pixels)``; the editor draws asynchronously (WebGL), and
-    a stroke painted before it has drawn the upload is lost."""
-    deadline = time.monotonic() + WAIT_MS / 1000
+    a stroke painted before it has drawn the upload is lost. Fails after ``WAIT_MS``; with a shorter ``timeout_s``,
+    returns None instead so that the caller can try again."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready(pixels := canvas_pixels(canvas)):
             return pixels
         time.sleep(0.2)
+    if timeout_s < WAIT_MS / 1000:
+        return None
     pytest.fail(f"the image editor never showed {what}")
+
+
+def upload_to_editor(editor, path: Path) -> tuple[object, np.ndarray]:
+    """Upload ``path`` into the image editor and wait until its canvas shows it. On a busy machine the editor can miss
+    an upload made while it is still mounting (seen once in CI: the canvas stayed blank for the whole five minutes),
+    so the upload is repeated, a few times, until the canvas shows the image."""
+    file_input = editor.locator("input[type=file]")
+    file_input.wait_for(state="attached", timeout=WAIT_MS)
+    canvas = editor.locator("canvas").first
+    tries = 5
+    for _ in range(tries):
+        file_input.set_input_files(path)
+        editor.get_by_role("button", name="Brush", exact=True).wait_for(timeout=WAIT_MS)
+        wait_s = WAIT_MS / 1000 / tries
+        loaded = wait_for_canvas(canvas, lambda pixels: pixels.std() > 30, "the upload", timeout_s=wait_s)
+        if loaded is not None:
+            return canvas, loaded
+    pytest.fail(f"the image editor never showed the uploaded image after {tries} uploads")
 
 
 def save_screenshot(page, path: Path) -> None:
@@ -223,10 +244,7 @@ def test_the_page_generates_downloads_inpaints_and_shows_errors(app, page, tmp_p
     set_number(page, "Images", 1)
     page.get_by_role("tab", name="Inpaint").click()
     editor = page.locator("#inpaint-editor")
-    editor.locator("input[type=file]").set_input_files(tmp_path / "upload.png")
-    editor.get_by_role("button", name="Brush", exact=True).wait_for()
-    canvas = editor.locator("canvas").first
-    loaded = wait_for_canvas(canvas, lambda pixels: pixels.std() > 30, "the uploaded noise image")
+    canvas, loaded = upload_to_editor(editor, tmp_path / "upload.png")
     box = canvas.bounding_box()
     x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
     page.mouse.move(x, y)

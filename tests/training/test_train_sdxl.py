@@ -183,26 +183,82 @@ def test_cached_run_equals_the_uncached_one_and_resumes_exactly(uncached_run, ti
     assert_same_weights(unet_weights(cached), unet_weights(resumed))
 
 
-def test_unet_lora_loads_in_stock_sdxl(tiny_sdxl_dir, sizes_dir, tmp_path):
+def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "pytorch_lora_weights.safetensors")
+
+
+def test_unet_and_text_encoder_lora_load_in_stock_sdxl_in_both_formats_and_resume_exactly(
+    tiny_sdxl_dir, sizes_dir, tmp_path
+):
+    """LoRA on the U-Net and both text encoders: diffusers' file and the kohya file, each loaded by stock
+    ``load_lora_weights``, give the same image (two independent writers of one set of weights), which the LoRA
+    changes; the text encoders' LoRA is in both files; a run stopped after one step resumes to the same weights."""
+    lora = dict(lora_rank=4, lora_alpha=8, learning_rate=1e-2, train_text_encoder=True)
+    final = train(config(tiny_sdxl_dir, sizes_dir, tmp_path / "whole", **lora))
+    assert final.name == "lora"
+    tensors = lora_tensors(final)
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(key.startswith(prefix) for key in tensors), prefix
+    kohya = load_file(final / "kohya_lora.safetensors")
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        assert any(key.startswith(prefix) for key in kohya), prefix
+
+    kwargs = {"prompt": PROMPT, "num_inference_steps": 2, "output_type": "np"}
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    plain = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
+    base_embeds = stock.encode_prompt(PROMPT, do_classifier_free_guidance=False)[0]
+    stock.load_lora_weights(final)
+    with_lora = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(with_lora - plain).max() > 1e-4
+    assert (stock.encode_prompt(PROMPT, do_classifier_free_guidance=False)[0] - base_embeds).abs().max() > 1e-4
+    from_kohya = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    from_kohya.load_lora_weights(final, weight_name="kohya_lora.safetensors")
+    assert np.abs(from_kohya(generator=torch.Generator().manual_seed(0), **kwargs).images - with_lora).max() < 1e-4
+    ours = LatentDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    ours.load_lora_weights(final)
+    assert np.abs(ours(generator=torch.Generator().manual_seed(0), **kwargs).images - with_lora).max() < 1e-4
+
+    train(config(tiny_sdxl_dir, sizes_dir, tmp_path / "parts", max_train_steps=1, **lora))
+    resumed = train(config(tiny_sdxl_dir, sizes_dir, tmp_path / "parts", resume="latest", **lora))
+    assert_same_weights(tensors, lora_tensors(resumed))
+
+
+def test_training_one_sdxl_text_encoder_changes_it_alone(tiny_sdxl_dir, sizes_dir, tmp_path):
+    """``--train-text-encoder --trained-text-encoders text_encoder_2``: the saved second encoder is trained, the
+    first is bit-identical to the model's, and stock loads the folder."""
     final = train(
         config(
             tiny_sdxl_dir,
             sizes_dir,
             tmp_path,
-            lora_rank=4,
-            learning_rate=1e-2,
+            train_text_encoder=True,
+            trained_text_encoders=["text_encoder_2"],
+            mixed_precision="bf16",
         )
     )
-    assert final.name == "lora" and (final / "pytorch_lora_weights.safetensors").is_file()
-    kwargs = {"prompt": PROMPT, "num_inference_steps": 2, "output_type": "np"}
-    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    plain = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
-    stock.load_lora_weights(final)
-    with_lora = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert np.abs(with_lora - plain).max() > 1e-4
-    ours = LatentDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    ours.load_lora_weights(final)
-    assert np.abs(ours(generator=torch.Generator().manual_seed(0), **kwargs).images - with_lora).max() < 1e-4
+    stock = StableDiffusionXLPipeline.from_pretrained(final)
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    assert_same_weights(base.text_encoder.state_dict(), stock.text_encoder.state_dict())
+    assert stock.text_encoder_2.dtype == torch.float32
+    changed = [
+        name
+        for name, value in stock.text_encoder_2.state_dict().items()
+        if not torch.equal(value, base.text_encoder_2.state_dict()[name])
+    ]
+    assert any("self_attn" in name for name in changed)
+
+
+def test_an_unknown_trained_text_encoder_is_refused_with_the_choices(tiny_sdxl_dir, sizes_dir, tmp_path, capsys):
+    args = ["--pretrained-model", tiny_sdxl_dir, "--dataset", sizes_dir, "--output-dir", str(tmp_path)]
+    flags = ["--train-text-encoder", "--trained-text-encoders", "text_encoder_3", "--report-to", "none"]
+    code = main([*args, "--resolution", "64", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        "error: --trained-text-encoders: ['text_encoder_3'] are not text encoders of this model; choose from "
+        "['text_encoder', 'text_encoder_2']"
+    )
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_train_from_the_tiny_sdxl_preset(tiny_sdxl_dir, sizes_dir, tmp_path):
@@ -215,18 +271,6 @@ def test_train_from_the_tiny_sdxl_preset(tiny_sdxl_dir, sizes_dir, tmp_path):
     assert np.isfinite(image).all()
 
 
-def test_training_sdxl_text_encoders_is_refused_with_the_fix(tiny_sdxl_dir, sizes_dir, tmp_path, capsys):
-    args = ["--pretrained-model", tiny_sdxl_dir, "--dataset", sizes_dir, "--output-dir", str(tmp_path)]
-    code = main([*args, "--resolution", "64", "--train-text-encoder", "--report-to", "none"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    assert err.splitlines()[-1] == (
-        "error: --train-text-encoder is not supported for SDXL yet; drop it to train the U-Net (or its LoRA layers) "
-        "with both text encoders frozen"
-    )
-    assert not (tmp_path / "checkpoints").exists()
-
-
 def test_conditioning_is_stock_sdxls_prompt_encoding_and_time_ids(tiny_sdxl_dir):
     """The trainer's SDXL conditioning of a batch against stock ``encode_prompt`` and ``_get_add_time_ids``."""
     models = load_training_models(
@@ -237,7 +281,7 @@ def test_conditioning_is_stock_sdxls_prompt_encoding_and_time_ids(tiny_sdxl_dir)
         prediction_type=None,
         zero_terminal_snr=False,
     )
-    conditioning = text_conditioning(models, train=False, learning_rate=1e-3, device="cpu", dtype=torch.float32)
+    conditioning = text_conditioning(models, learning_rate=1e-3, device="cpu", dtype=torch.float32)
     sizes = {
         "original_size": torch.tensor([[128, 64], [1024, 768]]),
         "crop_top_left": torch.tensor([[32, 0], [0, 301]]),

@@ -311,8 +311,13 @@ def test_held_out_loss_is_the_fixed_noise_loss_of_the_held_out_images(tiny_sd_di
     assert history[0]["held_out_loss"] == pytest.approx(np.mean(losses), rel=1e-4)
 
 
-def test_lora_weights_load_in_stock_diffusers(tiny_sd_dir, shapes_dir, tmp_path):
-    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=4, lora_rank=4, learning_rate=1e-2))
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet-and-text-encoder"])
+def test_lora_weights_load_in_stock_diffusers(tiny_sd_dir, shapes_dir, tmp_path, train_text_encoder):
+    """diffusers' file and the kohya file, each loaded by stock ``load_lora_weights``, give the same image, which
+    the LoRA changes; with ``--train-text-encoder`` the text encoder's LoRA is in both and changes the prompt's
+    encoding."""
+    settings = dict(max_train_steps=4, lora_rank=4, lora_alpha=2, learning_rate=1e-2)
+    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, train_text_encoder=train_text_encoder, **settings))
     assert final.name == "lora" and (final / "pytorch_lora_weights.safetensors").is_file()
     base_weights = load_file(Path(tiny_sd_dir) / "unet" / "diffusion_pytorch_model.safetensors")
     checkpoint = load_file(latest_checkpoint(tmp_path / "checkpoints") / "unet.safetensors")
@@ -327,6 +332,17 @@ def test_lora_weights_load_in_stock_diffusers(tiny_sd_dir, shapes_dir, tmp_path)
     with_lora = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.abs(with_lora - plain).max() > 1e-4
     assert np.abs(ours(generator=torch.Generator().manual_seed(0), **kwargs).images - with_lora).max() < 1e-4
+    from_kohya = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    from_kohya.load_lora_weights(final, weight_name="kohya_lora.safetensors")
+    assert np.abs(from_kohya(generator=torch.Generator().manual_seed(0), **kwargs).images - with_lora).max() < 1e-4
+
+    card = (final / "README.md").read_text()
+    assert f'from_pretrained("{tiny_sd_dir}")' in card and 'load_lora_weights("path/to/this/folder")' in card
+    kohya = load_file(final / "kohya_lora.safetensors")
+    assert any(k.startswith("lora_te_") for k in kohya) == train_text_encoder
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    encoded = [p.encode_prompt("a red circle", "cpu", 1, False)[0] for p in (base, stock)]
+    assert ((encoded[1] - encoded[0]).abs().max() > 1e-4) == train_text_encoder
 
 
 def test_ema_weights_are_the_pipelines_unet(tiny_sd_dir, shapes_dir, tmp_path):
@@ -407,7 +423,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_sd_dir, shapes_dir
         ({"resolution": 60}, "multiple of 8"),
         ({"caption_dropout": 1.0}, "caption_dropout"),
         ({"lora_rank": 4, "ema_decay": 0.99}, "ema_decay is for full fine-tuning"),
-        ({"lora_rank": 4, "train_text_encoder": True}, "train_text_encoder trains the full text encoder"),
+        ({"trained_text_encoders": ["text_encoder"]}, "trained_text_encoders says which text encoders"),
         ({"text_encoder_lr": 1e-4}, "needs --train-text-encoder"),
         ({"train_text_encoder": True, "text_encoder_lr": 0.0}, "text_encoder_lr must be > 0"),
     ],
