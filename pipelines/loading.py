@@ -223,6 +223,11 @@ def apply_loras(pipe: LatentDiffusionPipeline, loras: tuple[LoraWeights, ...]) -
         pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
 
 
+SDXL_EMBEDDING_KEYS = {"clip_l", "clip_g"}
+"""The keys of an SDXL textual-inversion embedding: the vectors of CLIP ViT-L (``text_encoder``) and of OpenCLIP
+bigG (``text_encoder_2``)."""
+
+
 def read_embedding(embedding: Embedding) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of an embedding file and the token to bind them to.
 
@@ -246,7 +251,15 @@ def read_embedding(embedding: Embedding) -> tuple[dict[str, torch.Tensor], str]:
     if not isinstance(state, dict):
         raise UserError(f"--embedding {embedding.path} holds no embedding (not a mapping of names to tensors)")
     diffusers_token = next(iter(state)) if len(state) == 1 and KOHYA_EMBEDDING_KEY not in state else None
-    return state, embedding.token or diffusers_token or path.stem
+    return state, embedding.token or diffusers_token or _trained_token(path) or path.stem
+
+
+def _trained_token(path: Path) -> str | None:
+    """The token an embedding file trained here was trained for (its ``placeholder_token`` metadata), if any."""
+    if path.suffix != SAFETENSORS_SUFFIX:
+        return None
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        return (file.metadata() or {}).get("placeholder_token")
 
 
 def apply_embeddings(pipe: LatentDiffusionPipeline, embeddings: tuple[Embedding, ...]) -> None:
@@ -258,7 +271,18 @@ def apply_embeddings(pipe: LatentDiffusionPipeline, embeddings: tuple[Embedding,
     for embedding in embeddings:
         state, token = read_embedding(embedding)
         try:
-            pipe.load_textual_inversion(state, token=token)
+            if SDXL_EMBEDDING_KEYS <= state.keys():  # one set of vectors per text encoder (A1111 / ComfyUI SDXL)
+                if getattr(pipe, "text_encoder_2", None) is None:
+                    raise UserError(
+                        f"--embedding {embedding.path} is an SDXL embedding (clip_l, clip_g); use it with SDXL"
+                    )
+                for key, encoder, tokenizer in (
+                    ("clip_l", pipe.text_encoder, pipe.tokenizer),
+                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
+                ):
+                    pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
+            else:
+                pipe.load_textual_inversion(state, token=token)
         except (ValueError, KeyError, RuntimeError) as err:
             raise UserError(
                 f"could not load --embedding {embedding} ({err}); pass an embedding trained for this model's text "

@@ -39,3 +39,13 @@ def tiny_sd_dir(tmp_path_factory) -> str:
     )
     pipe.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    """A folder saved by stock ``StableDiffusionXLPipeline.save_pretrained`` from the tiny SDXL components."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    StableDiffusionXLPipeline(**build_components("tiny-sdxl", seed=0)).save_pretrained(path)
+    return str(path)

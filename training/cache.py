@@ -16,6 +16,10 @@ A cache folder is written atomically (a temporary folder renamed into place) and
 was computed from (the format version, the records and their image sizes, the buckets and crop settings, and hashes
 of the VAE and text encoder weights); a cache whose fingerprint differs is rebuilt, never silently reused, and a
 folder of another format is refused, never misread.
+
+With ``--masked-loss`` each sample's latent-size mask (``loss_mask``, :mod:`training.masks`) is stored with its
+latents, and the fingerprint holds the mask setting and a hash of the mask files. A sample's ``loss_weight`` (its
+subset's) is not a cached value: it is read from the dataset's subsets.
 """
 
 from __future__ import annotations
@@ -41,7 +45,14 @@ from tqdm.auto import tqdm
 from ldm.errors import UserError
 from ldm.text import CHUNK_TOKENS, encode_prompts
 from ldm.tokenizer import CLIP_MAX_LENGTH
-from training.data import MICRO_CONDITIONING, ImageCaptionDataset, collate, stack_micro_conditioning
+from training.data import (
+    MICRO_CONDITIONING,
+    ImageCaptionDataset,
+    collate,
+    stack_loss_terms,
+    stack_micro_conditioning,
+)
+from training.masks import masks_hash
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +122,16 @@ def _records_hash(dataset: ImageCaptionDataset) -> str:
     records = hashlib.sha256()
     for i, record in enumerate(dataset.records.records):
         size = None if record.size is None else list(record.size)
-        records.update(json.dumps([dataset.records.image_name(i), list(record.captions), size]).encode())
+        entry: list[Any] = [dataset.records.image_name(i), list(record.captions), size]
+        if record.repeats != 1 or record.subset != 0:  # only then, so caches without subsets keep their fingerprint
+            entry += [record.repeats, record.subset]
+        records.update(json.dumps(entry).encode())
     return records.hexdigest()
+
+
+def _masks_fingerprint(dataset: ImageCaptionDataset) -> str:
+    """The hash of every record's mask file (or its absence: the image's alpha, or a full mask)."""
+    return masks_hash([dataset.mask_path(i) for i in range(len(dataset.records))])
 
 
 def cache_fingerprint(
@@ -122,13 +141,15 @@ def cache_fingerprint(
 
     The format version; the records (image names, captions and scanned sizes); each sample's bucket, the crop,
     flip and interpolation settings (which, with the image sizes, fix every sample's pixels and crop corner); the
-    VAE's weights; and the caption outputs' names and what they depend on. ``text_encoder`` is a
+    VAE's weights; the caption outputs' names and what they depend on; with masked loss, the masks' files (names and
+    bytes; a key present only then, so unmasked caches keep their fingerprint). ``text_encoder`` is a
     :class:`CaptionEncoder`, or a bare module, read as Stable Diffusion's one CLIP encoder
     (:class:`ClipCaptionEncoder`).
     """
     if isinstance(text_encoder, torch.nn.Module):
         text_encoder = ClipCaptionEncoder(text_encoder, tokenizer=None)
-    return {
+    masks = {"masked_loss": True, "masks": _masks_fingerprint(dataset)} if dataset.masked_loss else {}
+    return masks | {
         "format": CACHE_FORMAT,
         "records": _records_hash(dataset),
         "buckets": [list(dataset.target_size(i)) for i in range(len(dataset))],
@@ -176,6 +197,7 @@ def write_cache(
         latents: dict[str, Tensor] = {}
         source = torch.empty(len(dataset), dtype=torch.int64)
         conditioning = {key: torch.empty(len(dataset), 2, dtype=torch.int64) for key in MICRO_CONDITIONING}
+        masks: dict[str, Tensor] = {}
         # Encode bucket by bucket so each VAE batch has one image size.
         by_bucket: dict[int, list[int]] = {}
         for i in range(len(dataset)):
@@ -190,8 +212,10 @@ def write_cache(
                 source[i] = int(batch["indices"][k])
                 for key in MICRO_CONDITIONING:
                     conditioning[key][i] = batch[key][k]
+                if "loss_mask" in batch:
+                    masks[f"mask.{i}"] = batch["loss_mask"][k].float().contiguous()
         latents["source_index"] = source
-        save_file(latents | conditioning, tmp / LATENTS)
+        save_file(latents | conditioning | masks, tmp / LATENTS)
 
         captions = sorted({c for record in dataset.records.records for c in record.captions} | {""})
         outputs: dict[str, Tensor] = {}
@@ -312,6 +336,9 @@ class CachedLatentDataset(Dataset[dict[str, Any]]):
         for key in MICRO_CONDITIONING:
             pair = self._latents.get_slice(key)[index : index + 1][0]
             item[key] = (int(pair[0]), int(pair[1]))
+        item["loss_weight"] = self.dataset.loss_weight(source)
+        if self.dataset.masked_loss:
+            item["loss_mask"] = self._latents.get_tensor(f"mask.{index}")
         return item
 
     def add_caption(self, caption: str, outputs: dict[str, Tensor]) -> None:
@@ -329,7 +356,13 @@ class CachedLatentDataset(Dataset[dict[str, Any]]):
         :func:`ldm.text.encode_prompts` pads a batch; outputs of one shape (a pooled embedding) are stacked."""
         missing = [c for c in captions if c not in self._caption_index]
         if missing:
-            raise KeyError(f"captions not in the cache {self.folder}: {missing[:3]}")
+            hint = ""
+            if self.dataset.makes_new_captions:
+                hint = (
+                    "; shuffle_caption and caption_tag_dropout make captions the cache cannot hold: drop them, or "
+                    "train the text encoder, or drop --cache"
+                )
+            raise KeyError(f"captions not in the cache {self.folder}: {missing[:3]}{hint}")
         empty = self._outputs[self._caption_index[""]]
         stacked = {}
         for name in self.text_output_names:
@@ -349,12 +382,13 @@ class CachedLatentDataset(Dataset[dict[str, Any]]):
 
 
 def collate_cached(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack cached samples (all from one bucket, so one latent size), with their micro-conditioning as
-    :func:`training.data.collate` stacks it."""
+    """Stack cached samples (all from one bucket, so one latent size), with their micro-conditioning and loss terms
+    (``loss_weight``, ``loss_mask``) as :func:`training.data.collate` stacks them."""
     return {
         "latent_mean": torch.stack([b["latent_mean"] for b in batch]),
         "latent_std": torch.stack([b["latent_std"] for b in batch]),
         "captions": [b["caption"] for b in batch],
         "indices": torch.tensor([b["index"] for b in batch]),
         **stack_micro_conditioning(batch),
+        **stack_loss_terms(batch),
     }

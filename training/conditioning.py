@@ -16,7 +16,7 @@ and the family (one table).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -177,6 +177,7 @@ class TextEncoders:
     as they are. Trained encoders stay in full precision, like the U-Net (autocast runs them in mixed precision),
     and are saved as trained. With the cache, a run whose encoders are all frozen reads their outputs from it
     (:class:`CachedTextEncoder`); one that trains an encoder reads only the latents: its outputs change every step.
+    ``expand`` rewrites each caption before it is encoded (textual inversion's multi-vector tokens).
     """
 
     def __init__(
@@ -187,8 +188,10 @@ class TextEncoders:
         source: str | None,
         device: Device,
         dtype: torch.dtype,
+        expand: Callable[[str], str] | None = None,
     ) -> None:
         self.encoding, self.encoders, self.source, self.device = encoding, list(encoders), source, device
+        self.expand = expand
         self.cast = source is not None and dtype != torch.float32
         for encoder in self.encoders:
             if encoder.trained is None:
@@ -203,13 +206,16 @@ class TextEncoders:
     def _pairs(self, *, training: bool) -> list[tuple[Any, torch.nn.Module]]:
         return [(e.tokenizer, e.runner if training else e.model) for e in self.encoders]
 
+    def _captions(self, captions: list[str]) -> list[str]:
+        return captions if self.expand is None else [self.expand(caption) for caption in captions]
+
     def __call__(self, batch: Batch, captions: list[str]) -> UNetConditioning:
         # frozen encoders' parameters require no gradients, so they record no graph
-        return self.encoding.encode(self._pairs(training=True), batch, captions, self.device)
+        return self.encoding.encode(self._pairs(training=True), batch, self._captions(captions), self.device)
 
     @torch.no_grad()
     def evaluate(self, batch: Batch, captions: list[str]) -> UNetConditioning:
-        return self.encoding.encode(self._pairs(training=False), batch, captions, self.device)
+        return self.encoding.encode(self._pairs(training=False), batch, self._captions(captions), self.device)
 
     def from_outputs(self, batch: Batch, outputs: Mapping[str, Tensor]) -> UNetConditioning:
         return self.encoding.from_outputs(batch, outputs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -21,7 +22,10 @@ from torch.utils.data import Dataset
 
 from common.images import to_rgb
 from training.buckets import LATENT_FACTOR, BucketBatchSampler, assign_buckets, make_buckets, make_generator
+from training.captions import process_caption
+from training.masks import alpha_mask, latent_mask, mask_file
 from training.record_formats import DataSummary, ImageCaptionRecords
+from training.records import Subset
 
 __all__ = [
     "CropMode",
@@ -33,6 +37,7 @@ __all__ = [
     "collate",
     "crop_window",
     "resize_and_crop",
+    "stack_loss_terms",
     "stack_micro_conditioning",
 ]
 
@@ -159,6 +164,15 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
     An image that fails to decode here (a truncated file that ``verify()`` missed) is replaced, deterministically,
     by the next index of the same bucket that decodes (cyclically); the sample then has that index, its caption and
     ``replaced=True``, and a warning names the bad file. ``failed_indices`` holds the failures seen by this process.
+
+    Subsets (:class:`training.records.Subset`, kohya-ss's): each record's ``repeats`` (``repeat=True``) make that many
+    samples of it an epoch, each its own index (and own random draws); ``index`` in a sample is the record's. Each
+    sample's ``loss_weight`` is its subset's, and its caption goes through the subset's random caption changes
+    (:func:`training.captions.process_caption`, from a generator seeded by ``(seed, epoch, index, "caption")``, so
+    the draws above do not move). ``masked_loss=True`` adds ``loss_mask`` ``(1, H / 8, W / 8)``: the subset's
+    ``mask_dir`` file of the image (:func:`training.masks.mask_file`; all ones when missing) or else the image's
+    alpha (all ones without), resized, cropped and flipped exactly as the image, averaged over each latent cell
+    (:func:`training.masks.latent_mask`).
     """
 
     def __init__(
@@ -172,6 +186,9 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
         flip: bool = False,
         seed: int = 0,
         interpolation: Interpolation = "lanczos",
+        subsets: Sequence[Subset] | None = None,
+        repeat: bool = True,
+        masked_loss: bool = False,
     ) -> None:
         _check_choice("crop", crop, CropMode)
         _check_choice("interpolation", interpolation, Interpolation)
@@ -181,9 +198,15 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
             raise ValueError(f"resolution must be a positive multiple of 8 (the VAE's factor); got {resolution}")
         if bucketing and buckets is None:
             buckets = make_buckets(resolution, step=64 if resolution % 64 == 0 else LATENT_FACTOR)
+        self.subsets = list(subsets) if subsets is not None else [Subset()]
+        if any(not 0 <= record.subset < len(self.subsets) for record in records.records):
+            raise ValueError(f"the records name subsets beyond the {len(self.subsets)} given")
+        self.record_of_index = [
+            r for r, record in enumerate(records.records) for _ in range(record.repeats if repeat else 1)
+        ]
         if buckets is None:
             self.buckets = [(resolution, resolution)]
-            self.bucket_of_index = [0] * len(records)
+            self.bucket_of_index = [0] * len(self.record_of_index)
         else:
             self.buckets = [(int(w), int(h)) for w, h in buckets]
             bad = [size for size in self.buckets if min(size) <= 0 or size[0] % 8 or size[1] % 8]
@@ -191,9 +214,11 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
                 raise ValueError(f"bucket sides must be positive multiples of 8; got {bad or 'no buckets'}")
             if any(record.size is None for record in records.records):
                 raise ValueError("aspect-ratio bucketing needs every image's size: load with scan=True or scan_images")
-            self.bucket_of_index = assign_buckets([record.size for record in records.records], self.buckets)
+            bucket_of_record = assign_buckets([record.size for record in records.records], self.buckets)
+            self.bucket_of_index = [bucket_of_record[r] for r in self.record_of_index]
         self.records = records
         self.crop, self.flip, self.seed, self.interpolation = crop, flip, seed, interpolation
+        self.masked_loss = masked_loss
         self.failed_indices: set[int] = set()
         self._members: dict[int, list[int]] = {}
         self._position: list[int] = []
@@ -204,10 +229,29 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
         counts = ", ".join(
             f"{w}x{h}: {len(self._members[b])}" for b, (w, h) in enumerate(self.buckets) if b in self._members
         )
-        logger.info("%d images in buckets %s", len(records), counts)
+        logger.info("%d samples in buckets %s", len(self), counts)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.record_of_index)
+
+    @property
+    def makes_new_captions(self) -> bool:
+        """Whether some subset shuffles or drops tags: captions come out that no record holds."""
+        return any(subset.caption_options.makes_new_captions for subset in self.subsets)
+
+    def loss_weight(self, image: int) -> float:
+        """The loss weight of record ``image``'s samples: its subset's."""
+        return self.subsets[self.records.records[image].subset].loss_weight
+
+    def mask_path(self, image: int) -> Path | None:
+        """The mask file of record ``image`` in its subset's ``mask_dir`` (None without one: the alpha is used)."""
+        mask_dir = self.subsets[self.records.records[image].subset].mask_dir
+        name = self.records.records[image].image
+        if mask_dir is None:
+            return None
+        if not isinstance(name, str):
+            raise ValueError(f"mask_dir needs image files; {self.records.source} holds table rows")
+        return mask_file(name, mask_dir)
 
     def summary(self) -> DataSummary:
         """The counts of the records: total, used, skipped without a caption, skipped unreadable."""
@@ -241,9 +285,29 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
         return torch.rand(4, generator=make_generator(self.seed, self.epoch, index)).tolist()
 
     def pick_caption(self, image: int, index: int) -> str:
-        """The caption of record ``image`` that sample ``index`` uses this epoch (one of a list, at random)."""
-        captions = self.records.records[image].captions
-        return captions[min(int(self._draws(index)[3] * len(captions)), len(captions) - 1)]
+        """The caption of record ``image`` that sample ``index`` uses this epoch (one of a list, at random), after its
+        subset's random caption changes."""
+        record = self.records.records[image]
+        captions = record.captions
+        caption = captions[min(int(self._draws(index)[3] * len(captions)), len(captions) - 1)]
+        options = self.subsets[record.subset].caption_options
+        if not options.active:
+            return caption
+        return process_caption(caption, options, make_generator(self.seed, self.epoch, index, "caption"))
+
+    def _mask(self, image: int, opened: Image.Image) -> Image.Image:
+        """The pixel-size mask of record ``image`` (decoded ``opened``, EXIF-rotated): its file, else its alpha,
+        else all ones."""
+        path = self.mask_path(image)
+        if path is not None and path.is_file():
+            with Image.open(path) as mask:
+                mask = ImageOps.exif_transpose(mask).convert("L")
+            if mask.size != opened.size:
+                raise ValueError(f"the mask {path} is {mask.size}, its image {opened.size}: they must match")
+            return mask
+        if path is not None:
+            logger.debug("no mask %s; the whole image counts", path)
+        return alpha_mask(opened) or Image.new("L", opened.size, 255)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
@@ -252,12 +316,16 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
         members = self._members[self.bucket_of_index[index]]
         start = self._position[index]
         for step in range(len(members)):
-            candidate = members[(start + step) % len(members)]
+            candidate = self.record_of_index[members[(start + step) % len(members)]]
             if candidate in self.failed_indices:
                 continue
+            mask = None
             try:
                 with self.records.open_image(candidate) as opened:
-                    image = to_rgb(ImageOps.exif_transpose(opened))
+                    rotated = ImageOps.exif_transpose(opened)
+                    image = to_rgb(rotated)
+                    if self.masked_loss:
+                        mask = self._mask(candidate, rotated)
             except Exception as err:  # PIL's decoders raise many types; a bad file must not stop training
                 self.failed_indices.add(candidate)
                 logger.warning(
@@ -269,19 +337,27 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
                 continue
             window = crop_window(image.size, self.target_size(index), self.crop, (crop_x, crop_y))
             image = apply_crop_window(image, window, self.interpolation)
+            if mask is not None:
+                mask = apply_crop_window(mask, window, self.interpolation)
             if self.flip and flip < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                if mask is not None:
+                    mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 window = window.mirrored()
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-            return {
+            sample = {
                 "pixel_values": pixels.float() / 127.5 - 1.0,
                 "caption": self.pick_caption(candidate, index),
                 "index": candidate,
-                "replaced": candidate != index,
+                "replaced": candidate != self.record_of_index[index],
                 "original_size": window.original_size,
                 "crop_top_left": window.crop_top_left,
                 "target_size": window.target_size,
+                "loss_weight": self.loss_weight(candidate),
             }
+            if mask is not None:
+                sample["loss_mask"] = latent_mask(mask)
+            return sample
         raise RuntimeError(
             f"none of the {len(members)} images of bucket {self.target_size(index)} of {self.records.source} "
             "could be decoded; see the warnings above"
@@ -297,9 +373,19 @@ def stack_micro_conditioning(batch: Sequence[dict[str, Any]]) -> dict[str, torch
     return {key: torch.tensor([list(sample[key]) for sample in batch], dtype=torch.long) for key in MICRO_CONDITIONING}
 
 
+def stack_loss_terms(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The samples' ``loss_weight`` as a float tensor (B,) (1 where a sample has none) and, when they have one, their
+    ``loss_mask`` stacked (B, 1, h, w) (image or cached samples alike)."""
+    terms = {"loss_weight": torch.tensor([float(sample.get("loss_weight", 1.0)) for sample in batch])}
+    if "loss_mask" in batch[0]:
+        terms["loss_mask"] = torch.stack([sample["loss_mask"] for sample in batch])
+    return terms
+
+
 def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples: ``pixel_values`` (B, 3, H, W), ``captions`` (list), ``indices`` (LongTensor), ``num_replaced``,
-    and the micro-conditioning ``original_size``, ``crop_top_left``, ``target_size`` as LongTensors (B, 2).
+    and the micro-conditioning ``original_size``, ``crop_top_left``, ``target_size`` as LongTensors (B, 2), the loss
+    terms ``loss_weight`` (B,) and, with masks, ``loss_mask`` (B, 1, h, w) (:func:`stack_loss_terms`).
 
     ``num_replaced`` counts the samples whose image failed to decode and was replaced (see
     :class:`ImageCaptionDataset`). All samples must share a size: batch with :class:`BucketBatchSampler`.
@@ -318,4 +404,5 @@ def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "indices": torch.tensor([sample["index"] for sample in batch], dtype=torch.long),
         "num_replaced": sum(bool(sample.get("replaced", False)) for sample in batch),
         **stack_micro_conditioning(batch),
+        **stack_loss_terms(batch),
     }

@@ -37,6 +37,7 @@ from training.conditioning import Conditioning, SDTextEncoding, TextEncoder, Tex
 from training.conditioning_xl import SDXLTextEncoding
 from training.data import ImageCaptionDataset, collate
 from training.models import LoraState, TrainedModule, TrainingModels, add_lora, freeze, load_component, save_lora
+from training.textual_inversion import NewRowsState, NewTokens, add_tokens, save_embeddings
 
 if TYPE_CHECKING:
     from training.train_text_to_image import TrainConfig
@@ -61,16 +62,19 @@ def text_conditioning(
     *,
     train: Sequence[str] = (),
     lora: tuple[int, float | None] | None = None,
+    new_tokens: NewTokens | None = None,
     learning_rate: float,
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> TextEncoders:
     """The conditioning of a run of ``models.family`` (:data:`_ENCODINGS`): the text encoders named in ``train``
     trained at ``learning_rate`` (all their weights, or with ``lora`` = ``(rank, alpha)`` LoRA layers), the others
-    frozen (cast to the mixed-precision ``dtype`` when they can be reloaded).
+    frozen (cast to the mixed-precision ``dtype`` when they can be reloaded). With ``new_tokens`` (textual
+    inversion), every encoder gets the new tokens' rows, and those rows alone are trained.
 
     Raises:
-        UserError: a name in ``train`` that is not one of the family's text encoders.
+        UserError: a name in ``train`` that is not one of the family's text encoders, or new tokens that cannot be
+            added (:func:`training.textual_inversion.add_tokens`).
     """
     encoders = models.text_encoders()
     names = [name for name, _, _ in encoders]
@@ -80,23 +84,31 @@ def text_conditioning(
     slots = []
     for name, model, tokenizer in encoders:
         trained = None
-        if name in train:
+        if new_tokens is not None:
+            rows = add_tokens(model, tokenizer, new_tokens)
+            trained = TrainedModule(f"{name}_embeddings", model, learning_rate, state=NewRowsState(rows))
+        elif name in train:
             if lora is not None:
                 add_lora(model, *lora)
                 trained = TrainedModule(name, model, learning_rate, state=LoraState(model))
             else:
                 trained = TrainedModule(name, model.requires_grad_(True), learning_rate, state=model)
         slots.append(TextEncoder(name, model, tokenizer, trained))
+    expand = new_tokens.expand if new_tokens is not None else None
     return TextEncoders(
-        _ENCODINGS[models.family], slots, source=models.text_encoder_source, device=device, dtype=dtype
+        _ENCODINGS[models.family], slots, source=models.text_encoder_source, device=device, dtype=dtype, expand=expand
     )
+
+
+FinalKind = Literal["pipeline", "lora", "embedding"]
 
 
 class FinalModel(Protocol):
     """What the end of a run writes."""
 
-    kind: Literal["pipeline", "lora"]
-    """The folder the model goes to (``OUTPUT_DIR/pipeline`` or ``OUTPUT_DIR/lora``), and what the card says."""
+    kind: FinalKind
+    """What it is: the folder a run whose first final model it is writes to (``OUTPUT_DIR/pipeline``, ``lora`` or
+    ``embedding``), and what the card says."""
 
     def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
         """Write the model to ``folder`` (which exists)."""
@@ -109,7 +121,7 @@ class FullPipeline:
     the frozen VAE as loaded, and the sampler. The settings the validation grids were sampled at become the model's
     defaults (``generation_defaults.json``)."""
 
-    kind: Literal["pipeline", "lora"] = "pipeline"
+    kind: FinalKind = "pipeline"
 
     def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
         vae = method.vae
@@ -128,12 +140,26 @@ class LoraWeights:
     reads), and kohya's (:data:`KOHYA_LORA_FILE`, with per-module alpha and ``ss_*`` metadata, which A1111, ComfyUI
     and kohya's scripts read)."""
 
-    kind: Literal["pipeline", "lora"] = "lora"
+    kind: FinalKind = "lora"
 
     def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
         trained = {part.name: part.module for part in method.trained}
         save_lora(trained, folder, method.pipeline_class)
         export_kohya_lora(method.pipeline(models), folder / KOHYA_LORA_FILE)
+
+
+class EmbeddingFiles:
+    """The new tokens' trained vectors (textual inversion) in diffusers' and AUTOMATIC1111's formats
+    (:func:`training.textual_inversion.save_embeddings`)."""
+
+    kind: FinalKind = "embedding"
+
+    def __init__(self, new_tokens: NewTokens, conditioning: TextEncoders) -> None:
+        self.new_tokens = new_tokens
+        self.rows = [(e.name, e.model.get_input_embeddings()) for e in conditioning.encoders]
+
+    def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
+        save_embeddings(folder, self.new_tokens, self.rows)
 
 
 class _EmaState:
@@ -158,31 +184,56 @@ class Method:
         conditioning: how captions become the U-Net's conditioning (and the text modules trained, if any).
         unet: the (unwrapped) U-Net: what the loss, validation and the final save use.
         vae: the frozen VAE (encodes the images when they are not cached).
-        unet_part: the U-Net as the optimizer trains it (the whole U-Net, or its LoRA layers).
+        unet_part: the U-Net as the optimizer trains it (the whole U-Net, or its LoRA layers), or None when it is
+            frozen (textual inversion).
         ema: the exponential moving average of the U-Net's weights, or None.
-        final: what the end of the run writes.
+        finals: what the end of the run writes, into the folder of the first's kind (a pivotal-tuning run writes
+            its LoRA and its embeddings side by side).
         cache_dir: where the cache of latents and caption outputs goes, or None to encode every step.
         weight_dtype: the dtype of the frozen models' copies (mixed precision).
         device: the device the models train on.
         pipeline_class: the model family's text-to-image pipeline (validation samples and the saved model).
+        new_tokens: the tokens a textual-inversion run adds, or None.
     """
 
     conditioning: Conditioning
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    unet_part: TrainedModule
+    unet_part: TrainedModule | None
     ema: EMAModel | None
-    final: FinalModel
+    finals: tuple[FinalModel, ...]
     cache_dir: Path | None
     weight_dtype: torch.dtype
     device: torch.device | str
     pipeline_class: type[LatentDiffusionPipeline] = LatentDiffusionPipeline
+    new_tokens: NewTokens | None = None
+
+    def check_dataset(self, dataset: ImageCaptionDataset) -> None:
+        """Stop before training when the data cannot teach what is trained: a textual-inversion token that no
+        caption contains (its rows would never get a gradient); a warning when only some captions contain it.
+
+        Raises:
+            UserError: no caption contains the new token.
+        """
+        if self.new_tokens is None:
+            return
+        token = self.new_tokens.placeholder
+        captions = [caption for record in dataset.records.records for caption in record.captions]
+        with_token = sum(token in caption for caption in captions)
+        if not with_token:
+            raise UserError(
+                f"no caption of the training data contains --placeholder-token {token!r}, so its embedding would "
+                f"never be trained; write it into the captions (e.g. 'a photo of {token}')"
+            )
+        if with_token < len(captions):
+            logger.warning("%d of %d captions do not contain %r", len(captions) - with_token, len(captions), token)
 
     # ------------------------------------------------------------------------------------------- the optimizer
     @property
     def trained(self) -> tuple[TrainedModule, ...]:
         """Every module the optimizer updates, in the order of its parameter groups."""
-        return (self.unet_part, *self.conditioning.trained)
+        unet = () if self.unet_part is None else (self.unet_part,)
+        return (*unet, *self.conditioning.trained)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One optimizer parameter group per trained module, each at its own learning rate."""
@@ -212,8 +263,8 @@ class Method:
 
     @property
     def unet_runner(self) -> torch.nn.Module:
-        """The U-Net to call in the training forward pass (prepared by :meth:`prepare`)."""
-        return self.unet_part.runner
+        """The U-Net to call in the training forward pass (prepared by :meth:`prepare` when it is trained)."""
+        return self.unet if self.unet_part is None else self.unet_part.runner
 
     def stateful(self) -> dict[str, Stateful]:
         """What a checkpoint holds of the models: each trained module's state (by its name) and the EMA."""
@@ -251,7 +302,7 @@ class Method:
         try:
             yield
         finally:
-            self.unet.train()
+            self.unet.train(self.unet_part is not None)  # a frozen U-Net stays in evaluation mode
             self.conditioning.set_training(True)
 
     @contextlib.contextmanager
@@ -274,31 +325,42 @@ class Method:
         )
 
     # ------------------------------------------------------------------------------------------- the end
+    @property
+    def final_kind(self) -> FinalKind:
+        """What the run's final folder holds, and its name: the first final model's kind."""
+        return self.finals[0].kind
+
     def save_final(self, output_dir: Path, models: TrainingModels, defaults: GenerationDefaults) -> Path:
-        """Write the final model to ``output_dir/pipeline`` or ``output_dir/lora`` (:attr:`final`) and return the
-        folder. With an EMA, the U-Net's own weights go to ``output_dir/unet-raw`` (for further training) and the
-        U-Net keeps the EMA weights from here on."""
-        folder = output_dir / self.final.kind
+        """Write the final models (:attr:`finals`) to ``output_dir/pipeline``, ``lora`` or ``embedding``
+        (:attr:`final_kind`) and return the folder. With an EMA, the U-Net's own weights go to
+        ``output_dir/unet-raw`` (for further training) and the U-Net keeps the EMA weights from here on."""
+        folder = output_dir / self.final_kind
         folder.mkdir(parents=True, exist_ok=True)
         if self.ema is not None:
             self.unet.save_pretrained(output_dir / "unet-raw")
             self.ema.copy_to(self.unet.parameters())
-        self.final.save(folder, self, models, defaults)
+        for final in self.finals:
+            final.save(folder, self, models, defaults)
         return folder
 
 
 def build_method(config: TrainConfig, models: TrainingModels, device: torch.device | str) -> Method:
     """Settle what the run described by ``config`` trains, once: freeze the VAE (and the text encoders unless they
     are trained) on ``device``, in the mixed-precision dtype where they can be reloaded for the final save; the
-    family's conditioning and pipeline class; add LoRA layers or train the whole U-Net; the EMA; the cache folder."""
+    family's conditioning and pipeline class; add LoRA layers or train the whole U-Net (or, for textual inversion
+    without LoRA, freeze it); the EMA; the cache folder."""
     weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
     freeze(models.vae, device, weight_dtype)
     lora = None if config.lora_rank is None else (config.lora_rank, config.lora_alpha)
     trained_encoders: Sequence[str] = ()
     if config.train_text_encoder:
         trained_encoders = config.trained_text_encoders or [name for name, _, _ in models.text_encoders()]
+    new_tokens = None
+    if config.placeholder_token is not None:
+        new_tokens = NewTokens(config.placeholder_token, config.initializer_token or "", config.num_vectors)
     unet = models.unet
-    final: FinalModel
+    unet_part: TrainedModule | None
+    finals: tuple[FinalModel, ...]
     # LoRA layers start from random weights: draw them from the run's seed, so that a run and its resumed copy (or
     # two runs of one config) agree whatever drew from the global generator before.
     with torch.random.fork_rng(devices=[]):
@@ -307,18 +369,25 @@ def build_method(config: TrainConfig, models: TrainingModels, device: torch.devi
             models,
             train=trained_encoders,
             lora=lora,
+            new_tokens=new_tokens,
             learning_rate=config.text_encoder_lr or config.learning_rate,
             device=device,
             dtype=weight_dtype,
         )
         if lora is not None:
             add_lora(unet, *lora)
-            unet_part, final = TrainedModule("unet", unet, config.learning_rate, state=LoraState(unet)), LoraWeights()
-        else:
-            unet_part, final = TrainedModule("unet", unet, config.learning_rate, state=unet), FullPipeline()
+            unet_part = TrainedModule("unet", unet, config.learning_rate, state=LoraState(unet))
+            finals = (LoraWeights(),)
+        elif new_tokens is None:
+            unet_part, finals = TrainedModule("unet", unet, config.learning_rate, state=unet), (FullPipeline(),)
+        else:  # textual inversion alone: the U-Net is frozen, in the mixed-precision dtype
+            unet_part, finals = None, ()
+            freeze(unet, device, weight_dtype)
+    if new_tokens is not None:
+        finals += (EmbeddingFiles(new_tokens, conditioning),)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.train()
+    unet.train(unet_part is not None)
     ema = None
     if config.ema_decay is not None:
         ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
@@ -327,5 +396,15 @@ def build_method(config: TrainConfig, models: TrainingModels, device: torch.devi
         cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
     pipeline_class = pipelines_of(models.family).text_to_image
     return Method(
-        conditioning, unet, models.vae, unet_part, ema, final, cache_dir, weight_dtype, device, pipeline_class
+        conditioning,
+        unet,
+        models.vae,
+        unet_part,
+        ema,
+        finals,
+        cache_dir,
+        weight_dtype,
+        device,
+        pipeline_class,
+        new_tokens,
     )

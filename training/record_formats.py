@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "ImageCaptionRecord",
     "ImageCaptionRecords",
     "SourceFormat",
+    "kohya_folder",
     "load_captions",
     "load_imagefolder",
     "open_table",
@@ -44,11 +46,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SourceFormat = Literal["imagefolder", "captions", "save_to_disk", "parquet", "hub"]
+SourceFormat = Literal["imagefolder", "captions", "save_to_disk", "parquet", "hub", "subsets"]
 
 IMAGE_COLUMNS = ("image", "img", "file_name", "path")
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -62,6 +65,8 @@ class ImageCaptionRecord:
     image: str | int
     captions: tuple[str, ...]
     size: tuple[int, int] | None = None  # (width, height) after EXIF rotation, recorded by scan_images
+    repeats: int = 1  # samples of this image per epoch (kohya-ss "N_name" folders times the subset's num_repeats)
+    subset: int = 0  # which subset of a multi-subset dataset it comes from (training.records.Subset)
 
 
 @dataclass(frozen=True)
@@ -241,40 +246,73 @@ def load_imagefolder(
     return _finish(result, f"check the {caption_key!r} field of {', '.join(map(str, metadata_files))}")
 
 
-def load_captions(source: str, images: list[Path]) -> ImageCaptionRecords:
-    """Records of ``images`` captioned by the first line of their kohya-ss side-car ``.txt`` files."""
-    records, missing, empty, multiline = [], [], 0, 0
+def kohya_folder(relative: Path) -> tuple[int, str] | None:
+    """``(repeats, class name)`` of an image at ``relative`` (to the dataset folder) whose top folder is named as
+    kohya-ss DreamBooth folders are, ``N_name`` (``10_sks dog``: 10 repeats, class name ``sks dog``); else None."""
+    if len(relative.parts) < 2:
+        return None
+    match = _KOHYA_FOLDER.fullmatch(relative.parts[0])
+    return (int(match[1]), match[2].strip()) if match else None
+
+
+def load_captions(
+    source: str, images: list[Path], caption_extension: str = ".txt", default_caption: str | None = None
+) -> ImageCaptionRecords:
+    """Records of ``images`` captioned by the first line of their kohya-ss side-car caption files (``a.png`` +
+    ``a.txt``; ``caption_extension`` ``".caption"`` reads ``a.caption``); ``default_caption`` captions the images
+    without one (DreamBooth's instance prompt), else they are skipped.
+
+    kohya-ss's DreamBooth layout: the images in a top folder of ``source`` named ``N_name`` (``10_sks dog``) are
+    repeated ``N`` times per epoch (``0_name`` folders are skipped), and those without a caption file (or with an
+    empty one) get ``name`` as their caption (the class-token caption). Unlike kohya, which ignores them, images
+    outside such folders are read too, as plain side-car captioned images.
+    """
+    root = Path(source).expanduser()
+    kohya = {image: kohya_folder(image.relative_to(root)) for image in images}
+    records, missing, empty, multiline, ignored = [], [], 0, 0, 0
     for image in tqdm(images, desc="reading captions", unit="file", disable=len(images) < 10_000):
-        text_file = image.with_suffix(".txt")
+        repeats, class_name = kohya[image] or (1, None)
+        if repeats < 1:
+            ignored += 1
+            continue
+        text_file = image.with_suffix(caption_extension)
         try:
             text = text_file.read_text(encoding="utf-8-sig", errors="replace")
         except FileNotFoundError:
-            missing.append(image)
-            continue
+            text = None
         except OSError as err:
             logger.warning("cannot read the caption file %s (%s); skipping its image", text_file, err)
             empty += 1
             continue
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if not lines:
+        lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+        if not lines and (class_name or default_caption):
+            lines = [class_name or default_caption]
+        elif text is None:
+            missing.append(image)
+            continue
+        elif not lines:
             empty += 1
             continue
         multiline += len(lines) > 1
-        records.append(ImageCaptionRecord(str(image), (lines[0],)))
+        records.append(ImageCaptionRecord(str(image), (lines[0],), repeats=repeats))
+    if ignored:
+        logger.warning("%d images in %s are in 0_name folders (0 repeats) and are skipped", ignored, source)
     if missing:
         logger.warning(
-            "%d of %d images in %s have no .txt caption file and are skipped (e.g. %s)",
+            "%d of %d images in %s have no %s caption file and are skipped (e.g. %s)",
             len(missing),
             len(images),
             source,
+            caption_extension,
             ", ".join(str(path) for path in missing[:3]),
         )
     if multiline:
         logger.warning("%d caption files have several lines; as kohya-ss does, only the first is used", multiline)
-    result = ImageCaptionRecords(source, "captions", records, len(images), len(missing) + empty)
+    result = ImageCaptionRecords(source, "captions", records, len(images), len(missing) + empty + ignored)
     return _finish(
         result,
-        "add a caption file next to each image (a.png + a.txt), or a metadata.jsonl with file_name and text fields",
+        f"add a caption file next to each image (a.png + a{caption_extension}), or a metadata.jsonl with file_name "
+        "and text fields, or put the images in kohya-ss N_name folders (10_sks dog/) to caption them with the name",
     )
 
 

@@ -28,32 +28,51 @@ def write_model_card(
     config: dict[str, Any],
     steps: int,
     sample_grid_file: str | None,
-    lora: bool,
+    kind: str = "pipeline",
+    placeholder_token: str | None = None,
     pipeline_class: str = "LatentDiffusionPipeline",
 ) -> Path:
     """A ``README.md`` model card with Hub metadata: what the model started from, the data, the recipe, samples,
-    and how to load it (with ``pipeline_class``, the family's pipeline in :mod:`pipelines`)."""
+    and how to load it (with ``pipeline_class``, the family's pipeline in :mod:`pipelines`). ``kind``: the final
+    folder's (``pipeline``, ``lora`` or ``embedding``); ``placeholder_token``: a textual-inversion token trained with
+    it, whose embedding files sit in the folder."""
     folder = Path(folder)
-    tags = ["text-to-image", "diffusers", "latent-diffusion"] + (["lora"] if lora else [])
+    lora = kind == "lora"
+    extra_tags = (["lora"] if lora else []) + (["textual_inversion"] if placeholder_token else [])
+    tags = ["text-to-image", "diffusers", "latent-diffusion", *extra_tags]
     lines = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "license: other"]
     if base_model:
         lines.append(f"base_model: {base_model}")
     lines += ["tags:"] + [f"- {tag}" for tag in tags] + ["---", ""]
-    kind = "LoRA for" if lora else "Fine-tuned from" if base_model else "Trained from scratch:"
-    lines += [f"# {folder.name}", "", f"{kind} {base_model or 'a ' + str(config.get('preset')) + ' U-Net'}.", ""]
+    what = {"lora": "LoRA for", "embedding": "Textual-inversion embedding for"}.get(kind)
+    what = what or ("Fine-tuned from" if base_model else "Trained from scratch:")
+    lines += [f"# {folder.name}", "", f"{what} {base_model or 'a ' + str(config.get('preset')) + ' U-Net'}.", ""]
+    if placeholder_token:
+        lines += [f"Trigger word: `{placeholder_token}` (put it in the prompt).", ""]
     lines += ["## Data", "", "```json", json.dumps(data, indent=2), "```", ""]
     lines += ["## Training", "", f"{steps} optimizer steps with `python -m training.train_text_to_image`:", ""]
     lines += ["```json", json.dumps(config, indent=2, default=str), "```", ""]
     if sample_grid_file:
         lines += ["## Samples", "", f"![validation samples]({sample_grid_file})", ""]
+    load, other_tools = [f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")'], []
+    if kind != "pipeline":
+        load = [f'pipe = {pipeline_class}.from_pretrained("{base_model or "path/to/the/base/model"}")']
     if lora:
-        load = [
-            f'pipe = {pipeline_class}.from_pretrained("{base_model or "path/to/the/base/model"}")',
-            'pipe.load_lora_weights("path/to/this/folder")',
-        ]
+        load.append('pipe.load_lora_weights("path/to/this/folder")')
         other_tools = ["", "`kohya_lora.safetensors` is the same LoRA in kohya's layout (AUTOMATIC1111, ComfyUI)."]
-    else:
-        load, other_tools = [f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")'], []
+    if placeholder_token and "XL" in pipeline_class:  # SDXL: one set of vectors per text encoder
+        load += [
+            "from safetensors.torch import load_file",
+            'state = load_file("path/to/this/folder/learned_embeds.safetensors")',
+            f'pipe.load_textual_inversion(state["clip_l"], token="{placeholder_token}", '
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+            f'pipe.load_textual_inversion(state["clip_g"], token="{placeholder_token}", '
+            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+        ]
+    elif placeholder_token:
+        load.append(f'pipe.load_textual_inversion("path/to/this/folder", token="{placeholder_token}")')
+    if placeholder_token:
+        other_tools += ["", "The embedding named after the token is the same vectors in AUTOMATIC1111's format."]
     lines += ["## Use", "", "```python", f"from pipelines import {pipeline_class}", "", *load, "```", *other_tools, ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")

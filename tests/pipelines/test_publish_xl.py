@@ -10,11 +10,9 @@ import re
 from pathlib import Path
 
 import PIL.Image
-import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from ldm.presets import build_components
 from pipelines.publish import main
 from training.validation import write_model_card
 
@@ -22,14 +20,6 @@ from .test_publish import front_matter, weight_files
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_TAGS = {"text-to-image", "diffusers", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"}
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory) -> Path:
-    """A folder saved by stock ``StableDiffusionXLPipeline.save_pretrained`` from the tiny SDXL components."""
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    StableDiffusionXLPipeline(**build_components("tiny-sdxl", seed=0)).save_pretrained(path)
-    return path
 
 
 def test_dry_run_of_an_sdxl_folder_names_its_base_model(tiny_sdxl_dir: Path, tmp_path: Path, capsys) -> None:

@@ -52,7 +52,7 @@ def test_full_fine_tuning_with_a_frozen_text_encoder(tiny_sd_dir, shapes_dir, tm
     (group,) = method.param_groups()
     assert group["lr"] == 1e-3 and len(group["params"]) == len(list(models.unet.parameters()))
     assert method.stateful() == {"unet": models.unet}
-    assert method.final.kind == "pipeline" and method.cache_dir is None
+    assert method.final_kind == "pipeline" and method.cache_dir is None
     assert not any(p.requires_grad for p in models.text_encoder.parameters()) and not models.text_encoder.training
     assert not any(p.requires_grad for p in models.vae.parameters())
     conditioning = method.conditioning({"captions": CAPTIONS}, CAPTIONS)
@@ -82,7 +82,7 @@ def test_lora_trains_and_checkpoints_only_the_adapter(tiny_sd_dir, shapes_dir, t
     assert method.params and all("lora" in names[id(p)] for p in method.params)
     state = method.stateful()["unet"]
     assert isinstance(state, LoraState) and all("lora" in key for key in state.state_dict())
-    assert method.final.kind == "lora"
+    assert method.final_kind == "lora"
 
 
 def test_ema_is_checkpointed_and_swapped_in_for_evaluation(tiny_sd_dir, shapes_dir, tmp_path):

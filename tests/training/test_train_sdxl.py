@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 import training.train_text_to_image as text_to_image
-from ldm.presets import build_components
 from pipelines.pipeline_latent_diffusion_xl import LatentDiffusionXLPipeline
 from tests.training.test_train_text_to_image import assert_same_weights, unet_weights
 from training.cache import weights_hash
@@ -41,14 +40,6 @@ by hand (SDXL paper sec. 2.2; stock ``_get_add_time_ids`` order)."""
 
 PROMPT = "a red square"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory) -> str:
-    """A folder saved by stock ``StableDiffusionXLPipeline.save_pretrained`` from the tiny SDXL components."""
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    StableDiffusionXLPipeline(**build_components("tiny-sdxl", seed=0)).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
