@@ -118,7 +118,9 @@ class ClipCaptionEncoder:
         return {"prompt_embeds": embeds.float().cpu()}
 
 
-def _records_hash(dataset: ImageCaptionDataset) -> str:
+def records_hash(dataset: ImageCaptionDataset) -> str:
+    """sha256 of the dataset's records: each image's name, captions and scanned size (and, where set, its repeats
+    and subset); two datasets with equal hashes read the same images with the same captions."""
     records = hashlib.sha256()
     for i, record in enumerate(dataset.records.records):
         size = None if record.size is None else list(record.size)
@@ -151,7 +153,7 @@ def cache_fingerprint(
     masks = {"masked_loss": True, "masks": _masks_fingerprint(dataset)} if dataset.masked_loss else {}
     return masks | {
         "format": CACHE_FORMAT,
-        "records": _records_hash(dataset),
+        "records": records_hash(dataset),
         "buckets": [list(dataset.target_size(i)) for i in range(len(dataset))],
         "crop": dataset.crop,
         "flip": dataset.flip,

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -35,6 +35,7 @@ from training.data import ImageCaptionDataset, collate
 from training.loop import TrainLoop
 from training.record_formats import ImageCaptionRecords
 from training.records import load_image_caption_records
+from training.resume_guard import check_resume
 
 logger = logging.getLogger("training")
 
@@ -48,6 +49,15 @@ LR_SCHEDULES = Literal["constant", "constant_with_warmup", "linear", "cosine", "
 class LoopConfig:
     """Data, optimisation, checkpoint, held-out evaluation and log settings shared by the training commands (a
     command's config extends it and may redeclare a field to change its default)."""
+
+    RESUME_FIELDS: ClassVar[tuple[str, ...]] = (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "dataset",
+        "fingerprint.data",
+    )
+    """What ``--resume`` must find unchanged (config fields, and ``fingerprint.NAME`` of the run's fingerprint);
+    a command's config adds its model and method fields."""
 
     # data
     dataset: str = help_field(
@@ -77,6 +87,9 @@ class LoopConfig:
     checkpointing_steps: int = help_field(500, "write a checkpoint every N steps")
     checkpoints_total_limit: int | None = help_field(None, "keep only the newest N checkpoints")
     resume: str | None = help_field(None, "'latest' or a checkpoint folder to continue from")
+    resume_allow_changes: bool = help_field(
+        False, "resume even where the batch size, accumulation, data, model or method differ from the checkpoint's"
+    )
     max_nan_steps: int = help_field(5, "stop after this many non-finite losses in a row")
     # held-out evaluation and logs
     validation_dataset: str | None = help_field(None, "held-out image-caption data to evaluate on")
@@ -130,10 +143,21 @@ class Run:
     resume_from: Path | None
 
     def start_loop(
-        self, dataloader: DataLoader, stateful: Mapping[str, Stateful], epoch_setters: Sequence[Any] = ()
+        self,
+        dataloader: DataLoader,
+        stateful: Mapping[str, Stateful],
+        epoch_setters: Sequence[Any] = (),
+        fingerprint: Mapping[str, str] | None = None,
     ) -> tuple[TrainLoop, MetricsFile]:
         """The run's :class:`TrainLoop` over the prepared ``dataloader``, resumed from :attr:`resume_from` when set,
-        and its ``metrics.json`` (a resumed run keeps the history up to its step)."""
+        and its ``metrics.json`` (a resumed run keeps the history up to its step). ``fingerprint`` (e.g. the data's
+        hash) goes into every checkpoint; resuming checks it and the config's ``RESUME_FIELDS`` against the
+        checkpoint's (:func:`training.resume_guard.check_resume`)."""
+        fingerprint = dict(fingerprint or {})
+        if self.resume_from is not None:
+            current = {"config": to_dict(self.config), "fingerprint": fingerprint}
+            fields = type(self.config).RESUME_FIELDS
+            check_resume(self.resume_from, current, fields, allow_changes=self.config.resume_allow_changes)
         loop = TrainLoop(
             self.accelerator,
             dataloader,
@@ -142,6 +166,7 @@ class Run:
             stateful=stateful,
             generators={"train": self.generator},
             epoch_setters=epoch_setters,
+            fingerprint=fingerprint,
         )
         loop.resume(self.resume_from)
         return loop, MetricsFile(self.output_dir / "metrics.json", resumed_step=loop.resumed_step)

@@ -77,6 +77,7 @@ class TrainLoop:
         stateful: everything a checkpoint holds (unwrapped models, optimizer, LR scheduler, ...).
         generators: the named generators of every random draw of the loop.
         epoch_setters: objects whose ``set_epoch`` must follow the dataloader's (the batch sampler, the dataset).
+        fingerprint: what else defines the run (e.g. the data's hash), stored in each checkpoint's meta.
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class TrainLoop:
         stateful: Mapping[str, Stateful],
         generators: Mapping[str, torch.Generator],
         epoch_setters: Sequence[Any] = (),
+        fingerprint: Mapping[str, str] | None = None,
     ) -> None:
         self.accelerator = accelerator
+        self.fingerprint = dict(fingerprint or {})
         self.dataloader = dataloader
         self.settings = settings
         self.checkpoints_dir = Path(checkpoints_dir)
@@ -279,7 +282,7 @@ class TrainLoop:
         """Write a checkpoint every ``checkpointing_steps``, at the last step and on a stop signal."""
         if not (self.step % self.settings.checkpointing_steps == 0 or self.done or self.stopping):
             return None
-        meta: dict[str, Any] = {"step": self.step}
+        meta: dict[str, Any] = {"step": self.step, "fingerprint": self.fingerprint}
         if dataclasses.is_dataclass(self.settings):
             meta["config"] = to_dict(self.settings)
         return save_checkpoint(

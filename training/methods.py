@@ -36,7 +36,16 @@ from training.checkpoint import Stateful
 from training.conditioning import Conditioning, SDTextEncoding, TextEncoder, TextEncoders, TextEncoding
 from training.conditioning_xl import SDXLTextEncoding
 from training.data import ImageCaptionDataset, collate
-from training.models import LoraState, TrainedModule, TrainingModels, add_lora, freeze, load_component, save_lora
+from training.models import (
+    LoraSpec,
+    LoraState,
+    TrainedModule,
+    TrainingModels,
+    add_lora,
+    freeze,
+    load_component,
+    save_lora,
+)
 from training.textual_inversion import NewRowsState, NewTokens, add_tokens, save_embeddings
 
 if TYPE_CHECKING:
@@ -61,14 +70,14 @@ def text_conditioning(
     models: TrainingModels,
     *,
     train: Sequence[str] = (),
-    lora: tuple[int, float | None] | None = None,
+    lora: LoraSpec | None = None,
     new_tokens: NewTokens | None = None,
     learning_rate: float,
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> TextEncoders:
     """The conditioning of a run of ``models.family`` (:data:`_ENCODINGS`): the text encoders named in ``train``
-    trained at ``learning_rate`` (all their weights, or with ``lora`` = ``(rank, alpha)`` LoRA layers), the others
+    trained at ``learning_rate`` (all their weights, or with ``lora`` its LoRA layers), the others
     frozen (cast to the mixed-precision ``dtype`` when they can be reloaded). With ``new_tokens`` (textual
     inversion), every encoder gets the new tokens' rows, and those rows alone are trained.
 
@@ -89,7 +98,7 @@ def text_conditioning(
             trained = TrainedModule(f"{name}_embeddings", model, learning_rate, state=NewRowsState(rows))
         elif name in train:
             if lora is not None:
-                add_lora(model, *lora)
+                add_lora(model, lora)
                 trained = TrainedModule(name, model, learning_rate, state=LoraState(model))
             else:
                 trained = TrainedModule(name, model.requires_grad_(True), learning_rate, state=model)
@@ -138,14 +147,22 @@ class LoraWeights:
     """The LoRA layers of the U-Net and of the text encoders trained with LoRA, twice: diffusers' format
     (``pytorch_lora_weights.safetensors``, :func:`training.models.save_lora`, which stock ``load_lora_weights``
     reads), and kohya's (:data:`KOHYA_LORA_FILE`, with per-module alpha and ``ss_*`` metadata, which A1111, ComfyUI
-    and kohya's scripts read)."""
+    and kohya's scripts read); kohya's plain LoRA layout has no place for DoRA's magnitudes, so a DoRA run writes
+    diffusers' file only."""
 
     kind: FinalKind = "lora"
 
     def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
         trained = {part.name: part.module for part in method.trained}
         save_lora(trained, folder, method.pipeline_class)
+        if any(getattr(config, "use_dora", False) for m in trained.values() for config in _peft_configs(m)):
+            logger.warning("DoRA has no kohya LoRA layout: %s holds diffusers' file only", folder)
+            return
         export_kohya_lora(method.pipeline(models), folder / KOHYA_LORA_FILE)
+
+
+def _peft_configs(model: torch.nn.Module) -> list[Any]:
+    return list(getattr(model, "peft_config", {}).values())
 
 
 class EmbeddingFiles:
@@ -186,7 +203,8 @@ class Method:
         vae: the frozen VAE (encodes the images when they are not cached).
         unet_part: the U-Net as the optimizer trains it (the whole U-Net, or its LoRA layers), or None when it is
             frozen (textual inversion).
-        ema: the exponential moving average of the U-Net's weights, or None.
+        ema: the exponential moving average of the U-Net's trained weights (all of them, or its LoRA layers), or
+            None.
         finals: what the end of the run writes, into the folder of the first's kind (a pivotal-tuning run writes
             its LoRA and its embeddings side by side).
         cache_dir: where the cache of latents and caption outputs goes, or None to encode every step.
@@ -276,7 +294,7 @@ class Method:
     def after_update(self) -> None:
         """After an applied optimizer step: move the EMA towards the new weights."""
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(self.ema_params)
 
     # ------------------------------------------------------------------------------------------- the data
     def training_data(
@@ -311,12 +329,12 @@ class Method:
         if self.ema is None:
             yield
             return
-        self.ema.store(self.unet.parameters())
-        self.ema.copy_to(self.unet.parameters())
+        self.ema.store(self.ema_params)
+        self.ema.copy_to(self.ema_params)
         try:
             yield
         finally:
-            self.ema.restore(self.unet.parameters())
+            self.ema.restore(self.ema_params)
 
     def pipeline(self, models: TrainingModels) -> LatentDiffusionPipeline:
         """A pipeline of the models as they are now (for validation samples)."""
@@ -326,6 +344,11 @@ class Method:
 
     # ------------------------------------------------------------------------------------------- the end
     @property
+    def ema_params(self) -> list[torch.nn.Parameter]:
+        """The parameters the EMA follows: the U-Net's trained ones."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @property
     def final_kind(self) -> FinalKind:
         """What the run's final folder holds, and its name: the first final model's kind."""
         return self.finals[0].kind
@@ -333,12 +356,17 @@ class Method:
     def save_final(self, output_dir: Path, models: TrainingModels, defaults: GenerationDefaults) -> Path:
         """Write the final models (:attr:`finals`) to ``output_dir/pipeline``, ``lora`` or ``embedding``
         (:attr:`final_kind`) and return the folder. With an EMA, the U-Net's own weights go to
-        ``output_dir/unet-raw`` (for further training) and the U-Net keeps the EMA weights from here on."""
+        ``output_dir/unet-raw`` (for further training; a LoRA run's as LoRA weights) and the U-Net keeps the EMA
+        weights from here on."""
         folder = output_dir / self.final_kind
         folder.mkdir(parents=True, exist_ok=True)
         if self.ema is not None:
-            self.unet.save_pretrained(output_dir / "unet-raw")
-            self.ema.copy_to(self.unet.parameters())
+            raw = output_dir / "unet-raw"
+            if getattr(self.unet, "peft_config", None):
+                save_lora({"unet": self.unet}, raw, self.pipeline_class)
+            else:
+                self.unet.save_pretrained(raw)
+            self.ema.copy_to(self.ema_params)
         for final in self.finals:
             final.save(folder, self, models, defaults)
         return folder
@@ -351,7 +379,15 @@ def build_method(config: TrainConfig, models: TrainingModels, device: torch.devi
     without LoRA, freeze it); the EMA; the cache folder."""
     weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
     freeze(models.vae, device, weight_dtype)
-    lora = None if config.lora_rank is None else (config.lora_rank, config.lora_alpha)
+    lora = None
+    if config.lora_rank is not None:
+        lora = LoraSpec(
+            config.lora_rank,
+            config.lora_alpha,
+            dora=config.lora_type == "dora",
+            conv_rank=config.lora_conv_rank,
+            conv_alpha=config.lora_conv_alpha,
+        )
     trained_encoders: Sequence[str] = ()
     if config.train_text_encoder:
         trained_encoders = config.trained_text_encoders or [name for name, _, _ in models.text_encoders()]
@@ -375,7 +411,7 @@ def build_method(config: TrainConfig, models: TrainingModels, device: torch.devi
             dtype=weight_dtype,
         )
         if lora is not None:
-            add_lora(unet, *lora)
+            add_lora(unet, lora)
             unet_part = TrainedModule("unet", unet, config.learning_rate, state=LoraState(unet))
             finals = (LoraWeights(),)
         elif new_tokens is None:
@@ -390,7 +426,7 @@ def build_method(config: TrainConfig, models: TrainingModels, device: torch.devi
     unet.train(unet_part is not None)
     ema = None
     if config.ema_decay is not None:
-        ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema = EMAModel([p for p in unet.parameters() if p.requires_grad], decay=config.ema_decay)
     cache_dir = None
     if config.cache:
         cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"

@@ -240,14 +240,65 @@ def _sampler_class(pretrained_model: str) -> type[SchedulerMixin]:
         return DDIMScheduler
 
 
-def add_lora(model: torch.nn.Module, rank: int, alpha: float | None) -> None:
-    """Freeze ``model`` (a U-Net or a CLIP text encoder) and add trainable LoRA layers (peft) to its attention
-    projections (:data:`LORA_TARGET_MODULES`)."""
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA layers a run adds.
+
+    Attributes:
+        rank: the rank of the attention projections' layers.
+        alpha: their alpha (the update is scaled by ``alpha / rank``; default: the rank, scale 1).
+        dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trained magnitude per output feature as well.
+        conv_rank: also LoRA layers on the U-Net's ResNet and resampler convolutions at this rank (kohya-ss's
+            LoCon ``conv_dim``), or None.
+        conv_alpha: their alpha (default: ``conv_rank``).
+    """
+
+    rank: int
+    alpha: float | None = None
+    dora: bool = False
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+
+
+def conv_targets(unet: torch.nn.Module) -> list[str]:
+    """The U-Net convolutions LoCon adapts: those of its ResNet blocks and down/up-samplers."""
+    return [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Conv2d) and (".resnets." in name or "samplers." in name)
+    ]
+
+
+def lora_config(model: torch.nn.Module, spec: LoraSpec) -> Any:
+    """peft's ``LoraConfig`` of ``spec`` for ``model``: the attention projections of a U-Net
+    (:data:`LORA_TARGET_MODULES`) or of a CLIP text encoder (:data:`TEXT_ENCODER_LORA_TARGET_MODULES`), plus a
+    U-Net's convolutions at their own rank and alpha with ``spec.conv_rank``."""
     from peft import LoraConfig
 
+    if isinstance(model, PreTrainedModel):
+        targets, ranks, alphas = list(TEXT_ENCODER_LORA_TARGET_MODULES), {}, {}
+    else:
+        targets, ranks, alphas = list(LORA_TARGET_MODULES), {}, {}
+        if spec.conv_rank is not None:
+            convs = conv_targets(model)
+            targets += convs
+            ranks = dict.fromkeys(convs, spec.conv_rank)
+            alphas = dict.fromkeys(convs, spec.conv_alpha or spec.conv_rank)
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha or spec.rank,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
+        use_dora=spec.dora,
+    )
+
+
+def add_lora(model: torch.nn.Module, spec: LoraSpec) -> None:
+    """Freeze ``model`` (a U-Net or a CLIP text encoder) and add the trainable LoRA layers of ``spec`` (peft)."""
     text_encoder = isinstance(model, PreTrainedModel)
-    targets = TEXT_ENCODER_LORA_TARGET_MODULES if text_encoder else LORA_TARGET_MODULES
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
+    config = lora_config(model, spec)
     model.requires_grad_(False)
     if not text_encoder:
         model.add_adapter(config)
@@ -259,6 +310,25 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None) -> None:
     inject_adapter_in_model(config, model, adapter_name="default")
     model.peft_config = {"default": config}
     model._hf_peft_config_loaded = True
+
+
+def scale_baked_state_dict(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """peft's state dict of ``model``'s LoRA ``adapter`` with each layer's scale (``alpha / rank``) multiplied into
+    its ``lora_B`` weight, so that the layers give the same update at scale 1 (alpha = rank)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    scales = {
+        name: module.scaling[adapter]
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.scaling
+    }
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    suffix = ".lora_B.weight"
+    return {
+        key: value * scales[key.removesuffix(suffix)] if key.endswith(suffix) else value
+        for key, value in state.items()
+    }
 
 
 class LoraState:
@@ -291,10 +361,14 @@ def save_lora(
 ) -> Path:
     """Write the LoRA layers of ``models`` (a U-Net, or pipeline components by name: ``unet``, ``text_encoder``,
     ``text_encoder_2``; those with LoRA layers are saved) to ``pytorch_lora_weights.safetensors`` in diffusers'
-    format, which stock ``load_lora_weights`` of ``pipeline_class`` (default: ``StableDiffusionPipeline``) reads."""
+    format, which stock ``load_lora_weights`` of ``pipeline_class`` (default: ``StableDiffusionPipeline``) reads.
+
+    Each layer's scale ``alpha / rank`` is baked into its up weights, so the file holds no alpha and needs no
+    adapter metadata: every loader applies the trained strength at scale 1 (ComfyUI ignores metadata; diffusers
+    reads each layer's rank from its shapes and DoRA from its magnitude vectors). The keys are peft's
+    (``lora_A`` / ``lora_B``), which diffusers reads as they are: with the older ``lora.down`` / ``lora.up`` names
+    and convolution layers among them (LoCon), diffusers 0.42 drops the attention layers when it loads."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
     if isinstance(models, torch.nn.Module):
         models = {"unet": models}
@@ -302,9 +376,6 @@ def save_lora(
     for name, model in models.items():
         if not getattr(model, "peft_config", None):
             continue
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-        # Each adapter's config (rank and alpha) goes into the file's metadata: without it, diffusers loads the LoRA
-        # with alpha = rank, the wrong strength for any LoRA trained with another --lora-alpha.
-        layers[f"{name}_lora_adapter_metadata"] = next(iter(model.peft_config.values())).to_dict()
+        layers[f"{name}_lora_layers"] = scale_baked_state_dict(model)
     (pipeline_class or StableDiffusionPipeline).save_lora_weights(folder, safe_serialization=True, **layers)
     return Path(folder) / "pytorch_lora_weights.safetensors"

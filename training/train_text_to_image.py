@@ -18,7 +18,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import PIL.Image
@@ -32,6 +32,7 @@ from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.grid import sample_grid as prompt_grid
 from pipelines.publish import PublishConfig, PublishError, check_repo_id, publish
+from training.cache import records_hash
 from training.command import (
     LoopConfig,
     evaluation_batches,
@@ -61,6 +62,27 @@ logger = logging.getLogger("training")
 @dataclass
 class TrainConfig(LoopConfig):
     """Every setting of a run; each is a flag (``--learning-rate``) and a config-file key (``learning_rate``)."""
+
+    RESUME_FIELDS: ClassVar[tuple[str, ...]] = (
+        *LoopConfig.RESUME_FIELDS,
+        "pretrained_model",
+        "preset",
+        "vae",
+        "text_encoder",
+        "text_encoder_init",
+        "resolution",
+        "prediction_type",
+        "lora_rank",
+        "lora_alpha",
+        "lora_type",
+        "lora_conv_rank",
+        "lora_conv_alpha",
+        "train_text_encoder",
+        "trained_text_encoders",
+        "placeholder_token",
+        "num_vectors",
+        "class_prompt",
+    )
 
     # what to start from
     pretrained_model: str | None = help_field(None, "pipeline folder or Hub id to fine-tune")
@@ -94,9 +116,16 @@ class TrainConfig(LoopConfig):
     zero_terminal_snr: bool = help_field(False, "rescale betas to zero terminal SNR (needs v_prediction)")
     # what is trained
     learning_rate: float = help_field(1e-5, "peak learning rate")
-    ema_decay: float | None = help_field(None, "keep an EMA of the U-Net with this decay (0.9999 is usual)")
+    ema_decay: float | None = help_field(
+        None, "keep an EMA of the U-Net's trained weights (all, or its LoRA layers) with this decay (0.9999 is usual)"
+    )
     lora_rank: int | None = help_field(None, "train LoRA layers of this rank instead of the whole U-Net")
-    lora_alpha: float | None = help_field(None, "LoRA alpha (default: the rank)")
+    lora_alpha: float | None = help_field(None, "LoRA alpha: updates are scaled by alpha / rank (default: the rank)")
+    lora_type: Literal["lora", "dora"] = help_field("lora", "plain LoRA, or DoRA (a trained magnitude as well)")
+    lora_conv_rank: int | None = help_field(
+        None, "also LoRA layers of this rank on the U-Net's ResNet convolutions (kohya's LoCon conv_dim)"
+    )
+    lora_conv_alpha: float | None = help_field(None, "alpha of the convolutions' LoRA (default: their rank)")
     train_text_encoder: bool = help_field(
         False,
         "train the text encoder(s) with the U-Net: all their weights, or with --lora-rank LoRA layers on them (with "
@@ -161,8 +190,14 @@ class TrainConfig(LoopConfig):
             raise ConfigError(f"ema_decay must be in (0, 1); got {self.ema_decay}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be >= 1; got {self.lora_rank}")
-        if self.lora_rank is not None and self.ema_decay is not None:
-            raise ConfigError("ema_decay is for full fine-tuning; drop it with --lora-rank")
+        lora_settings = {"lora_alpha": None, "lora_type": "lora", "lora_conv_rank": None, "lora_conv_alpha": None}
+        changed = [name for name, default in lora_settings.items() if getattr(self, name) != default]
+        if self.lora_rank is None and changed:
+            raise ConfigError(f"{', '.join(changed)}: settings of LoRA training; add --lora-rank")
+        if self.lora_conv_rank is not None and self.lora_conv_rank < 1:
+            raise ConfigError(f"lora_conv_rank must be >= 1; got {self.lora_conv_rank}")
+        if self.lora_conv_alpha is not None and self.lora_conv_rank is None:
+            raise ConfigError("lora_conv_alpha is the alpha of --lora-conv-rank; add it")
         trains_text = self.train_text_encoder or self.placeholder_token is not None
         if self.text_encoder_lr is not None and not (trains_text and self.text_encoder_lr > 0):
             raise ConfigError(
@@ -248,7 +283,10 @@ def train(config: TrainConfig) -> Path:
     lr_scheduler = make_lr_scheduler(optimizer, config, accelerator)
     optimizer, dataloader, lr_scheduler = method.prepare(accelerator, optimizer, dataloader, lr_scheduler)
     stateful = method.stateful() | {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
-    loop, metrics = run.start_loop(dataloader, stateful, epoch_setters=(batch_sampler, train_data))
+    fingerprint = {"data": records_hash(dataset)}
+    loop, metrics = run.start_loop(
+        dataloader, stateful, epoch_setters=(batch_sampler, train_data), fingerprint=fingerprint
+    )
 
     def validate() -> None:
         if not accelerator.is_main_process:

@@ -32,7 +32,7 @@ from pipelines.convert import main
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.kohya_lora import export_kohya_lora
 from pipelines.single_file import export_single_file, pipeline_to_original
-from training.models import add_lora, save_lora
+from training.models import LoraSpec, add_lora, save_lora
 
 from .test_pipeline import PARITY_TOLERANCE, generate, stock_pipeline
 from .test_publish import one_line_error
@@ -222,7 +222,7 @@ def test_export_refuses_what_the_layout_cannot_hold(tmp_path, tiny_components):
     pipe = LatentDiffusionPipeline(**tiny_components)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         export_single_file(pipe, tmp_path / "model.ckpt")
-    add_lora(pipe.unet, rank=2, alpha=None)
+    add_lora(pipe.unet, LoraSpec(rank=2))
     with pytest.raises(ValueError, match="fuse_lora"):
         export_single_file(pipe, tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()
@@ -234,7 +234,7 @@ def test_export_refuses_what_the_layout_cannot_hold(tmp_path, tiny_components):
 def lora_pipeline(rank: int = 4, alpha: float = 8.0) -> LatentDiffusionPipeline:
     """The tiny DDIM pipeline with a peft LoRA whose up-projections are non-zero (peft starts them at 0)."""
     pipe = ddim_pipeline("tiny")
-    add_lora(pipe.unet, rank=rank, alpha=alpha)
+    add_lora(pipe.unet, LoraSpec(rank=rank, alpha=alpha))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in pipe.unet.named_parameters():

@@ -6,13 +6,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ldm.presets import build_components
-from training.models import add_lora, save_lora
+from training.models import LoraSpec, add_lora, save_lora
 
 
 def test_lora_with_alpha_other_than_rank_loads_back_at_its_strength(tmp_path) -> None:
     components = build_components("tiny", seed=0)
     unet = components["unet"]
-    add_lora(unet, rank=4, alpha=16)  # scale alpha / rank = 4, not the 1 that alpha = rank would give
+    add_lora(unet, LoraSpec(rank=4, alpha=16))  # scale alpha / rank = 4, not the 1 that alpha = rank would give
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in unet.named_parameters():

@@ -422,7 +422,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_sd_dir, shapes_dir
         ({"preset": "tiny"}, "exactly one of"),
         ({"resolution": 60}, "multiple of 8"),
         ({"caption_dropout": 1.0}, "caption_dropout"),
-        ({"lora_rank": 4, "ema_decay": 0.99}, "ema_decay is for full fine-tuning"),
+        ({"lora_conv_rank": 2}, "lora_conv_rank: settings of LoRA training; add --lora-rank"),
         ({"trained_text_encoders": ["text_encoder"]}, "trained_text_encoders says which text encoders"),
         ({"text_encoder_lr": 1e-4}, "needs --train-text-encoder"),
         ({"train_text_encoder": True, "text_encoder_lr": 0.0}, "text_encoder_lr must be > 0"),
