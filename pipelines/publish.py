@@ -101,6 +101,7 @@ class PublishConfig:
     samples: bool = True
     sample_steps: int = 25
     space: bool = False
+    trigger_words: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------------- staging
@@ -202,13 +203,67 @@ def model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+ADAPTER_FILES = {
+    "pytorch_lora_weights.safetensors": "lora",
+    "kohya_lora.safetensors": "lora",
+    "learned_embeds.safetensors": "textual_inversion",
+}
+"""The files of a LoRA or textual-inversion folder (as training writes them) and the Hub tag each adds."""
+
+
+def adapter_files(model_dir: Path) -> list[Path]:
+    """The adapter weights of a LoRA / textual-inversion folder: :data:`ADAPTER_FILES` and, beside a
+    ``learned_embeds.safetensors``, the AUTOMATIC1111 embedding named after its token."""
+    files = [model_dir / name for name in ADAPTER_FILES if (model_dir / name).is_file()]
+    if (model_dir / "learned_embeds.safetensors").is_file():
+        files += [p for p in model_dir.glob("*.safetensors") if p not in files]
+    return files
+
+
+def stage_adapter(config: PublishConfig, model_dir: Path, staging: Path) -> Path:
+    """Write the repository of a LoRA or textual-inversion folder: its safetensors weights as they are, its figures,
+    and a card naming the base model (required: an adapter is nothing without it) and the trigger words.
+
+    Raises:
+        PublishError: no base model in the card or ``--base-model``.
+    """
+    data, body = read_card(model_dir, config.repo_id)
+    base_model = config.base_model or data.base_model
+    if not base_model:
+        raise PublishError(
+            f"--model {model_dir} is a LoRA / embedding folder whose card names no base model; pass --base-model "
+            "with the Hub id of the model it was trained on"
+        )
+    files = adapter_files(model_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, staging / path.name)
+    figures = [name for name in ("samples.png", *FIGURES) if (model_dir / name).is_file()]
+    for name in figures:
+        shutil.copyfile(model_dir / name, staging / name)
+    if config.trigger_words:
+        data.instance_prompt = config.trigger_words
+    extra = sorted({ADAPTER_FILES[p.name] for p in files if p.name in ADAPTER_FILES})
+    data.tags = list(dict.fromkeys([*(data.tags or []), *extra]))
+    model_card(data, body, config.license, figures, family_of_card(data), base_model).save(staging / "README.md")
+    return staging
+
+
+def family_of_card(data: ModelCardData) -> ModelFamily:
+    """The family an adapter's card names by its tags (SDXL's), else Stable Diffusion."""
+    return STABLE_DIFFUSION_XL if "stable-diffusion-xl" in (data.tags or []) else STABLE_DIFFUSION
+
+
 def stage(config: PublishConfig, staging: Path) -> Path:
-    """Write the repository content for ``config.model`` into ``staging``; returns ``staging``.
+    """Write the repository content for ``config.model`` into ``staging``; returns ``staging``. A LoRA or
+    textual-inversion folder (no ``model_index.json``, adapter weights) is staged by :func:`stage_adapter`.
 
     Raises:
         PublishError: the model folder cannot be published as it is.
     """
     model_dir = Path(config.model).expanduser()
+    if model_dir.is_dir() and not (model_dir / "model_index.json").is_file() and adapter_files(model_dir):
+        return stage_adapter(config, model_dir, staging)
     with loading_bars_hidden():  # stderr keeps room for the one-line error
         pipe = load_for_publishing(model_dir, config.allow_pickle)
         family = require_supported_model(str(model_dir))
@@ -344,7 +399,15 @@ def publish(config: PublishConfig, dry_run: str | Path | None = None) -> str:
 def build_parser() -> OneLineParser:
     """The ``publish`` argument parser (errors: one line on stderr, exit status 2)."""
     parser = OneLineParser(prog="python -m pipelines.publish", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, metavar="FOLDER", help="a diffusers pipeline folder")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="FOLDER",
+        help="a diffusers pipeline folder, or a LoRA / textual-inversion folder as training writes it",
+    )
+    parser.add_argument(
+        "--trigger-words", metavar="TEXT", help="a LoRA's or embedding's trigger words, for the card (instance_prompt)"
+    )
     parser.add_argument("--repo-id", required=True, metavar="NAME", help="Hub repository, e.g. user/my-model")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--license", metavar="ID", help="license id for the card (default: the card's, or other)")
@@ -390,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         samples=not args.no_samples,
         sample_steps=args.sample_steps,
         space=args.space,
+        trigger_words=args.trigger_words,
     )
     return run_reporting(lambda: print(publish(config, dry_run=args.dry_run), flush=True), "publishing")
 

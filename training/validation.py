@@ -43,6 +43,8 @@ def write_model_card(
     lines = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "license: other"]
     if base_model:
         lines.append(f"base_model: {base_model}")
+    if placeholder_token:
+        lines.append(f"instance_prompt: {json.dumps(placeholder_token)}")  # the Hub's trigger words
     lines += ["tags:"] + [f"- {tag}" for tag in tags] + ["---", ""]
     what = {"lora": "LoRA for", "embedding": "Textual-inversion embedding for"}.get(kind)
     what = what or ("Fine-tuned from" if base_model else "Trained from scratch:")

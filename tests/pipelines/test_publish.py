@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import huggingface_hub
@@ -22,7 +23,7 @@ import yaml
 from diffusers import StableDiffusionPipeline
 
 from pipelines import LatentDiffusionPipeline
-from pipelines.publish import main
+from pipelines.publish import PublishConfig, PublishError, main, publish
 from training.validation import write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -332,3 +333,40 @@ def test_space_upload_creates_a_gradio_space(tiny_sd_dir, fake_hub, capsys):
     assert expected <= set(fake_hub["files"])
     assert fake_hub["readme"][0]["license"] == "mit"
     assert capsys.readouterr().out.strip() == "https://huggingface.co/me/demo/commit/abc"
+
+
+def test_a_lora_folder_is_published_with_its_base_model_and_trigger_words(tmp_path):
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    from ldm.presets import build_components
+    from training.models import LoraSpec, add_lora, save_lora
+
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    unet = build_components("tiny", seed=0)["unet"]
+    add_lora(unet, LoraSpec(rank=2))
+    save_lora(unet, folder)
+    write_model_card(
+        folder,
+        base_model="",
+        data={"source": "dogs"},
+        config={"lora_rank": 2},
+        steps=10,
+        sample_grid_file=None,
+        kind="lora",
+    )
+    config = PublishConfig(model=str(folder), repo_id="user/sks-lora", trigger_words="sks dog")
+    with pytest.raises(PublishError, match="names no base model; pass --base-model"):
+        publish(config, dry_run=tmp_path / "refused")
+
+    out = publish(replace(config, base_model="user/base"), dry_run=tmp_path / "out")
+    staged = Path(out)
+    assert sorted(p.name for p in staged.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]
+    assert (
+        load_file(staged / "pytorch_lora_weights.safetensors").keys()
+        == load_file(folder / "pytorch_lora_weights.safetensors").keys()
+    )
+    card = ModelCard.load(staged / "README.md")
+    assert card.data.base_model == "user/base" and card.data.instance_prompt == "sks dog"
+    assert {"lora", "text-to-image", "diffusers"} <= set(card.data.tags)
