@@ -22,7 +22,7 @@ SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_TAGS = {"text-to-image", "diffusers", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"}
 
 
-def test_dry_run_of_an_sdxl_folder_names_its_base_model(tiny_sdxl_dir: Path, tmp_path: Path, capsys) -> None:
+def test_dry_run_of_an_sdxl_folder_names_its_base_model(tiny_sdxl_dir: str, tmp_path: Path, capsys) -> None:
     out = tmp_path / "repo"
     argv = ["--model", str(tiny_sdxl_dir), "--repo-id", "me/tiny-xl", "--dry-run", str(out), "--sample-steps", "1"]
     assert main([*argv, "--base-model", SDXL_BASE]) == 0
@@ -49,7 +49,7 @@ def test_dry_run_of_an_sdxl_folder_names_its_base_model(tiny_sdxl_dir: Path, tmp
 
 
 def test_the_cards_base_model_is_kept_and_a_missing_one_is_asked_for(
-    tiny_sdxl_dir: Path, tmp_path: Path, caplog
+    tiny_sdxl_dir: str, tmp_path: Path, caplog
 ) -> None:
     argv = ["--repo-id", "me/tiny-xl", "--no-samples", "--dry-run"]
     assert main(["--model", str(tiny_sdxl_dir), *argv, str(tmp_path / "bare")]) == 0
@@ -60,7 +60,7 @@ def test_the_cards_base_model_is_kept_and_a_missing_one_is_asked_for(
     caplog.clear()
     carded = tmp_path / "carded"
     carded.mkdir()
-    for item in tiny_sdxl_dir.iterdir():
+    for item in Path(tiny_sdxl_dir).iterdir():
         (carded / item.name).symlink_to(item)
     write_model_card(
         carded,
