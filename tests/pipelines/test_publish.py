@@ -107,7 +107,7 @@ def test_existing_card_is_merged_not_duplicated(tiny_sd_dir, tmp_path, capsys):
         config={"preset": "tiny"},
         steps=7,
         sample_grid_file="samples.png",
-        lora=False,
+        kind="pipeline",
     )
     out = tmp_path / "repo"
     argv = ["--model", str(model), "--repo-id", "me/tiny", "--dry-run", str(out), "--license", "mit"]

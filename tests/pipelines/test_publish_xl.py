@@ -69,7 +69,7 @@ def test_the_cards_base_model_is_kept_and_a_missing_one_is_asked_for(
         config={"preset": "tiny-sdxl"},
         steps=1,
         sample_grid_file=None,
-        lora=False,
+        kind="pipeline",
     )
     with caplog.at_level(logging.WARNING):
         assert main(["--model", str(carded), *argv, str(tmp_path / "out")]) == 0
