@@ -19,6 +19,7 @@ import secrets
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -29,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 from ldm.errors import UserError
 from pipelines.families import Task
 from pipelines.generation_defaults import check_guidance_interval
+from pipelines.hires import HiresFix, hires_fix, upscaled_size
 from pipelines.infotext import PARAMETERS_KEY, a1111_clip_skip, format_parameters
 from pipelines.loading import LoadedModel, ModelSettings, load_model
 from pipelines.masks import outpaint_canvas
@@ -51,13 +53,15 @@ OUTPAINT_SIDES = ("left", "right", "top", "bottom")
 
 
 class Prepared(NamedTuple):
-    """What a mode gives the pipeline call and the image metadata."""
+    """What a mode gives the pipeline call and the image metadata; ``call`` draws instead of the pipeline itself
+    (a hires fix's two passes), with the same arguments."""
 
     inputs: dict[str, Any]
     width: int
     height: int
     metadata: dict[str, str]
     a1111: dict[str, str]
+    call: Callable[..., Any] | None = None
 
 
 class Mode(Protocol):
@@ -74,10 +78,12 @@ class Mode(Protocol):
 
 @dataclass(frozen=True)
 class TextToImage:
-    """Text to image at ``height`` x ``width`` pixels (``None``: the model's native size)."""
+    """Text to image at ``height`` x ``width`` pixels (``None``: the model's native size); with ``hires``, that is
+    the base pass of a hires fix (:mod:`pipelines.hires`) and the image is ``hires.scale`` times larger."""
 
     height: int | None = None
     width: int | None = None
+    hires: HiresFix | None = None
 
     name: ClassVar[str] = "txt2img"
     task: ClassVar[Task] = "text_to_image"
@@ -91,7 +97,25 @@ class TextToImage:
                     f"{max(factor, round(side / factor) * factor)}"
                 )
         height, width = self.height or pipe.default_size, self.width or pipe.default_size
-        return Prepared({"height": self.height, "width": self.width}, width, height, {}, {})
+        inputs = {"height": self.height, "width": self.width}
+        if self.hires is None:
+            return Prepared(inputs, width, height, {}, {})
+        self.hires.check()
+        hires = self.hires
+        final_height, final_width = upscaled_size(height, width, hires.scale, factor)
+        metadata = {
+            "hires_scale": f"{hires.scale:g}",
+            "hires_strength": f"{hires.strength:g}",
+            "hires_upscale": hires.upscale,
+            **({} if hires.steps is None else {"hires_steps": str(hires.steps)}),
+        }
+        a1111 = {
+            "Hires upscale": f"{hires.scale:g}",
+            "Hires upscaler": "Latent" if hires.upscale == "latent" else "Lanczos",
+            "Denoising strength": f"{hires.strength:g}",
+            **({} if hires.steps is None else {"Hires steps": str(hires.steps)}),
+        }
+        return Prepared(inputs, final_width, final_height, metadata, a1111, partial(hires_fix, pipe, hires))
 
 
 @dataclass(frozen=True)
@@ -393,7 +417,7 @@ def generate(
     for batch_number, (first, batch) in enumerate(batches(request.prompts, request.batch_size), start=1):
         seeds = image_seeds(seed, len(batch) * request.num_images, start=first * request.num_images)
         pipe.set_progress_bar_config(desc=f"batch {batch_number}/{num_batches}" if num_batches > 1 else None)
-        images = pipe(
+        images = (prepared.call or pipe)(
             prompt=batch,
             negative_prompt=request.negative_prompt or None,
             num_inference_steps=steps,

@@ -15,9 +15,10 @@ import argparse
 import logging
 import sys
 
-from ldm.errors import OneLineParser
+from ldm.errors import OneLineParser, UserError
 from pipelines.cli import build_generation_parser, int_at_least, run_generation_command
 from pipelines.generate import TextToImage
+from pipelines.hires import UPSCALES, HiresFix
 
 
 def build_parser() -> OneLineParser:
@@ -32,6 +33,19 @@ def build_parser() -> OneLineParser:
     sampling.add_argument(
         "--width", type=int_at_least(1), metavar="PX", help="image width in pixels (default: the model's)"
     )
+    hires = parser.add_argument_group("hires fix (a base pass at --height x --width, upscaled, then img2img)")
+    hires.add_argument(
+        "--hires-scale", type=float, metavar="X", help="turn the hires fix on: the final image is X times larger"
+    )
+    hires.add_argument(
+        "--hires-strength", type=float, metavar="S", help=f"img2img strength of the pass (default {HiresFix.strength})"
+    )
+    hires.add_argument(
+        "--hires-upscale", choices=UPSCALES, help=f"resize the latents or the pixels (default {HiresFix.upscale})"
+    )
+    hires.add_argument(
+        "--hires-steps", type=int_at_least(1), metavar="N", help="sampling steps of the pass (default: --steps)"
+    )
     return parser
 
 
@@ -40,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     ``error: ...`` line for a bad argument, model or input (``--help`` returns 0)."""
 
     def mode(args: argparse.Namespace) -> TextToImage:
-        return TextToImage(height=args.height, width=args.width)
+        settings = {"strength": args.hires_strength, "upscale": args.hires_upscale, "steps": args.hires_steps}
+        given = {name: value for name, value in settings.items() if value is not None}
+        if args.hires_scale is None:
+            if given:
+                raise UserError(f"--hires-{next(iter(given))} is a setting of the hires fix; add --hires-scale X")
+            return TextToImage(height=args.height, width=args.width)
+        hires = HiresFix(args.hires_scale, **given)
+        return TextToImage(height=args.height, width=args.width, hires=hires)
 
     return run_generation_command(build_parser(), argv, mode)
 
