@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from diffusers import AsymmetricAutoencoderKL, AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -161,10 +162,14 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
         self, image: PipelineImageInput, height: int | None, width: int | None
     ) -> tuple[int, int]:
         """``height`` / ``width`` as given, else the image's (rounded down to the VAE factor). Stock defaults to the
-        U-Net's native size instead, and resizes the image to it."""
+        U-Net's native size instead, and resizes the image to it. A single unbatched image (a ``(C, H, W)`` tensor,
+        such as a base model's ``images[0]`` latents, or an ``(H, W, C)`` array) counts as a batch of one, as
+        stock's image processor takes it."""
         first = image[0] if isinstance(image, list) else image
         if height is not None and width is not None:
             return height, width
+        if isinstance(first, (torch.Tensor, np.ndarray)) and first.ndim == 3:
+            first = first[None]
         image_height, image_width = self.image_processor.get_default_height_width(first)
         if isinstance(first, torch.Tensor) and first.shape[-3] == self.vae.config.latent_channels:
             image_height, image_width = image_height * self.vae_scale_factor, image_width * self.vae_scale_factor

@@ -135,6 +135,17 @@ def test_refiner_split_continues_base_latents_as_stock(base_components):
     assert_parity(base_components, image=base_latents, num_inference_steps=4, denoising_start=0.5)
 
 
+def test_refiner_split_takes_unbatched_base_latents_as_stock(base_components):
+    # A base model's images[0] is one (C, h, w) latent; with no height / width given, the size comes from it.
+    base = StableDiffusionXLInpaintPipeline(**base_components, add_watermarker=False)
+    base.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 4, "height": None, "width": None}
+    latents = run(base, **kwargs, denoising_end=0.5, output_type="latent")[0]
+    assert latents.shape == (4, SIZE // 8, SIZE // 8)
+    actual = assert_parity(base_components, image=latents, denoising_start=0.5, **kwargs)
+    assert actual.shape == (1, SIZE, SIZE, 3)
+
+
 def test_denoising_end_hands_over_latents_as_stock(base_components, inpainting_unet):
     kwargs = {"num_inference_steps": 4, "denoising_end": 0.5, "output_type": "latent", "strength": 1.0}
     latents = assert_parity(with_(base_components, inpainting_unet), **kwargs)
