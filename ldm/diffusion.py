@@ -13,11 +13,14 @@ so callers can pass ``scheduler.config.prediction_type``.
 
 References: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM); Kingma et al. 2021, "Variational
 Diffusion Models" (SNR); Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
-(v-prediction); Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy".
+(v-prediction); Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"; Yu et al. 2024,
+"Unmasking Bias in Diffusion Model Training" (debiased estimation); Khrapov & Popov 2024, "Improving Diffusion Models's
+Data-Corruption Resistance using Scheduled Pseudo-Huber Loss" (pseudo-Huber loss and its schedules).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -27,6 +30,19 @@ from torch import Tensor
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+
+LossType = Literal["l2", "l1", "huber", "smooth_l1"]
+"""kohya-ss sd-scripts' ``--loss_type`` names: squared error, absolute error, and two scalings of pseudo-Huber."""
+
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+
+HuberSchedule = Literal["constant", "exponential", "snr"]
+"""How the pseudo-Huber parameter c depends on the timestep (kohya-ss sd-scripts' ``--huber_schedule``)."""
+
+HUBER_SCHEDULES: tuple[str, ...] = get_args(HuberSchedule)
+
+DEBIASED_SNR_CAP = 1000.0
+"""kohya-ss caps SNR at 1000 before the debiased weight (its comment: SNR is infinite at t = 0 on some schedules)."""
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -224,12 +240,91 @@ def loss_weights(snr: Tensor, prediction_type: PredictionType, min_snr_gamma: fl
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped
 
 
-def diffusion_loss(model_pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Per-sample weighted squared error ``w_b * mean_{c,h,w} (model_pred - target)^2`` (DDPM eq. 14 with weights),
-    shape ``(B,)`` in float32 (as diffusers' training scripts compute it). Take ``.mean()`` for the batch loss.
+def debiased_estimation_weights(snr: Tensor, prediction_type: PredictionType) -> Tensor:
+    """Per-sample weights of the debiased estimation loss (Yu et al. 2024, "Unmasking Bias in Diffusion Model
+    Training", arXiv:2310.08442), as kohya-ss sd-scripts applies them with ``--debiased_estimation_loss``
+    (``library/custom_train_functions.py``, ``apply_debiased_estimation``): with SNR capped at 1000 first,
+    ``1 / sqrt(SNR)`` for eps and kohya's v-prediction variant ``1 / (SNR + 1)``. Same shape and dtype as ``snr``.
+
+    The eps weight is infinite where SNR = 0 (the last step of a zero-terminal-SNR schedule, which is trained with v).
+    The weights multiply those of :func:`loss_weights` when both are used, as in kohya-ss.
+
+    Raises:
+        ValueError: ``prediction_type`` is ``"sample"``, for which the loss is not defined.
     """
+    _check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))
+    capped = snr.clamp(max=DEBIASED_SNR_CAP)
+    return 1 / capped.sqrt() if prediction_type == "epsilon" else 1 / (capped + 1)
+
+
+def huber_c_schedule(
+    alphas_cumprod: Tensor, timesteps: Tensor, huber_c: float, schedule: HuberSchedule = "snr"
+) -> Tensor:
+    """The pseudo-Huber parameter c_t of each sample (Khrapov & Popov 2024, arXiv:2403.16728), as kohya-ss sd-scripts
+    computes it (``library/train_util.py``, ``get_huber_threshold_if_needed``), shape ``(B,)`` in
+    ``alphas_cumprod.dtype``:
+
+    - ``"constant"``: ``c_t = c``.
+    - ``"exponential"``: ``c_t = exp(-a t)`` with ``a = -ln(c) / T``, i.e. ``c^(t / T)``: 1 at t = 0 falling to ``c``
+      at t = T (the schedule's length).
+    - ``"snr"``: ``c_t = (1 - c) / (1 + sigma_t)^2 + c`` with ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` (the
+      noise level of the variance-exploding view, 1 / sqrt(SNR)): about 1 where the sample is clean, ``c`` where it
+      is all noise. So the loss is close to L2 at low noise and robust (close to L1) at high noise.
+    """
+    _check_choice("huber_schedule", schedule, HUBER_SCHEDULES)
+    if not huber_c > 0:
+        raise ValueError(f"huber_c must be > 0; got {huber_c}")
+    device = timesteps.device
+    if schedule == "constant":
+        return torch.full(timesteps.shape, huber_c, dtype=alphas_cumprod.dtype, device=device)
+    if schedule == "exponential":
+        rate = -math.log(huber_c) / alphas_cumprod.shape[0]
+        return torch.exp(-rate * timesteps.to(_compute_dtype(device))).to(alphas_cumprod.dtype)
+    ab = _at(alphas_cumprod, timesteps, 0, device)
+    sigma = ((1 - ab) / ab).sqrt()
+    return ((1 - huber_c) / (1 + sigma) ** 2 + huber_c).to(alphas_cumprod.dtype)
+
+
+def elementwise_loss(
+    model_pred: Tensor, target: Tensor, loss_type: LossType = "l2", huber_c: Tensor | None = None
+) -> Tensor:
+    """The per-element loss of ``d = model_pred - target`` in float32, shape of the inputs (kohya-ss sd-scripts'
+    ``conditional_loss``, ``--loss_type``):
+
+    - ``"l2"``: ``d^2``; ``"l1"``: ``|d|``.
+    - ``"huber"``: ``2 c (sqrt(d^2 + c^2) - c)``, the pseudo-Huber loss scaled by ``2c`` (Khrapov & Popov 2024): about
+      ``d^2`` for ``|d| << c`` and ``2 c |d|`` for ``|d| >> c``.
+    - ``"smooth_l1"``: ``2 (sqrt(d^2 + c^2) - c)``: about ``d^2 / c`` for ``|d| << c`` and ``2 |d|`` beyond.
+
+    ``huber_c`` is c per sample ``(B,)`` (:func:`huber_c_schedule`), needed by the last two.
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
     if model_pred.shape != target.shape:
         raise ValueError(f"model_pred and target must have the same shape; got {model_pred.shape} and {target.shape}")
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if loss_type == "l2":
+        return F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    diff = model_pred.float() - target.float()
+    if loss_type == "l1":
+        return diff.abs()
+    if huber_c is None:
+        raise ValueError(f"loss_type {loss_type!r} needs huber_c, the pseudo-Huber parameter per sample")
+    c = huber_c.float().to(diff.device).reshape(-1, *([1] * (diff.ndim - 1)))
+    pseudo_huber = 2 * ((diff**2 + c**2).sqrt() - c)
+    return c * pseudo_huber if loss_type == "huber" else pseudo_huber
+
+
+def diffusion_loss(
+    model_pred: Tensor,
+    target: Tensor,
+    weights: Tensor | None = None,
+    *,
+    loss_type: LossType = "l2",
+    huber_c: Tensor | None = None,
+) -> Tensor:
+    """Per-sample weighted loss ``w_b * mean_{c,h,w} l(model_pred - target)``, shape ``(B,)`` in float32 (as
+    diffusers' training scripts compute it). Take ``.mean()`` for the batch loss. With the default ``loss_type="l2"``
+    it is the weighted squared error of DDPM eq. 14; the other losses are :func:`elementwise_loss`'s.
+    """
+    loss = elementwise_loss(model_pred, target, loss_type, huber_c)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     return loss if weights is None else loss * weights.float()

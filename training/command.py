@@ -9,8 +9,10 @@ model; its ``main`` is :func:`run_command`, which reports bad input (:class:`ldm
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -44,6 +46,19 @@ T = TypeVar("T")
 # diffusers' get_scheduler names
 LR_SCHEDULES = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
+OPTIMIZERS = Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion"]
+
+# --optimizer NAME -> (module, class, the pip package that provides it)
+OPTIMIZER_CLASSES: dict[str, tuple[str, str, str]] = {
+    "adamw": ("torch.optim", "AdamW", "torch"),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
+    "adafactor": ("transformers.optimization", "Adafactor", "transformers"),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+}
+
+ADAMW_FIELDS = ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon")
+
 
 @dataclass
 class LoopConfig:
@@ -54,6 +69,8 @@ class LoopConfig:
         "train_batch_size",
         "gradient_accumulation_steps",
         "dataset",
+        "optimizer",
+        "use_8bit_adam",
         "fingerprint.data",
     )
     """What ``--resume`` must find unchanged (config fields, and ``fingerprint.NAME`` of the run's fingerprint);
@@ -74,7 +91,17 @@ class LoopConfig:
     adam_beta2: float = help_field(0.999, "AdamW beta2")
     adam_weight_decay: float = help_field(1e-2, "AdamW weight decay")
     adam_epsilon: float = help_field(1e-8, "AdamW epsilon")
-    use_8bit_adam: bool = help_field(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes)")
+    optimizer: OPTIMIZERS = help_field(
+        "adamw",
+        "adamw (torch), adamw8bit (bitsandbytes), adafactor (transformers, fixed learning rate), prodigy "
+        "(prodigyopt; --learning-rate is its multiplier, 1.0 is usual) or lion (lion-pytorch)",
+    )
+    optimizer_args: list[str] = help_field(
+        [],
+        "extra keyword arguments of the optimizer as key=value (numbers, true/false, tuples such as "
+        "betas=(0.9,0.99)), e.g. weight_decay=0.01 d_coef=2; the adam_* flags are AdamW's only",
+    )
+    use_8bit_adam: bool = help_field(False, "the same as --optimizer adamw8bit (kept for existing configs)")
     max_grad_norm: float = help_field(1.0, "gradient clipping norm")
     train_batch_size: int = help_field(16, "images per process per step")
     gradient_accumulation_steps: int = help_field(1, "micro-batches per optimizer step")
@@ -124,6 +151,20 @@ class LoopConfig:
             raise ConfigError(f"validation_split must be in [0, 1) (0: no split); got {self.validation_split}")
         if self.validation_split and self.validation_dataset:
             raise ConfigError("pass one of --validation-dataset and --validation-split, not both")
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"use_8bit_adam means --optimizer adamw8bit; drop it with --optimizer {self.optimizer}")
+        optimizer_args = parse_optimizer_args(self.optimizer_args)
+        reserved = sorted({"params", "lr"} & optimizer_args.keys())
+        if reserved:
+            raise ConfigError(f"optimizer_args cannot set {', '.join(reserved)}: the learning rate is --learning-rate")
+        if optimizer_name(self) not in ("adamw", "adamw8bit"):
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [name for name in ADAMW_FIELDS if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ConfigError(
+                    f"{', '.join(changed)}: settings of AdamW, not of --optimizer {self.optimizer}; pass its own "
+                    "through --optimizer-args, e.g. weight_decay=0.01 or betas=(0.9,0.99)"
+                )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -254,23 +295,77 @@ def make_train_dataloader(
     return dataloader, batch_sampler
 
 
-def make_optimizer(params: Any, config: LoopConfig) -> torch.optim.Optimizer:
-    """AdamW over ``params`` (parameters or parameter groups), or bitsandbytes' 8-bit AdamW when asked (an error
-    names the fix when it is not installed)."""
-    optimizer_cls = torch.optim.AdamW
-    if config.use_8bit_adam:
+def optimizer_name(config: LoopConfig) -> str:
+    """The optimizer a config asks for: ``config.optimizer``, or ``adamw8bit`` with the older ``--use-8bit-adam``."""
+    return "adamw8bit" if config.use_8bit_adam else config.optimizer
+
+
+def parse_optimizer_args(items: Sequence[str]) -> dict[str, Any]:
+    """``--optimizer-args`` (``["weight_decay=0.01", "betas=(0.9,0.99)", "decouple=true"]``) as keyword arguments:
+    ``true``/``false``/``none`` (any case) are bools and None, other values are Python literals (numbers, tuples,
+    quoted strings) where they parse as one and strings otherwise.
+
+    Raises:
+        ConfigError: an item is not ``key=value`` with an identifier key, or a key is given twice.
+    """
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"optimizer_args must be key=value items such as weight_decay=0.01; got {item!r}")
+        if key in kwargs:
+            raise ConfigError(f"optimizer_args gives {key} twice")
+        words = {"true": True, "false": False, "none": None}
+        if text.lower() in words:
+            kwargs[key] = words[text.lower()]
+            continue
         try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes, or drop the flag") from None
-        optimizer_cls = bnb.optim.AdamW8bit
-    return optimizer_cls(
-        params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The class of ``--optimizer NAME`` (:data:`OPTIMIZER_CLASSES`), imported now.
+
+    Raises:
+        ConfigError: its package is not installed; the message is the ``pip install`` that fixes it.
+    """
+    module, class_name, package = OPTIMIZER_CLASSES[name]
+    try:
+        return getattr(importlib.import_module(module), class_name)
+    except ImportError:
+        raise ConfigError(
+            f"optimizer {name} needs the {package} package: pip install {package}, or pick another --optimizer"
+        ) from None
+
+
+def make_optimizer(params: Any, config: LoopConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names (:func:`optimizer_name`) over ``params`` (parameters or parameter groups) at
+    ``config.learning_rate``, with ``--optimizer-args`` as keyword arguments. AdamW and 8-bit AdamW start from the
+    ``adam_*`` settings; Adafactor runs at the given (scheduled) learning rate: ``relative_step``,
+    ``scale_parameter`` and ``warmup_init`` are off. An error names the ``pip install`` of a missing package."""
+    name = optimizer_name(config)
+    cls = optimizer_class(name)
+    kwargs = parse_optimizer_args(config.optimizer_args)
+    if name in ("adamw", "adamw8bit"):
+        adamw = {"betas": (config.adam_beta1, config.adam_beta2), "weight_decay": config.adam_weight_decay}
+        kwargs = adamw | {"eps": config.adam_epsilon} | kwargs
+    elif name == "adafactor":
+        kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False} | kwargs
+        if kwargs["relative_step"] or kwargs["warmup_init"]:
+            # Adafactor then sets its own step size and ignores the learning rate that --lr-scheduler schedules.
+            raise ConfigError("optimizer_args relative_step and warmup_init are not supported; drop them")
+    elif name == "prodigy" and config.learning_rate < 0.1:
+        logger.warning(
+            "prodigy estimates the step size itself and --learning-rate %g scales it; 1.0 is the usual value",
+            config.learning_rate,
+        )
+    try:
+        return cls(params, lr=config.learning_rate, **kwargs)
+    except TypeError as err:  # an unknown keyword of --optimizer-args
+        raise ConfigError(f"optimizer_args do not fit optimizer {name}: {err}") from None
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig, accelerator: Accelerator) -> Any:

@@ -114,6 +114,28 @@ class TrainConfig(LoopConfig):
     noise_offset: float = help_field(0.0, "offset noise strength (0.05-0.1 helps very dark/bright images)")
     caption_dropout: float = help_field(0.1, "probability of the empty caption, for classifier-free guidance")
     zero_terminal_snr: bool = help_field(False, "rescale betas to zero terminal SNR (needs v_prediction)")
+    # objective: kohya-ss sd-scripts' loss, weighting, noise and timestep options (training.objective)
+    debiased_estimation_loss: bool = help_field(
+        False, "weight each sample by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), kohya-ss' debiased estimation"
+    )
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = help_field(
+        "l2", "per-element loss: squared error, absolute error, or pseudo-Huber (robust to outliers in the data)"
+    )
+    huber_schedule: Literal["constant", "exponential", "snr"] = help_field(
+        "snr", "with --loss-type huber/smooth_l1: c falls from 1 to --huber-c as noise grows (snr, exponential) or not"
+    )
+    huber_c: float = help_field(0.1, "with --loss-type huber/smooth_l1: the pseudo-Huber parameter c (at full noise)")
+    adaptive_noise_scale: float | None = help_field(
+        None, "with --noise-offset: add this times each latent channel's absolute mean to the offset"
+    )
+    multires_noise_iterations: int = help_field(
+        0, "pyramid (multi-resolution) noise with this many levels (6-10 is usual; 0: off)"
+    )
+    multires_noise_discount: float = help_field(
+        0.3, "with --multires-noise-iterations: the weight ratio of successive levels, in (0, 1]"
+    )
+    min_timestep: int = help_field(0, "train on timesteps from this one on")
+    max_timestep: int | None = help_field(None, "train on timesteps below this one (None: up to num_train_timesteps)")
     # what is trained
     learning_rate: float = help_field(1e-5, "peak learning rate")
     ema_decay: float | None = help_field(
@@ -181,6 +203,27 @@ class TrainConfig(LoopConfig):
             raise ConfigError(f"resolution must be a multiple of 8 (the VAE downsamples by 8); got {self.resolution}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout must be in [0, 1); got {self.caption_dropout}")
+        if self.loss_type in ("l2", "l1") and (self.huber_schedule != "snr" or self.huber_c != 0.1):
+            raise ConfigError("huber_schedule and huber_c are settings of --loss-type huber or smooth_l1; add it")
+        if not self.huber_c > 0 or (self.huber_schedule != "constant" and self.huber_c > 1):
+            raise ConfigError(
+                f"huber_c must be > 0, and <= 1 with the snr and exponential schedules (c falls from 1 to it); got "
+                f"{self.huber_c}"
+            )
+        if self.adaptive_noise_scale is not None and not self.noise_offset:
+            raise ConfigError("adaptive_noise_scale adapts --noise-offset to each latent channel; add --noise-offset")
+        if self.multires_noise_iterations < 0 or not 0 < self.multires_noise_discount <= 1:
+            raise ConfigError(
+                "multires_noise_iterations must be >= 0 and multires_noise_discount in (0, 1]; got "
+                f"{self.multires_noise_iterations} and {self.multires_noise_discount}"
+            )
+        if self.multires_noise_discount != 0.3 and not self.multires_noise_iterations:
+            raise ConfigError("multires_noise_discount is a setting of --multires-noise-iterations; add it")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            raise ConfigError(
+                "min_timestep and max_timestep must satisfy 0 <= min_timestep < max_timestep (at most the scheduler's "
+                f"num_train_timesteps); got {self.min_timestep} and {self.max_timestep}"
+            )
         subset_defaults(self).validate()
         if self.mask_dir is not None and not (self.masked_loss and Path(self.mask_dir).is_dir()):
             raise ConfigError(f"mask_dir needs --masked-loss and an existing folder; got {self.mask_dir}")
@@ -267,8 +310,18 @@ def train(config: TrainConfig) -> Path:
         snr_gamma=config.snr_gamma,
         noise_offset=config.noise_offset,
         caption_dropout=config.caption_dropout,
+        debiased_estimation=config.debiased_estimation_loss,
+        loss_type=config.loss_type,
+        huber_schedule=config.huber_schedule,
+        huber_c=config.huber_c,
+        multires_noise_iterations=config.multires_noise_iterations,
+        multires_noise_discount=config.multires_noise_discount,
+        adaptive_noise_scale=config.adaptive_noise_scale,
+        min_timestep=config.min_timestep,
+        max_timestep=config.max_timestep,
     )
     alphas_cumprod = models.noise_scheduler.alphas_cumprod
+    objective.check(len(alphas_cumprod))
     _warn_if_min_snr_ignores_the_last_steps(objective, alphas_cumprod)
 
     # ------------------------------------------------------------------------------------------------------ data
@@ -529,6 +582,8 @@ def batch_loss(
         objective,
         generator,
         added_cond_kwargs=cond.added_cond_kwargs,
+        loss_weight=batch.get("loss_weight"),
+        loss_mask=batch.get("loss_mask"),
     )
 
 

@@ -1,7 +1,9 @@
-"""eval.benchmark runs both pipelines on the same components and writes a JSON result (no timing is asserted)."""
+"""eval.benchmark runs both pipelines of the family (a preset's, or a model folder's: SD or SDXL) on the same
+components and writes a JSON result (no timing is asserted)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -32,3 +34,24 @@ def test_benchmark_writes_json_for_both_pipelines(tmp_path, capsys, preset, pipe
 def test_benchmark_rejects_bad_counts(tmp_path, capsys):
     assert main(["--steps", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "folder, pipelines",
+    [
+        ("tiny_sd_dir", ["LatentDiffusionPipeline", "StableDiffusionPipeline"]),
+        ("tiny_sdxl_dir", ["LatentDiffusionXLPipeline", "StableDiffusionXLPipeline"]),
+    ],
+)
+def test_benchmark_of_a_model_folder_runs_its_familys_pipelines(request, tmp_path, folder, pipelines):
+    from diffusers import DiffusionPipeline
+
+    model = request.getfixturevalue(folder)
+    out = tmp_path / "bench.json"
+    assert main(["--model", model, "--steps", "2", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["source"] == model and result["pipelines"] == pipelines
+    stock = DiffusionPipeline.from_pretrained(model)
+    assert result["size"] == stock.unet.config.sample_size * stock.vae_scale_factor  # the model's own size
+    # unset, the guidance scale is the model's (stock's default: 7.5 for SD, 5 for SDXL)
+    assert result["guidance_scale"] == inspect.signature(type(stock).__call__).parameters["guidance_scale"].default

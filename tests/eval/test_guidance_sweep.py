@@ -1,4 +1,5 @@
-"""eval.guidance_sweep: the adherence (and FID) of each scale equal the metrics of images generated independently."""
+"""eval.guidance_sweep: the adherence (and FID) of each scale equal the metrics of images generated independently;
+on an SDXL folder its grid holds stock ``StableDiffusionXLPipeline``'s images."""
 
 from __future__ import annotations
 
@@ -58,3 +59,37 @@ def test_sweep_argument_errors(tiny_sd_dir, capsys):
     assert sweep_module.main(["--model", tiny_sd_dir, "--real", "somewhere"]) == 2
     assert "needs both --real and --features" in capsys.readouterr().err
     assert sweep_module.main(["--model", tiny_sd_dir, "--scales", "-1"]) == 2
+
+
+def test_sweep_on_an_sdxl_folder_draws_stocks_images(tiny_sdxl_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "sweep"
+    args = ["--model", tiny_sdxl_dir, "--scales", "1", "4", "--num-prompts", "2", "--steps", "2", "--batch-size", "2"]
+    assert sweep_module.main([*args, "--out", str(out)]) == 0
+    assert str(out / "sweep.json") in capsys.readouterr().out
+    result = json.loads((out / "sweep.json").read_text())
+    prompts = adherence_prompts(2, 1)
+    assert result["model"] == tiny_sdxl_dir and result["steps"] == 2 and result["num_prompts"] == 2
+    assert result["scheduler"] == "EulerDiscreteScheduler"  # the folder's own
+    assert result["guidance_interval"] == [0.0, 1.0] and result["features"] is None
+    assert [r["guidance_scale"] for r in result["rows"]] == [1.0, 4.0]
+    assert result["grid"] == {"file": "guidance_grid.png", "rows": "guidance scales, in order", "columns": prompts}
+    with Image.open(out / "guidance_sweep.png") as curve:
+        assert curve.format == "PNG" and min(curve.size) > 0
+
+    # independent reference: stock SDXL on the same folder, prompt i with seed i, at each scale
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    stock.set_progress_bar_config(disable=True)
+    grid = np.asarray(Image.open(out / "guidance_grid.png").convert("RGB")).astype(int)
+    assert grid.shape == (2 * 64, 2 * 64, 3)  # a row per scale, a column per prompt, at the model's 64 px
+    for row, scale in enumerate((1.0, 4.0)):
+        generators = [torch.Generator().manual_seed(i) for i in range(2)]
+        images = stock(prompts, guidance_scale=scale, num_inference_steps=2, generator=generators).images
+        for column, image in enumerate(images):
+            cell = grid[row * 64 : (row + 1) * 64, column * 64 : (column + 1) * 64]
+            assert np.abs(cell - np.asarray(image).astype(int)).max() <= 1
+        report = score_images(images, prompts)
+        assert result["rows"][row]["all_correct"] == report.all_correct_rate()
+        assert {k: result["rows"][row][k] for k in report.part_accuracy()} == report.part_accuracy()
+    assert not np.array_equal(grid[:64], grid[64:])  # the scale reached the pipeline

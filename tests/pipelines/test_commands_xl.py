@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import PIL.Image
-import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
-from ldm.presets import build_components
 from pipelines import img2img, inpaint, txt2img
 
 from .test_generate import assert_same_image, fast, pixels, random_image, run
 
 SEED = 3  # fast() seeds the first image with it
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory) -> str:
-    """A folder saved by stock ``StableDiffusionXLPipeline.save_pretrained`` from the tiny SDXL components."""
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    StableDiffusionXLPipeline(**build_components("tiny-sdxl", seed=0)).save_pretrained(path)
-    return str(path)
 
 
 def stock_image(cls, model: str, prompt: str, **kwargs) -> np.ndarray:

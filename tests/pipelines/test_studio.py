@@ -1,7 +1,8 @@
 """The web app's generation (``pipelines.studio``) without a browser: text-to-image gives ``txt2img``'s images and
 metadata, img2img the ``img2img`` command's, a reported seed reproduces its images, inpainting and outpainting keep
 the pixels they should, and a bad setting raises a ``ValueError`` that says what to change, before anything is
-written."""
+written. On an SDXL folder (no extra flag) text-to-image, img2img and inpainting draw stock
+``StableDiffusionXL*Pipeline``'s images, and the page and ``python -m pipelines.app`` start on the SDXL pipeline."""
 
 from __future__ import annotations
 
@@ -204,3 +205,175 @@ def test_bad_mode_inputs_say_what_to_change(studio, mode, message) -> None:
     with pytest.raises(UserError, match=message):
         mode(studio, Settings(prompt="a circle", steps=2))
     assert sorted(studio.out.iterdir()) == before
+
+
+# ------------------------------------------------------------------------------------------------------------ SDXL
+
+
+@pytest.fixture(scope="module")
+def sdxl_studio(tiny_sdxl_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Studio:
+    return Studio.load(tiny_sdxl_dir, tmp_path_factory.mktemp("app-out-xl"), torch.device("cpu"))
+
+
+def float_images(monkeypatch: pytest.MonkeyPatch, pipe) -> list[np.ndarray]:
+    """The images ``pipe`` draws, in floats, as they are before the 8-bit rounding: recorded from its postprocess
+    (which still returns what the pipeline asked for)."""
+    recorded: list[np.ndarray] = []
+    postprocess = pipe.image_processor.postprocess
+
+    def spy(image, output_type: str = "pil", **kwargs):
+        recorded.append(postprocess(image, output_type="np", **kwargs))
+        return postprocess(image, output_type=output_type, **kwargs)
+
+    monkeypatch.setattr(pipe.image_processor, "postprocess", spy)
+    return recorded
+
+
+@pytest.fixture(scope="module")
+def stock_sdxl(tiny_sdxl_dir: str):
+    """Stock ``StableDiffusionXLPipeline`` loaded from the same folder (its img2img / inpaint pipelines share its
+    components through ``from_pipe``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+
+
+def stock_xl(stock, cls, prompt: str, seed: int, **kwargs) -> np.ndarray:
+    """Stock ``cls`` on ``stock``'s components: one image in floats, seeded ``seed``, 2 steps."""
+    pipe = stock if cls is type(stock) else cls.from_pipe(stock)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=2, generator=generator, output_type="np", **kwargs).images[0]
+
+
+def assert_stocks_image(path: Path, drawn: list[np.ndarray], reference: np.ndarray) -> None:
+    """The app drew stock's image (< 1e-4 in floats) and saved it rounded to 8 bits."""
+    assert len(drawn) == 1 and drawn[0].shape == (1, *reference.shape)
+    assert np.abs(drawn[0][0] - reference).max() < 1e-4
+    assert np.abs(pixels(path) / 255 - reference).max() <= 0.5 / 255 + 1e-4
+
+
+def test_sdxl_text_to_image_at_the_apps_defaults_gives_stocks_image(sdxl_studio, stock_sdxl, monkeypatch) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    assert type(sdxl_studio.pipe).__name__ == "LatentDiffusionXLPipeline"
+    drawn = float_images(monkeypatch, sdxl_studio.pipe)
+    size = sdxl_studio.default_size  # the page's width and height to start with
+    generation = sdxl_studio.text_to_image(Settings(prompt="a red circle", seed=5, steps=2), size, size)
+    # the model's scheduler and guidance (stock SDXL's 5), at the model's size: stock's own defaults
+    reference = stock_xl(stock_sdxl, StableDiffusionXLPipeline, "a red circle", seed=5)
+    assert_stocks_image(generation.paths[0], drawn, reference)
+    expected = {"mode": "txt2img", "seed": "5", "guidance_scale": "5.0", "scheduler": "euler", "width": str(size)}
+    assert metadata(generation.paths[0]).items() >= expected.items()
+
+
+def test_sdxl_img2img_gives_stocks_image(sdxl_studio, stock_sdxl, monkeypatch) -> None:
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from pipelines.pipeline_img2img import IMG2IMG_STRENGTH
+
+    image = random_image(64, 64, seed=2)
+    drawn = float_images(monkeypatch, sdxl_studio.model.pipeline("img2img"))
+    settings = Settings(prompt="a blue square", negative_prompt="blurry", seed=3, steps=2)
+    generation = sdxl_studio.image_to_image(settings, image, strength=IMG2IMG_STRENGTH)  # the page's strength
+    reference = stock_xl(
+        stock_sdxl,
+        StableDiffusionXLImg2ImgPipeline,
+        "a blue square",
+        seed=3,
+        image=image,
+        strength=IMG2IMG_STRENGTH,
+        negative_prompt="blurry",
+    )
+    assert_stocks_image(generation.paths[0], drawn, reference)
+    assert metadata(generation.paths[0]).items() >= {"mode": "img2img", "strength": str(IMG2IMG_STRENGTH)}.items()
+
+
+def test_sdxl_inpaint_gives_stocks_image_and_keeps_the_unmasked_pixels(sdxl_studio, stock_sdxl, monkeypatch) -> None:
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    image = random_image(64, 64, seed=4)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    mask_image = PIL.Image.fromarray(mask, mode="L")
+    drawn = float_images(monkeypatch, sdxl_studio.model.pipeline("inpaint"))
+    settings = Settings(prompt="a green triangle", seed=6, steps=2)
+    # "keep the unmasked pixels" off: the decoded image everywhere, as stock's
+    generation = sdxl_studio.inpaint(settings, image, mask_image, keep_unmasked_pixels=False)
+    # the page's strength (1) and the model's guidance (5); stock inpainting's own defaults are 0.9999 and 7.5
+    reference = stock_xl(
+        stock_sdxl,
+        StableDiffusionXLInpaintPipeline,
+        "a green triangle",
+        seed=6,
+        image=image,
+        mask_image=mask_image,
+        strength=1.0,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+    )
+    assert_stocks_image(generation.paths[0], drawn, reference)
+    assert metadata(generation.paths[0]).items() >= {"mode": "inpaint", "keep_unmasked_pixels": "false"}.items()
+
+    kept = pixels(sdxl_studio.inpaint(settings, image, mask_image).paths[0])  # the page's default: on
+    assert np.array_equal(kept[mask == 0], np.asarray(image)[mask == 0])
+    assert (kept[mask == 255] != np.asarray(image)[mask == 255]).any()
+
+
+def test_sdxl_outpaint_extends_the_canvas_and_keeps_the_original(sdxl_studio) -> None:
+    image = random_image(48, 64, seed=5)
+    generation = sdxl_studio.outpaint(Settings(prompt="a circle", seed=1, steps=2), image, {"right": 16})
+    result = pixels(generation.paths[0])
+    assert result.shape == (64, 64, 3)
+    assert np.array_equal(result[:, :48], np.asarray(image))
+    assert metadata(generation.paths[0]).items() >= {"mode": "outpaint", "outpaint": "right=16"}.items()
+
+
+def test_the_page_of_an_sdxl_model_starts_at_stocks_defaults_and_draws_stocks_image(sdxl_studio, stock_sdxl) -> None:
+    import inspect
+
+    import gradio as gr
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipelines.app import build_app
+
+    demo = build_app(sdxl_studio)
+    clicks = [fn for fn in demo.fns.values() if fn.name == "run"]
+    assert len(clicks) == 4  # text to image, image to image, inpaint, outpaint
+    txt2img = clicks[0]
+    values = {component: component.value for component in txt2img.inputs}
+    by_label = {component.label: component for component in txt2img.inputs}
+    stock_defaults = inspect.signature(StableDiffusionXLPipeline.__call__).parameters
+    assert values[by_label["Steps"]] == stock_defaults["num_inference_steps"].default
+    assert values[by_label["Guidance scale"]] == stock_defaults["guidance_scale"].default
+    native = stock_sdxl.default_sample_size * stock_sdxl.vae_scale_factor
+    assert values[by_label["Width"]] == values[by_label["Height"]] == native
+    assert isinstance(by_label["Random seed"], gr.Checkbox)
+
+    values |= {by_label["Prompt"]: "a red circle", by_label["Steps"]: 2, by_label["Random seed"]: False}
+    values[by_label["Seed"]] = 5
+    ((path, caption),) = txt2img.fn(values)[0]
+    assert caption == "seed 5"
+    reference = stock_xl(stock_sdxl, StableDiffusionXLPipeline, "a red circle", seed=5)
+    assert np.abs(pixels(Path(path)) / 255 - reference).max() <= 0.5 / 255 + 1e-4
+
+
+def test_the_app_command_serves_an_sdxl_folder_with_no_extra_flag(tiny_sdxl_dir, tmp_path, monkeypatch) -> None:
+    import gradio as gr
+
+    import pipelines.app as app
+    from pipelines.families import STABLE_DIFFUSION_XL
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    built, launched = [], []
+    build_app = app.build_app
+    monkeypatch.setattr(app, "build_app", lambda studio: built.append(studio) or build_app(studio))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **kwargs: launched.append(kwargs))
+    argv = ["--model", tiny_sdxl_dir, "--device", "cpu", "--port", "7861", "--out", str(tmp_path / "out")]
+    assert app.main(argv) == 0
+    (studio,) = built
+    assert type(studio.pipe).__name__ == "LatentDiffusionXLPipeline" and studio.model.family is STABLE_DIFFUSION_XL
+    assert launched == [
+        {"server_name": "127.0.0.1", "server_port": 7861, "allowed_paths": [str((tmp_path / "out").resolve())]}
+    ]
