@@ -189,6 +189,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                         with gr.Row():
                             width = gr.Slider(label="Width", value=studio.default_size, **size)
                             height = gr.Slider(label="Height", value=studio.default_size, **size)
+                        with gr.Row():
+                            hires_scale = gr.Slider(1.0, 4.0, 1.0, step=0.25, label="Hires fix: upscale (1 = off)")
+                            hires_strength = gr.Slider(0.05, 1.0, 0.5, step=0.05, label="Hires fix: strength")
                         txt2img = gr.Button("Generate", variant="primary")
                     with gr.Tab("Image to image"):
                         img2img_image = gr.Image(label="Image to redraw", **upload)
@@ -236,7 +239,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             return studio.outpaint(settings, image, sides, blur, int(resamples), keep_unmasked_pixels=bool(keep))
 
         outputs = [results, seed_used]
-        connect(txt2img, studio.text_to_image, shared, [width, height], outputs)
+        connect(txt2img, studio.text_to_image, shared, [width, height, hires_scale, hires_strength], outputs)
         connect(img2img, studio.image_to_image, shared, [img2img_image, img2img_strength], outputs)
         inpaint_inputs = [editor, inpaint_strength, inpaint_blur, inpaint_resamples, inpaint_keep]
         connect(inpaint, run_inpaint, shared, inpaint_inputs, outputs)

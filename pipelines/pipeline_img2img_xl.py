@@ -34,7 +34,8 @@ from ldm.errors import UserError
 from ldm.micro_conditioning import aesthetic_time_ids, size_crop_time_ids
 from pipelines.pipeline_img2img import LatentDiffusionImg2ImgPipeline
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipelineOutput
-from pipelines.pipeline_latent_diffusion_xl import LatentDiffusionXLPipeline, Size, XLInputs, timesteps_until
+from pipelines.pipeline_latent_diffusion_xl import LatentDiffusionXLPipeline, timesteps_until
+from pipelines.prompt_conditioning_xl import Size, XLInputs
 
 logger = logging.getLogger(__name__)
 

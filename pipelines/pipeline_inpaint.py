@@ -34,9 +34,10 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ldm.diffusion import q_sample_from
 from ldm.errors import UserError
+from pipelines.denoising import StepHook
 from pipelines.masks import latent_mask, paste_unmasked, warn_if_mask_is_uniform
 from pipelines.pipeline_img2img import LatentDiffusionImg2ImgPipeline, expand_to_batch
-from pipelines.pipeline_latent_diffusion import CallSetup, LatentDiffusionPipelineOutput, StepHook
+from pipelines.pipeline_latent_diffusion import CallSetup, LatentDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from pipelines.generation_defaults import GenerationDefaults
 from pipelines.pipeline_img2img_xl import LatentDiffusionXLImg2ImgPipeline
 from pipelines.pipeline_inpaint import InpaintStepHook, LatentDiffusionInpaintPipeline
 from pipelines.pipeline_latent_diffusion import CallSetup, LatentDiffusionPipelineOutput
-from pipelines.pipeline_latent_diffusion_xl import LatentDiffusionXLPipeline, Size, XLInputs, timesteps_until
+from pipelines.pipeline_latent_diffusion_xl import LatentDiffusionXLPipeline, timesteps_until
+from pipelines.prompt_conditioning_xl import Size, XLInputs
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,9 @@ diffusers' stock ``StableDiffusionPipeline``; on top of that it encodes prompts 
 of truncating them (each prompt of a batch gets the image it gets alone), reads prompt weights such as ``(word:1.3)``
 when asked (``prompt_weighting=True``), chooses the attention backend in one call, and retries a half-precision VAE
 decode in float32 when it overflows (the "black image" bug) instead of returning NaNs.
+
+The steps of a call are in order here, except two concepts that have their own modules: prompt conditioning
+(:mod:`pipelines.prompt_conditioning`) and the denoising loop (:mod:`pipelines.denoising`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -32,19 +34,19 @@ from diffusers.loaders import (
     TextualInversionLoaderMixin,
 )
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, deprecate, scale_lora_layers, unscale_lora_layers
+from diffusers.utils import BaseOutput, deprecate
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ldm.attention import set_attention_backend
 from ldm.errors import UserError
-from ldm.guidance import guide, uses_classifier_free_guidance
-from ldm.text import encode_prompts, prompt_chunk_count
-from ldm.tokenizer import CLIP_MAX_LENGTH
+from ldm.guidance import uses_classifier_free_guidance
+from pipelines.denoising import DenoisingLoopMixin, StepHook
 from pipelines.generation_defaults import FILENAME as GENERATION_DEFAULTS_FILE
-from pipelines.generation_defaults import FULL_INTERVAL, GenerationDefaults, check_guidance_interval
+from pipelines.generation_defaults import GenerationDefaults, check_guidance_interval
+from pipelines.prompt_conditioning import FamilyInputs, PromptConditioningMixin, TextConditioning
 from pipelines.single_file import check_checkpoint_format
 
 logger = logging.getLogger(__name__)
@@ -58,67 +60,6 @@ class LatentDiffusionPipelineOutput(BaseOutput):
     the final latents, as ``output_type`` asked."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-
-
-@dataclass
-class TextConditioning:
-    """What the U-Net is conditioned on for one call: the prompt embeddings ``(B * n, L, D)``, the negative ones (None
-    when the call does not guide), the padding mask of the embeddings (None: attend to all) and the U-Net's added
-    conditions of the prompts (``added_cond_kwargs``: IP-Adapter image embeddings, SDXL's pooled text embedding and
-    size/crop ids; None without) and of the negative prompts (``negative_added_cond_kwargs``, the same keys; None
-    when the call does not guide). A guided step gives the U-Net each added condition as ``[negative; positive]``,
-    an unguided one the positive alone."""
-
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None
-    attention_mask: torch.Tensor | None
-    added_cond_kwargs: dict[str, Any] | None
-    negative_added_cond_kwargs: dict[str, Any] | None = None
-
-
-@dataclass
-class FamilyInputs:
-    """The call arguments that only some model families take (SDXL's second prompts, pooled embeddings and sizes),
-    handed from ``__call__`` through :meth:`LatentDiffusionPipeline.start_call` to ``encode_conditioning``. Stable
-    Diffusion 1.x/2.x has none."""
-
-
-def concat_added_conditions(negative: dict[str, Any] | None, positive: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The U-Net's added conditions of a guided step: each one ``[negative; positive]`` along the batch (a list of
-    tensors, as IP-Adapter image embeddings come, element by element)."""
-    if positive is None:
-        return None
-    if negative is None:
-        raise ValueError("a guided step needs the negative added conditions too (TextConditioning.negative_*)")
-
-    def cat(neg: Any, pos: Any) -> Any:
-        if isinstance(pos, (list, tuple)):
-            return [torch.cat([n, q]) for n, q in zip(neg, pos, strict=True)]
-        return torch.cat([neg, pos])
-
-    return {key: cat(negative[key], value) for key, value in positive.items()}
-
-
-def split_added_conditions(both: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``[negative; positive]`` added conditions (as stock's ``prepare_ip_adapter_image_embeds`` returns them when
-    guiding) split into the negative and the positive halves."""
-
-    def half(value: Any, index: int) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [v.chunk(2)[index] for v in value]
-        return value.chunk(2)[index]
-
-    return {k: half(v, 0) for k, v in both.items()}, {k: half(v, 1) for k, v in both.items()}
-
-
-def padding_mask(counts: list[int], num_images_per_prompt: int, device: torch.device) -> torch.Tensor | None:
-    """``(B * n, 77 * max(counts))``: 1 on the first ``counts[b]`` chunks of prompt ``b``, 0 on the chunks its batch
-    adds beyond them; None when every prompt has the same count (no mask: the call is stock's)."""
-    if min(counts) == max(counts):
-        return None
-    positions = torch.arange(max(counts) * CLIP_MAX_LENGTH, device=device)
-    lengths = torch.tensor(counts, device=device)[:, None] * CLIP_MAX_LENGTH
-    return (positions[None, :] < lengths).long().repeat_interleave(num_images_per_prompt, dim=0)
 
 
 @dataclass
@@ -139,31 +80,6 @@ class CallSetup:
     callback_on_step_end_tensor_inputs: list[str]
     callback: Callable | None = None
     callback_steps: int | None = None
-
-
-class StepHook:
-    """What a pipeline adds to each step of LatentDiffusionPipeline.denoise; this base adds nothing."""
-
-    resamples: int = 0  # redo each step this many more times from renoise(i, latents) (RePaint)
-
-    def unet_input(self, model_input: torch.Tensor, guided: bool) -> torch.Tensor:
-        """The U-Net's input after ``scale_model_input``; may concat channels (doubled when ``guided``)."""
-        return model_input
-
-    def after_step(self, i: int, latents: torch.Tensor) -> torch.Tensor:
-        """The latents after step ``i`` (inpainting puts the known region back)."""
-        return latents
-
-    def renoise(self, i: int, latents: torch.Tensor) -> torch.Tensor:
-        """Step ``i``'s result noised back to its timestep, to redo the step (needed when ``resamples`` > 0)."""
-        raise NotImplementedError
-
-    def callback_tensors(self, guided: bool) -> dict[str, torch.Tensor]:
-        """The hook's tensors a ``callback_on_step_end`` may ask for by name (stock inpainting's ``mask``, ...)."""
-        return {}
-
-    def set_callback_tensors(self, tensors: dict[str, torch.Tensor], guided: bool) -> None:
-        """Take back the hook's tensors among those a ``callback_on_step_end`` returned."""
 
 
 def _fix_legacy_scheduler_config(scheduler: KarrasDiffusionSchedulers | None) -> None:
@@ -211,6 +127,8 @@ def _load_generation_defaults(
 
 
 class LatentDiffusionPipeline(
+    PromptConditioningMixin,
+    DenoisingLoopMixin,
     DiffusionPipeline,
     StableDiffusionMixin,
     StableDiffusionLoraLoaderMixin,
@@ -247,9 +165,6 @@ class LatentDiffusionPipeline(
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    # Callback tensor names that are added conditions: name -> (added_cond_kwargs key, which half). "both" is
-    # [negative; positive] at a guided step (the positive alone otherwise), "negative" the negative half.
-    _callback_added_conditions: dict[str, tuple[str, Literal["both", "negative"]]] = {}
     # What a call uses for the settings it and the model's generation_defaults.json leave out: stock's.
     stock_generation_defaults = GenerationDefaults()
 
@@ -543,14 +458,6 @@ class LatentDiffusionPipeline(
                 f"{self._callback_tensor_inputs}"
             )
 
-    @staticmethod
-    def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
-        if isinstance(prompt, str):
-            return 1
-        if isinstance(prompt, list):
-            return len(prompt)
-        return prompt_embeds.shape[0]
-
     def check_ip_adapter_inputs(
         self, ip_adapter_image: PipelineImageInput | None, ip_adapter_image_embeds: list[torch.Tensor] | None
     ) -> None:
@@ -592,197 +499,7 @@ class LatentDiffusionPipeline(
                 raise UserError(f"callback_steps must be a positive integer; got {callback_steps!r}")
         return callback, callback_steps
 
-    # ---------------------------------------------------------------------------------------------------- 2. prompt
-
-    def encode_prompt(
-        self,
-        prompt: str | list[str] | None,
-        device: torch.device,
-        num_images_per_prompt: int = 1,
-        do_classifier_free_guidance: bool = True,
-        negative_prompt: str | list[str] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        lora_scale: float | None = None,
-        clip_skip: int | None = None,
-        prompt_weighting: bool = False,
-        long_prompts: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Encode prompts (and negative prompts, when guiding) to CLIP hidden states ``(B * n, 77 * chunks, D)``.
-
-        A prompt of up to 75 tokens gives exactly stock diffusers' embeddings (with ``prompt_weighting`` on, only
-        when it has no weight syntax). Longer prompts are encoded in 75-token chunks that are concatenated (see
-        :func:`ldm.text.encode_prompts`); a batch is padded to its longest prompt's chunk count with chunks of the
-        empty prompt (:meth:`prompt_padding_mask` says which positions are such padding). ``prompt_weighting``
-        reads A1111's ``(word:1.3)`` / ``[word]`` weights; off (the default, as stock), brackets are text.
-        ``long_prompts=False`` cuts every prompt to its first 75 tokens instead, as stock does (with its warning).
-        With both ``prompt_embeds`` and ``negative_prompt_embeds`` given, no tokenizer or text encoder is needed.
-
-        Raises:
-            UserError: a negative prompt longer than the ``prompt_embeds`` given.
-        """
-        text_encoder = self.text_encoder
-        if lora_scale is not None and USE_PEFT_BACKEND and text_encoder is not None:
-            self._lora_scale = lora_scale
-            scale_lora_layers(text_encoder, lora_scale)
-
-        prompts, negatives = self._prompt_texts(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_classifier_free_guidance
-        )
-        truncate = not long_prompts
-        encode = {
-            "clip_skip": clip_skip,
-            "device": device,
-            "dtype": self._text_dtype(),
-            "weighting": prompt_weighting,
-            "truncate": truncate,
-        }
-        if prompt_embeds is None:
-            num_chunks = max(self._chunk_counts(prompts, negatives, prompt_weighting, truncate))
-            prompt_embeds = encode_prompts(text_encoder, self.tokenizer, prompts, num_chunks=num_chunks, **encode)
-        if negatives is not None:
-            prompt_chunks = prompt_embeds.shape[1] // CLIP_MAX_LENGTH
-            needed = max(prompt_chunk_count(self.tokenizer, n, prompt_weighting, truncate) for n in negatives)
-            if needed > prompt_chunks:
-                raise UserError(
-                    f"negative_prompt needs {needed} chunks of {CLIP_MAX_LENGTH} tokens but prompt_embeds has "
-                    f"{prompt_chunks}; shorten the negative prompt or pass negative_prompt_embeds"
-                )
-            negative_prompt_embeds = encode_prompts(
-                text_encoder, self.tokenizer, negatives, num_chunks=prompt_chunks, **encode
-            )
-
-        if lora_scale is not None and USE_PEFT_BACKEND and text_encoder is not None:
-            unscale_lora_layers(text_encoder, lora_scale)
-
-        prompt_embeds = prompt_embeds.to(device=device, dtype=self._text_dtype())
-        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        if do_classifier_free_guidance:
-            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=self._text_dtype())
-            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return prompt_embeds, negative_prompt_embeds
-
-    def encode_conditioning(
-        self,
-        prompt: str | list[str] | None,
-        negative_prompt: str | list[str] | None,
-        prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        num_images_per_prompt: int,
-        device: torch.device,
-        prompt_weighting: bool,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        long_prompts: bool = True,
-        family_inputs: FamilyInputs | None = None,
-    ) -> TextConditioning:
-        """The prompt (and, when guiding, negative prompt) embeddings, their padding mask and the IP-Adapter image
-        embeddings of this call (call :meth:`_start_call` first: guidance, ``clip_skip`` and the LoRA scale are read
-        from the call state). ``family_inputs``: none for this family."""
-        do_cfg = self.do_classifier_free_guidance
-        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_cfg,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            lora_scale=lora_scale,
-            clip_skip=self.clip_skip,
-            prompt_weighting=prompt_weighting,
-            long_prompts=long_prompts,
-        )
-        attention_mask = self.prompt_padding_mask(
-            prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_weighting, device, long_prompts
-        )
-        added, negative_added = self.ip_adapter_conditions(
-            ip_adapter_image, ip_adapter_image_embeds, device, prompt_embeds.shape[0]
-        )
-        return TextConditioning(
-            prompt_embeds, negative_prompt_embeds if do_cfg else None, attention_mask, added, negative_added
-        )
-
-    def ip_adapter_conditions(
-        self,
-        ip_adapter_image: PipelineImageInput | None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None,
-        device: torch.device,
-        num_images: int,
-    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """The IP-Adapter image embeddings as added conditions of the prompts and (when guiding) of the negative
-        prompts, as stock computes them; None without an image prompt (and for the negative when not guiding)."""
-        do_cfg = self.do_classifier_free_guidance
-        if ip_adapter_image is None and ip_adapter_image_embeds is None:
-            return None, None
-        image_embeds = self.prepare_ip_adapter_image_embeds(
-            ip_adapter_image, ip_adapter_image_embeds, device, num_images, do_cfg
-        )
-        if not do_cfg:
-            return {"image_embeds": image_embeds}, None
-        negative, positive = split_added_conditions({"image_embeds": image_embeds})
-        return positive, negative
-
-    def prompt_padding_mask(
-        self,
-        prompt: str | list[str] | None,
-        negative_prompt: str | list[str] | None,
-        num_images_per_prompt: int,
-        do_classifier_free_guidance: bool,
-        prompt_weighting: bool,
-        device: torch.device,
-        long_prompts: bool = True,
-    ) -> torch.Tensor | None:
-        """Which positions of :meth:`encode_prompt`'s embeddings the U-Net attends to, ``(B * n, 77 * chunks)``.
-
-        Each prompt (with its negative, padded to the pair's chunk count as A1111 does) has its own chunk count; the
-        chunks a batch adds beyond it to reach its longest prompt are masked, so a prompt's image does not depend on
-        the other prompts of its batch. None when no row is padded (or for precomputed embeddings): then the U-Net
-        gets no mask and the call is stock's.
-        """
-        if prompt is None:
-            return None
-        prompts, negatives = self._prompt_texts(prompt, negative_prompt, None, None, do_classifier_free_guidance)
-        counts = self._chunk_counts(prompts, negatives, prompt_weighting, not long_prompts)
-        return padding_mask(counts, num_images_per_prompt, device)
-
-    def _prompt_texts(
-        self,
-        prompt: str | list[str] | None,
-        negative_prompt: str | list[str] | None,
-        prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        do_classifier_free_guidance: bool,
-    ) -> tuple[list[str] | None, list[str] | None]:
-        """The prompts and negative prompts still to encode, as lists (textual-inversion tokens expanded)."""
-        batch_size = self._batch_size(prompt, prompt_embeds)
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        negatives: list[str] | None = None
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negative_prompt = negative_prompt or ""
-            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-            negatives = self.maybe_convert_prompt(negatives, self.tokenizer)
-        if prompts is not None and prompt_embeds is None:
-            prompts = self.maybe_convert_prompt(prompts, self.tokenizer)
-        return prompts, negatives
-
-    def _chunk_counts(
-        self, prompts: list[str], negatives: list[str] | None, weighting: bool, truncate: bool = False
-    ) -> list[int]:
-        """Per prompt, the chunks it and its negative need (at least 1; exactly 1 with ``truncate``)."""
-        negatives = negatives or [""] * len(prompts)
-        count = partial(prompt_chunk_count, self.tokenizer, weighting=weighting, truncate=truncate)
-        return [max(count(p), count(n)) for p, n in zip(prompts, negatives, strict=True)]
-
-    def _text_dtype(self) -> torch.dtype:
-        if self.text_encoder is not None:
-            return self.text_encoder.dtype
-        return self.unet.dtype
-
-    # IP-Adapter image embeddings exactly as stock computes them (from self.image_encoder / feature_extractor).
-    encode_image = StableDiffusionPipeline.encode_image
-    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+    # 2. prompt: encode_prompt and encode_conditioning come from PromptConditioningMixin (prompt_conditioning.py).
 
     # --------------------------------------------------------------------------------------------------- 3. latents
 
@@ -810,142 +527,9 @@ class LatentDiffusionPipeline(
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
-    # ----------------------------------------------------------------------------------------------------- 4. loop
+    # 4. loop: denoise comes from DenoisingLoopMixin (denoising.py).
 
-    get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
-
-    def guidance_embedding(self, num_images: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        """An LCM U-Net's guidance condition (``unet.config.time_cond_proj_dim`` set): the embedding of g - 1 that
-        stock passes as ``timestep_cond``; None for other U-Nets."""
-        dim = self.unet.config.time_cond_proj_dim
-        if dim is None:
-            return None
-        scale = torch.tensor(self.guidance_scale - 1).repeat(num_images)
-        return self.get_guidance_scale_embedding(scale, embedding_dim=dim).to(device=device, dtype=dtype)
-
-    def _scheduler_step_kwargs(
-        self, generator: torch.Generator | list[torch.Generator] | None, eta: float
-    ) -> dict[str, Any]:
-        """``eta`` (DDIM's stochasticity) and ``generator`` for the schedulers whose ``step`` takes them."""
-        accepted = inspect.signature(self.scheduler.step).parameters
-        kwargs: dict[str, Any] = {}
-        if "eta" in accepted:
-            kwargs["eta"] = eta
-        if "generator" in accepted:
-            kwargs["generator"] = generator
-        return kwargs
-
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        num_inference_steps: int,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None,
-        *,
-        guidance_scale: float,
-        guidance_rescale: float,
-        step_kwargs: dict[str, Any],
-        guidance_interval: tuple[float, float] = FULL_INTERVAL,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        step_hook: StepHook | None = None,
-        timestep_cond: torch.Tensor | None = None,
-        added_cond_kwargs: dict[str, Any] | None = None,
-        prompt_attention_mask: torch.Tensor | None = None,
-        negative_attention_mask: torch.Tensor | None = None,
-        callback: Callable | None = None,
-        callback_steps: int | None = None,
-        negative_added_cond_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        """The sampling loop: at each timestep the U-Net's guided prediction, then the scheduler's step x_t -> x_{t-1}.
-
-        With guidance the unconditional and conditional passes go through the U-Net as one batch ``[neg; pos]``, at
-        the timesteps t with ``lo <= t / T <= hi`` for ``guidance_interval`` (lo, hi) (Kynkaanniemi et al. 2024);
-        at the others the conditional pass alone. ``negative_prompt_embeds`` None means no guidance (a single
-        conditional pass). ``self.guidance_scale`` is read at every step, so ``callback_on_step_end`` may change it
-        (to 1 or below it drops guidance for the remaining steps); ``self.interrupt`` skips the remaining steps.
-
-        The callback sees stock's tensors: ``prompt_embeds`` is ``[neg; pos]`` at guided steps; returned tensors
-        replace ours (a ``prompt_embeds`` of the doubled batch is split back into the two halves).
-
-        ``step_hook`` (a :class:`StepHook`) adds what image editing needs: channels concatenated to the U-Net input,
-        a replacement of the latents after each step, and RePaint resampling of each step.
-        ``timestep_cond`` (LCM's guidance embedding) goes to the U-Net as in stock; ``added_cond_kwargs`` and
-        ``negative_added_cond_kwargs`` (IP-Adapter image embeddings, SDXL's pooled embedding and size/crop ids) of
-        the prompts and negative prompts go as ``[negative; positive]`` at guided steps, the positive alone at the
-        others. ``prompt_attention_mask`` / ``negative_attention_mask`` ``(B, L)`` mask padded positions of the
-        embeddings (a batch of prompts with different chunk counts); None attends to all.
-        """
-        hook = step_hook or StepHook()
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
-        lo, hi = (bound * num_train_timesteps for bound in guidance_interval)
-
-        cond = TextConditioning(
-            prompt_embeds,
-            negative_prompt_embeds,
-            prompt_attention_mask,
-            added_cond_kwargs,
-            negative_added_cond_kwargs,
-        )
-
-        def guided_at(t: torch.Tensor) -> bool:
-            return (
-                cond.negative_prompt_embeds is not None and self.do_classifier_free_guidance and lo <= float(t) <= hi
-            )
-
-        def step(i: int, t: torch.Tensor, latents: torch.Tensor, guided: bool) -> torch.Tensor:
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = hook.unet_input(self.scheduler.scale_model_input(model_input, t), guided)
-            embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]) if guided else cond.prompt_embeds
-            mask = prompt_attention_mask
-            if guided and prompt_attention_mask is not None:
-                mask = torch.cat([negative_attention_mask, prompt_attention_mask])
-            cond_kwargs = cond.added_cond_kwargs
-            if guided:
-                cond_kwargs = concat_added_conditions(cond.negative_added_cond_kwargs, cond.added_cond_kwargs)
-            noise_pred = self.unet(
-                model_input,
-                t,
-                encoder_hidden_states=embeds,
-                timestep_cond=timestep_cond,
-                cross_attention_kwargs=cross_attention_kwargs,
-                added_cond_kwargs=cond_kwargs,
-                encoder_attention_mask=mask,
-                return_dict=False,
-            )[0]
-            if guided:
-                noise_pred = guide(noise_pred, self._guidance_scale, self._guidance_rescale)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            return hook.after_step(i, latents)
-
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                guided = guided_at(t)
-                latents = step(i, t, latents, guided)
-                for _ in range(hook.resamples):
-                    latents = step(i, t, hook.renoise(i, latents), guided)
-
-                if callback_on_step_end is not None:
-                    latents = self._step_end_callback(
-                        callback_on_step_end, tensor_inputs, i, t, guided, latents, cond, hook
-                    )
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-                    if callback is not None and i % (callback_steps or 1) == 0:
-                        callback(i // getattr(self.scheduler, "order", 1), t, latents)
-        return latents
+    # ----------------------------------------------------------------------------- the steps shared by every __call__
 
     def start_call(
         self,
@@ -1088,63 +672,6 @@ class LatentDiffusionPipeline(
         if not return_dict:
             return (images,)
         return LatentDiffusionPipelineOutput(images=images)
-
-    def _step_end_callback(
-        self,
-        callback_on_step_end: Callable,
-        tensor_inputs: list[str],
-        i: int,
-        t: torch.Tensor,
-        guided: bool,
-        latents: torch.Tensor,
-        cond: TextConditioning,
-        hook: StepHook,
-    ) -> torch.Tensor:
-        """Call ``callback_on_step_end(pipe, i, t, tensors)`` with the tensors it names, as stock passes them
-        (``prompt_embeds`` and the added conditions such as SDXL's ``add_text_embeds`` are ``[negative; positive]`` at
-        a guided step), and take back the ones it returns: the latents are returned, the conditioning is updated in
-        ``cond`` (a returned tensor of the doubled batch is split back into the two halves)."""
-        negative_added = cond.negative_added_cond_kwargs or {}
-        # name -> (negative, positive) for the tensors stock passes as [negative; positive] at a guided step
-        pairs = {"prompt_embeds": (cond.negative_prompt_embeds, cond.prompt_embeds)}
-        tensors: dict[str, Any] = {"latents": latents, "negative_prompt_embeds": cond.negative_prompt_embeds}
-        for name, (key, which) in self._callback_added_conditions.items():
-            if which == "negative":
-                tensors[name] = negative_added.get(key)
-            else:
-                pairs[name] = (negative_added.get(key), cond.added_cond_kwargs[key])
-        passed = {
-            name: torch.cat([negative, positive]) if guided else positive
-            for name, (negative, positive) in pairs.items()
-            if name in tensor_inputs
-        }
-        tensors.update(passed)
-        tensors.update(hook.callback_tensors(guided))
-        outputs = callback_on_step_end(self, i, t, {name: tensors[name] for name in tensor_inputs})
-
-        latents = outputs.pop("latents", latents)
-        if "negative_prompt_embeds" in outputs:
-            cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds")
-        for name, (key, which) in self._callback_added_conditions.items():
-            if which == "negative" and name in outputs:
-                cond.negative_added_cond_kwargs[key] = outputs.pop(name)
-        for name, (negative, positive) in pairs.items():
-            returned = outputs.pop(name, None)
-            if returned is None or returned is passed.get(name):
-                continue
-            if guided and returned.shape[0] == 2 * positive.shape[0]:
-                negative, positive = returned.chunk(2)
-            else:
-                positive = returned
-            if name == "prompt_embeds":
-                cond.negative_prompt_embeds, cond.prompt_embeds = negative, positive
-            else:
-                key = self._callback_added_conditions[name][0]
-                cond.added_cond_kwargs[key] = positive
-                if cond.negative_added_cond_kwargs is not None:
-                    cond.negative_added_cond_kwargs[key] = negative
-        hook.set_callback_tensors(outputs, guided)
-        return latents
 
     # ---------------------------------------------------------------------------------------------------- 5. decode
 

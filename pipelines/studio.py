@@ -26,6 +26,7 @@ from pipelines.generate import (
     TextToImage,
     generate,
 )
+from pipelines.hires import HiresFix
 from pipelines.loading import Embedding, LoadedModel, LoraWeights, ModelSettings, load_model
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 from pipelines.schedulers import SAMPLERS
@@ -138,15 +139,20 @@ class Studio:
         """Image sides are multiples of this (the VAE's downsampling factor)."""
         return self.pipe.vae_scale_factor
 
-    def text_to_image(self, settings: Settings, width: int, height: int) -> Generation:
-        """Draw ``settings.num_images`` images of ``width`` x ``height`` pixels."""
+    def text_to_image(
+        self, settings: Settings, width: int, height: int, hires_scale: float = 1.0, hires_strength: float = 0.5
+    ) -> Generation:
+        """Draw ``settings.num_images`` images of ``width`` x ``height`` pixels; with ``hires_scale`` > 1, that is the
+        base pass of a hires fix whose images are ``hires_scale`` times larger (:mod:`pipelines.hires`, latent
+        upscale, img2img at ``hires_strength``)."""
         for name, side in (("width", width), ("height", height)):
             if not (side % self.size_step == 0 and self.size_step <= side <= self.max_size):
                 raise UserError(
                     f"{name} must be a multiple of {self.size_step} from {self.size_step} to {self.max_size}; "
                     f"got {side}"
                 )
-        return self._generate(settings, TextToImage(height=height, width=width))
+        hires = HiresFix(float(hires_scale), float(hires_strength)) if hires_scale > 1 else None
+        return self._generate(settings, TextToImage(height=height, width=width, hires=hires))
 
     def image_to_image(self, settings: Settings, image: PIL.Image.Image | None, strength: float) -> Generation:
         """Redraw ``image`` with the prompt (SDEdit); ``strength`` in (0, 1] is how much of it is redone."""

@@ -75,6 +75,19 @@ def test_text_to_image_gives_txt2img_images_and_metadata(studio, tiny_sd_dir, tm
     assert [p.name.split("-")[1] for p in generation.paths] == ["7", "8"]
 
 
+def test_the_hires_fix_gives_the_txt2img_commands_image(studio, tiny_sd_dir, tmp_path, capsys) -> None:
+    settings = Settings(prompt="a red circle", seed=7, steps=4, guidance_scale=4.0, num_images=1, scheduler="ddim")
+    (app_path,) = studio.text_to_image(settings, width=32, height=32, hires_scale=2.0, hires_strength=0.5).paths
+    argv = ["--model", tiny_sd_dir, "--prompt", "a red circle", "--seed", "7", "--steps", "4"]
+    argv += ["--guidance-scale", "4", "--scheduler", "ddim", "--device", "cpu", "--out", str(tmp_path)]
+    assert (
+        txt2img_main([*argv, "--width", "32", "--height", "32", "--hires-scale", "2", "--hires-strength", "0.5"]) == 0
+    )
+    (cli_path,) = [Path(line) for line in capsys.readouterr().out.split()]
+    assert PIL.Image.open(app_path).size == (64, 64) and metadata(app_path)["hires_scale"] == "2"
+    assert np.array_equal(pixels(app_path), pixels(cli_path)) and metadata(app_path) == metadata(cli_path)
+
+
 def test_a_random_seed_is_reported_and_reproduces_each_image(studio) -> None:
     first = studio.text_to_image(Settings(prompt="a blue square", steps=2, num_images=2), SIZE, SIZE)
     assert [metadata(p)["seed"] for p in first.paths] == [str(first.seed), str(first.seed + 1)]
