@@ -20,6 +20,7 @@ their inverse).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,10 +160,8 @@ def _adapter(models: Mapping[KohyaComponent, torch.nn.Module], adapter_name: str
     Raises:
         UserError: no such adapter, or several and none named.
     """
-    from peft.tuners.lora import LoraLayer
-
-    layers = [module for m in models.values() for module in m.modules() if isinstance(module, LoraLayer)]
-    adapters = list(dict.fromkeys(name for layer in layers for name in layer.lora_A))
+    layers = [module for m in models.values() for module in m.modules() if _adapter_names(module)]
+    adapters = list(dict.fromkeys(name for layer in layers for name in _adapter_names(layer)))
     what = "the U-Net" if len(models) == 1 else "the pipeline"
     if not adapters:
         raise UserError(f"{what} has no LoRA adapter; add one (training.models.add_lora) or load one first")
@@ -173,6 +172,43 @@ def _adapter(models: Mapping[KohyaComponent, torch.nn.Module], adapter_name: str
     if adapter_name not in adapters:
         raise UserError(f"{what} has no LoRA adapter {adapter_name!r}; it has {adapters}")
     return adapter_name
+
+
+LYCORIS_PARAMETERS = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+"""The LyCORIS parameters of a LoHa / LoKr layer, under the same names in peft and in LyCORIS's kohya-style files
+(peft ported them from LyCORIS, shapes included: a convolution's ``w*_b`` is flattened to ``(rank, in * k * k)``)."""
+
+
+def _adapter_names(module: torch.nn.Module) -> list[str]:
+    """The adapters a peft layer holds: a LoRA layer's, or a LoHa / LoKr (LyCORIS) layer's; none for other modules."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    if isinstance(module, LoraLayer):
+        return list(module.lora_A)
+    if isinstance(module, LycorisLayer):
+        return list(module.scaling)
+    return []
+
+
+def _lycoris_tensors(
+    module: torch.nn.Module, adapter: str, key: str, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """A LoHa / LoKr layer as LyCORIS stores it under ``key``. The layer's scale ``alpha / rank`` is multiplied
+    into its second factor (``hada_w2_a``, ``lokr_w2`` or ``lokr_w2_a``) and ``alpha`` is written as the rank, so
+    that every loader applies the trained update, also LyCORIS, which ignores alpha for full LoKr factors."""
+    names = [name for names in LYCORIS_PARAMETERS.values() for name in names if adapter in getattr(module, name, {})]
+    params = {name: getattr(module, name)[adapter] for name in names}
+    scale = module.scaling[adapter]
+    second = next(name for name in ("hada_w2_a", "lokr_w2", "lokr_w2_a") if name in params)
+    state = {
+        f"{key}.{name}": stored(param * (scale if name == second else 1.0), dtype) for name, param in params.items()
+    }
+    state[f"{key}.alpha"] = torch.tensor(float(module.r[adapter]))
+    return state
 
 
 def _lora_tensors(
@@ -188,7 +224,13 @@ def _lora_tensors(
     kohya_path = component.names(model)
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+        if adapter not in _adapter_names(module):
+            continue
+        if not isinstance(module, LoraLayer):  # LoHa / LoKr
+            path = kohya_path(name)
+            if path is None:
+                raise UserError(f"{component.attribute}.{name} has no kohya name; export a LoRA of its blocks' layers")
+            state.update(_lycoris_tensors(module, adapter, component.prefix + path.replace(".", "_"), dtype))
             continue
         if module.use_dora.get(adapter) or module.lora_bias.get(adapter):
             raise UserError(f"{name}: DoRA and LoRA-bias adapters have no kohya LoRA layout; export a plain LoRA")
@@ -236,15 +278,23 @@ def kohya_metadata(state: Mapping[str, torch.Tensor], unet_config: Mapping[str, 
     its rank and alpha (``"Dynamic"`` when they differ between modules) and the base model version."""
     downs = [tensor for key, tensor in state.items() if key.endswith(".lora_down.weight")]
     alphas = [tensor.item() for key, tensor in state.items() if key.endswith(".alpha")]
+    algo = (
+        "loha" if any(".hada_" in key for key in state) else "lokr" if any(".lokr_" in key for key in state) else None
+    )
     version = layout_of(unet_config).base_model_version(unet_config)
-    return {
+    metadata = {
         "format": "pt",
-        "ss_network_module": NETWORK_MODULE,
-        "ss_network_dim": _one_value([down.shape[0] for down in downs], lambda rank: str(int(rank))),
+        "ss_network_module": NETWORK_MODULE if algo is None else "lycoris.kohya",
+        "ss_network_dim": _one_value(
+            [down.shape[0] for down in downs] or [int(alpha) for alpha in alphas], lambda rank: str(int(rank))
+        ),
         "ss_network_alpha": _one_value(alphas, lambda alpha: str(float(alpha))),
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
     }
+    if algo is not None:
+        metadata["ss_network_args"] = json.dumps({"algo": algo})
+    return metadata
 
 
 def export_kohya_lora(

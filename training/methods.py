@@ -154,8 +154,14 @@ class LoraWeights:
 
     def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
         trained = {part.name: part.module for part in method.trained}
+        configs = [config for model in trained.values() for config in _peft_configs(model)]
+        if any(type(config).__name__ in ("LoHaConfig", "LoKrConfig") for config in configs):
+            # diffusers loads no LoHa / LoKr of SD or SDXL: LyCORIS's layout, which A1111 and ComfyUI read, only
+            logger.warning("LoHa / LoKr: %s holds the LyCORIS file (A1111, ComfyUI) only", folder)
+            export_kohya_lora(method.pipeline(models), folder / KOHYA_LORA_FILE)
+            return
         save_lora(trained, folder, method.pipeline_class)
-        if any(getattr(config, "use_dora", False) for m in trained.values() for config in _peft_configs(m)):
+        if any(getattr(config, "use_dora", False) for config in configs):
             logger.warning("DoRA has no kohya LoRA layout: %s holds diffusers' file only", folder)
             return
         export_kohya_lora(method.pipeline(models), folder / KOHYA_LORA_FILE)
@@ -385,6 +391,7 @@ def build_method(config: TrainConfig, models: TrainingModels, device: torch.devi
             config.lora_rank,
             config.lora_alpha,
             dora=config.lora_type == "dora",
+            algo="lora" if config.lora_type == "dora" else config.lora_type,
             conv_rank=config.lora_conv_rank,
             conv_alpha=config.lora_conv_alpha,
         )

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -248,6 +248,8 @@ class LoraSpec:
         rank: the rank of the attention projections' layers.
         alpha: their alpha (the update is scaled by ``alpha / rank``; default: the rank, scale 1).
         dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trained magnitude per output feature as well.
+        algo: ``"lora"``, or a LyCORIS network: ``"loha"`` (a Hadamard product of two low-rank products) or
+            ``"lokr"`` (a Kronecker product), trained through peft.
         conv_rank: also LoRA layers on the U-Net's ResNet and resampler convolutions at this rank (kohya-ss's
             LoCon ``conv_dim``), or None.
         conv_alpha: their alpha (default: ``conv_rank``).
@@ -256,6 +258,7 @@ class LoraSpec:
     rank: int
     alpha: float | None = None
     dora: bool = False
+    algo: Literal["lora", "loha", "lokr"] = "lora"
     conv_rank: int | None = None
     conv_alpha: float | None = None
 
@@ -284,6 +287,12 @@ def lora_config(model: torch.nn.Module, spec: LoraSpec) -> Any:
             targets += convs
             ranks = dict.fromkeys(convs, spec.conv_rank)
             alphas = dict.fromkeys(convs, spec.conv_alpha or spec.conv_rank)
+    if spec.algo != "lora":
+        from peft import LoHaConfig, LoKrConfig
+
+        lycoris = LoHaConfig if spec.algo == "loha" else LoKrConfig
+        shared = {"target_modules": targets, "rank_pattern": ranks, "alpha_pattern": alphas}
+        return lycoris(r=spec.rank, alpha=spec.alpha or spec.rank, **shared)
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha or spec.rank,

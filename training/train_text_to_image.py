@@ -143,7 +143,11 @@ class TrainConfig(LoopConfig):
     )
     lora_rank: int | None = help_field(None, "train LoRA layers of this rank instead of the whole U-Net")
     lora_alpha: float | None = help_field(None, "LoRA alpha: updates are scaled by alpha / rank (default: the rank)")
-    lora_type: Literal["lora", "dora"] = help_field("lora", "plain LoRA, or DoRA (a trained magnitude as well)")
+    lora_type: Literal["lora", "dora", "loha", "lokr"] = help_field(
+        "lora",
+        "plain LoRA; DoRA (a trained magnitude as well); LyCORIS's LoHa or LoKr (saved in LyCORIS's layout only: "
+        "A1111 and ComfyUI load them, diffusers does not)",
+    )
     lora_conv_rank: int | None = help_field(
         None, "also LoRA layers of this rank on the U-Net's ResNet convolutions (kohya's LoCon conv_dim)"
     )

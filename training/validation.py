@@ -59,7 +59,9 @@ def write_model_card(
     load, other_tools = [f'pipe = {pipeline_class}.from_pretrained("path/to/this/folder")'], []
     if kind != "pipeline":
         load = [f'pipe = {pipeline_class}.from_pretrained("{base_model or "path/to/the/base/model"}")']
-    if lora:
+    if lora and not (folder / "pytorch_lora_weights.safetensors").is_file():  # LoHa / LoKr: LyCORIS's file only
+        load.append("# diffusers loads no LoHa / LoKr: use kohya_lora.safetensors in AUTOMATIC1111 or ComfyUI")
+    elif lora:
         load.append('pipe.load_lora_weights("path/to/this/folder")')
         other_tools = ["", "`kohya_lora.safetensors` is the same LoRA in kohya's layout (AUTOMATIC1111, ComfyUI)."]
     if placeholder_token and "XL" in pipeline_class:  # SDXL: one set of vectors per text encoder

@@ -4,14 +4,19 @@ same images."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ldm.presets import build_components
+from pipelines.kohya_lora import export_kohya_lora
 from tests.training.test_train_text_to_image import config
 from training.models import LoraSpec, add_lora, save_lora
 from training.train_text_to_image import train
@@ -107,3 +112,54 @@ def test_ema_of_lora_weights_is_what_the_run_saves(tiny_sd_dir, shapes_dir, tmp_
     pipe = stock(tiny_sd_dir)
     pipe.load_lora_weights(final)
     assert np.isfinite(image(pipe)).all()
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_lycoris_files_hold_the_trained_update(tmp_path, algo):
+    """LoHa / LoKr (with LoCon layers) in LyCORIS's layout: LyCORIS's own formula on the file's tensors (LoHa:
+    (w1a @ w1b) * (w2a @ w2b); LoKr: kron(w1, w2); each times alpha / rank, reshaped to the weight) gives peft's
+    update of every layer, and the metadata names the network."""
+    unet = build_components("tiny", seed=0)["unet"]
+    add_lora(unet, LoraSpec(rank=4, alpha=8, algo=algo, conv_rank=2))
+    randomise_lora(unet)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "hada_" in name or "lokr_" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    path = export_kohya_lora(unet, tmp_path / "lycoris.safetensors")
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya" and json.loads(metadata["ss_network_args"]) == {
+        "algo": algo
+    }
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, LycorisLayer)}
+    assert any(isinstance(m.get_base_layer(), torch.nn.Conv2d) for m in layers.values())
+    keys = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    assert len(keys) == len(layers)
+    for key in keys:
+        t = {name.rsplit(".", 1)[1]: value for name, value in tensors.items() if name.startswith(key + ".")}
+        scale = t["alpha"].item() / (t["hada_w1_b"].shape[0] if algo == "loha" else _lokr_rank(t))
+        if algo == "loha":
+            delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * scale
+        else:
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+            delta = torch.kron(w1, w2.flatten(1) if w1.ndim == 2 and w2.ndim == 4 else w2) * scale
+        (layer,) = [m for n, m in layers.items() if key.endswith("_" + n.replace(".", "_"))]
+        expected = layer.get_delta_weight("default")
+        torch.testing.assert_close(delta.reshape(expected.shape), expected, rtol=1e-4, atol=1e-6)
+
+
+def _lokr_rank(t: dict[str, torch.Tensor]) -> float:
+    """LyCORIS's LoKr scale divides alpha by the rank of the decomposed factor; with full factors alpha is the rank
+    this file writes, so the scale is 1."""
+    return t["lokr_w2_a"].shape[1] if "lokr_w2_a" in t else t["alpha"].item()
+
+
+def test_a_loha_run_writes_the_lycoris_file(tiny_sd_dir, shapes_dir, tmp_path, caplog):
+    final = train(config(tiny_sd_dir, shapes_dir, tmp_path, max_train_steps=2, lora_rank=2, lora_type="loha"))
+    assert [p.name for p in final.glob("*.safetensors")] == ["kohya_lora.safetensors"]
+    assert any(key.endswith(".hada_w1_a") for key in load_file(final / "kohya_lora.safetensors"))
+    assert "LoHa / LoKr" in caplog.text
+    assert "diffusers loads no LoHa / LoKr" in (final / "README.md").read_text()
