@@ -155,7 +155,9 @@ class LoraWeights:
     def save(self, folder: Path, method: Method, models: TrainingModels, defaults: GenerationDefaults) -> None:
         trained = {part.name: part.module for part in method.trained}
         configs = [config for model in trained.values() for config in _peft_configs(model)]
-        if any(type(config).__name__ in ("LoHaConfig", "LoKrConfig") for config in configs):
+        from peft.tuners.lycoris_utils import LycorisConfig
+
+        if any(isinstance(config, LycorisConfig) for config in configs):
             # diffusers loads no LoHa / LoKr of SD or SDXL: LyCORIS's layout, which A1111 and ComfyUI read, only
             logger.warning("LoHa / LoKr: %s holds the LyCORIS file (A1111, ComfyUI) only", folder)
             export_kohya_lora(method.pipeline(models), folder / KOHYA_LORA_FILE)

@@ -15,9 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.files import read_json
 from ldm.errors import UserError
-from training.checkpoint_folders import MANIFEST
+from training.checkpoint_folders import read_manifest
 from training.state_io import decode_plain
 
 logger = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
     """The meta a checkpoint was written with (its config, step and fingerprints), without loading its states."""
-    manifest = read_json(checkpoint / MANIFEST)
+    manifest = read_manifest(checkpoint)
     return decode_plain(manifest["meta"], f"{checkpoint.name}/meta")
 
 

@@ -139,17 +139,6 @@ def add_tokens(text_encoder: nn.Module, tokenizer, new_tokens: NewTokens) -> Ext
     return extended
 
 
-def merge_rows(text_encoder: nn.Module) -> None:
-    """Replace an :class:`ExtendedEmbedding` by a plain ``nn.Embedding`` of its whole table, so that the encoder
-    saves and loads as an ordinary one (a pipeline saved with the token in it)."""
-    extended = text_encoder.get_input_embeddings()
-    if isinstance(extended, ExtendedEmbedding):
-        table = nn.Embedding(extended.num_embeddings, extended.embedding_dim, device=extended.new.device)
-        with torch.no_grad():
-            table.weight.copy_(extended.weight)
-        text_encoder.set_input_embeddings(table)
-
-
 def save_embeddings(folder: Path, new_tokens: NewTokens, rows: Sequence[tuple[str, ExtendedEmbedding]]) -> list[Path]:
     """Write the trained vectors of each encoder (``rows``: component name and its table) to ``folder``: diffusers'
     :data:`DIFFUSERS_EMBEDDING_FILE` and ``TOKEN.safetensors`` for AUTOMATIC1111 / ComfyUI. One encoder:
