@@ -223,9 +223,9 @@ def apply_loras(pipe: LatentDiffusionPipeline, loras: tuple[LoraWeights, ...]) -
         pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
 
 
-SDXL_EMBEDDING_KEYS = {"clip_l", "clip_g"}
-"""The keys of an SDXL textual-inversion embedding: the vectors of CLIP ViT-L (``text_encoder``) and of OpenCLIP
-bigG (``text_encoder_2``)."""
+SDXL_EMBEDDING_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+"""The keys of an SDXL textual-inversion embedding (AUTOMATIC1111, ComfyUI) by text encoder: the vectors of CLIP
+ViT-L (``text_encoder``) and of OpenCLIP bigG (``text_encoder_2``)."""
 
 
 def read_embedding(embedding: Embedding) -> tuple[dict[str, torch.Tensor], str]:
@@ -271,15 +271,13 @@ def apply_embeddings(pipe: LatentDiffusionPipeline, embeddings: tuple[Embedding,
     for embedding in embeddings:
         state, token = read_embedding(embedding)
         try:
-            if SDXL_EMBEDDING_KEYS <= state.keys():  # one set of vectors per text encoder (A1111 / ComfyUI SDXL)
+            if set(SDXL_EMBEDDING_KEYS.values()) <= state.keys():  # one set of vectors per text encoder (SDXL)
                 if getattr(pipe, "text_encoder_2", None) is None:
                     raise UserError(
                         f"--embedding {embedding.path} is an SDXL embedding (clip_l, clip_g); use it with SDXL"
                     )
-                for key, encoder, tokenizer in (
-                    ("clip_l", pipe.text_encoder, pipe.tokenizer),
-                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
-                ):
+                for name, key in SDXL_EMBEDDING_KEYS.items():
+                    encoder, tokenizer = getattr(pipe, name), getattr(pipe, name.replace("text_encoder", "tokenizer"))
                     pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
             else:
                 pipe.load_textual_inversion(state, token=token)

@@ -23,13 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ldm.errors import UserError
+from pipelines.loading import SDXL_EMBEDDING_KEYS
 from pipelines.single_file import save_safetensors_atomically
 
 DIFFUSERS_EMBEDDING_FILE = "learned_embeds.safetensors"
 A1111_KEY = "emb_params"
 """The key of a one-encoder embedding in AUTOMATIC1111's safetensors format."""
-SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
-"""The keys of an SDXL embedding (AUTOMATIC1111 and ComfyUI): each encoder's vectors under its CLIP's name."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ def save_embeddings(folder: Path, new_tokens: NewTokens, rows: Sequence[tuple[st
         (embeds,) = vectors.values()
         files = {DIFFUSERS_EMBEDDING_FILE: {new_tokens.placeholder: embeds}, "a1111": {A1111_KEY: embeds}}
     else:
-        keyed = {SDXL_KEYS[name]: embeds for name, embeds in vectors.items()}
+        keyed = {SDXL_EMBEDDING_KEYS[name]: embeds for name, embeds in vectors.items()}
         files = {DIFFUSERS_EMBEDDING_FILE: keyed, "a1111": keyed}
     a1111_name = re.sub(r"[^\w.-]+", "_", new_tokens.placeholder).strip("_") or "embedding"
     paths = []
