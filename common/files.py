@@ -1,18 +1,31 @@
-"""Small file primitives shared by the checkpoint code and evaluation: fsync, durable JSON, a file's sha256.
+"""Small file primitives shared by the checkpoint code, the trainers and evaluation: fsync, durable JSON, a file's
+sha256, a folder written whole or not at all, strict UTF-8 text.
 
-``training.checkpoint`` and ``training.checkpoint_folders`` build atomic checkpoints from these; ``eval.inception``
-checks weights files with :func:`sha256_file`.
+``training.checkpoint`` and ``training.checkpoint_folders`` build atomic checkpoints from these; the trainers write
+their final models with :func:`atomic_folder`; ``eval.inception`` checks weights files with :func:`sha256_file`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_dir", "fsync_file", "read_json", "sha256_file", "write_json"]
+__all__ = [
+    "NotUTF8Error",
+    "atomic_folder",
+    "fsync_dir",
+    "fsync_file",
+    "read_json",
+    "read_utf8",
+    "sha256_file",
+    "write_json",
+]
 
 
 def fsync_file(path: Path) -> None:
@@ -52,3 +65,50 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Write a folder whole or not at all: the block writes into a temporary folder beside ``target``
+    (``.NAME.partial``), which is fsynced and renamed to ``target`` when the block ends without an error (an older
+    ``target`` is replaced). A kill or an error midway leaves no ``target`` that looks complete; the partial folder
+    is removed on an error and cleared by the next attempt after a kill."""
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for path in staging.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class NotUTF8Error(ValueError):
+    """A text file that is not UTF-8; the message names the file, the line, the byte and the fix."""
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path`` read as UTF-8 (a byte-order mark dropped). Bytes that are not UTF-8 (a file saved as
+    Latin-1 or cp1252) raise :class:`NotUTF8Error`, rather than turning into ``\ufffd`` characters unnoticed."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        name = Path(path).name
+        raise NotUTF8Error(
+            f"{path}, line {line}: byte 0x{data[err.start]:02x} is not UTF-8 (the file was saved in another "
+            f"encoding, e.g. Latin-1 or cp1252); save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {name} > fixed && "
+            f"mv fixed {name}"
+        ) from None

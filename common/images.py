@@ -27,7 +27,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         scale = 255 / 65535 if image.mode.startswith("I;16") or values.max() > 255 else 1.0
         return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":  # float grayscale (TIFF): convert("L") would turn 0..1 into black
+        return Image.fromarray(float_to_uint8(np.asarray(image, dtype=np.float64))).convert("RGB")
     return image.convert("RGB")
+
+
+def float_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Float pixels to 0..255 by their range: 0..1 (the usual float convention), 0..255, or 0..65535 (16-bit values
+    stored as floats). Anything else (negative values, HDR, NaN) has no agreed meaning: a ``ValueError`` naming the
+    range, so the caller can name the file."""
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not np.isfinite(values).all() or low < 0:
+        raise ValueError(
+            f"a float image with values in [{low:g}, {high:g}] (or NaN/inf) has no standard scale; save it as 8- or "
+            "16-bit, or as floats in 0..1"
+        )
+    scale = next(255 / top for top in (1.0, 255.0, 65535.0) if high <= top) if high <= 65535 else None
+    if scale is None:
+        raise ValueError(f"a float image with values up to {high:g} has no standard scale; save it as 8- or 16-bit")
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
 def open_rgb(image: str | Path | Image.Image) -> Image.Image:

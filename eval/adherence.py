@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         if args.write_prompts is not None:
+            if args.num_prompts < 1:
+                raise UserError(f"--num-prompts must be at least 1; got {args.num_prompts}")
             prompts = adherence_prompts(args.num_prompts, args.seed, args.form)
             args.write_prompts.parent.mkdir(parents=True, exist_ok=True)
             args.write_prompts.write_text("\n".join(prompts) + "\n", encoding="utf-8")

@@ -16,16 +16,19 @@ shapes dataset, with and without the latent cache. Prints a table and writes JSO
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from ldm.attention import ATTENTION_BACKENDS
+from eval.flops import count_flops, generation_flops, matmul_flops_per_s
+from ldm.attention import ATTENTION_BACKENDS, set_attention_backend
 from ldm.errors import OneLineParser, UserError, run_reporting
 from ldm.presets import PRESETS, build_components
 from pipelines.families import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, family_of_unet, pipelines_of
@@ -36,6 +39,8 @@ from pipelines.schedulers import make_scheduler
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STOCK_PIPELINES: dict = {STABLE_DIFFUSION: StableDiffusionPipeline, STABLE_DIFFUSION_XL: StableDiffusionXLPipeline}
 """Stock diffusers' text-to-image pipeline of each family, the reference we time against."""
+VARIANTS = ("default", "fast", "cached")
+"""Our pipeline as it comes, with ``enable_fast_mode()``, and with ``enable_step_caching()``."""
 MEMORY_MODES = ("none", "attention-slicing", "vae-slicing", "vae-tiling", "cpu-offload")
 
 
@@ -69,7 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's, or 7.5")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each pipeline (after one warm-up)")
-    parser.add_argument("--memory", choices=MEMORY_MODES, default="none", help="memory-saving mode for both")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default="none", help="memory-saving mode for all")
+    parser.add_argument(
+        "--variants",
+        default="default",
+        help="ours to time against stock, comma-separated from default, fast, cached (default: default)",
+    )
+    parser.add_argument("--step-cache", type=int, default=3, help="step-caching interval of the cached variant (3)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the fast variant (its default)")
+    parser.add_argument(
+        "--no-flops", dest="count_flops", action="store_false", help="skip counting FLOPs (2 extra short calls)"
+    )
     parser.add_argument("--task", choices=("generate", "train"), default="generate")
     parser.add_argument("--train-steps", type=int, default=20, help="timed optimizer steps (--task train)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark.json"))
@@ -81,17 +96,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_pipeline(pipe, device: torch.device, kwargs: dict) -> tuple[float, float | None]:
-    """Seconds for one call, and the peak CUDA memory in GiB (None off CUDA)."""
+def _resident_bytes(pipe) -> int:
+    """Bytes of the pipeline's own weights now on a CUDA device."""
+    tensors = (
+        tensor
+        for module in pipe.components.values()
+        if isinstance(module, torch.nn.Module)
+        for tensor in (*module.parameters(), *module.buffers())
+    )
+    return sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+
+
+def time_pipeline(pipe, device: torch.device, kwargs: dict) -> tuple[float, float | None, np.ndarray]:
+    """Seconds for one call, its peak CUDA memory in GiB (None off CUDA), and its images. The peak is the pipeline's
+    own resident weights plus the most it allocated during the call, so pipelines that share a device (stock, ours,
+    a fast-mode copy) are each measured as if alone."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     _sync(device)
     start = time.perf_counter()
-    pipe(generator=torch.Generator(device).manual_seed(0), **kwargs)
+    images = pipe(generator=torch.Generator(device).manual_seed(0), **kwargs).images
     _sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return seconds, peak
+    peak = None
+    if device.type == "cuda":
+        peak = (_resident_bytes(pipe) + torch.cuda.max_memory_allocated(device) - before) / 2**30
+    return seconds, peak, np.asarray(images, dtype=np.float64)
 
 
 def stock_pipeline(cls: type[DiffusionPipeline], components: dict) -> DiffusionPipeline:
@@ -107,29 +138,67 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Benchmark both pipelines; returns the JSON-able result."""
+def ours_variant(variant: str, family: str, components: dict, args: argparse.Namespace, device, dtype):
+    """Our pipeline of ``family`` in one of :data:`VARIANTS`. ``default`` and ``cached`` share ``components`` with
+    stock (step caching changes no module); ``fast`` gets its own copy, since it changes the modules (channels_last,
+    fused projections, compiled forward)."""
+    if variant == "fast":
+        components = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
+    pipe = pipelines_of(family).text_to_image(**components)
+    if args.memory != "cpu-offload":
+        pipe.to(device=device, dtype=dtype)
+    if variant == "fast":
+        pipe.enable_fast_mode(compile=getattr(args, "compile", True), mode=args.compile_mode)
+    elif variant == "cached":
+        pipe.enable_step_caching(interval=args.step_cache)
+    elif variant != "default":
+        raise UserError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return pipe
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    """``--variants default,fast,cached`` -> the names, checked."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or not names:
+        choices = ", ".join(VARIANTS)
+        raise UserError(f"--variants: unknown {unknown or text!r}; give a comma-separated list of {choices}")
+    return names
+
+
+def run(args: argparse.Namespace, components: dict | None = None) -> dict:
+    """Benchmark stock's pipeline and ours (each of ``args.variants``) side by side; returns the JSON-able result.
+
+    ``components`` (random weights already built, e.g. on the GPU) replace ``--preset`` / ``--model``."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    variants = parse_variants(args.variants)
     defaults = GenerationDefaults(num_inference_steps=20)
-    if args.model:
+    if components is None and args.model:
         loaded = load_pipeline(args.model)
         components, defaults = loaded.components, loaded.generation_defaults
-    else:
+    elif components is None:
         components = build_components(args.preset)
     args.steps = defaults.num_inference_steps if args.steps is None else args.steps
     args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
     components["scheduler"] = make_scheduler("ddim", components["scheduler"].config)
     family = family_of_unet(components["unet"].config)
-    ours = pipelines_of(family).text_to_image(**components).to(dtype=dtype)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if components.get(name) is not None and components[name].dtype != dtype:
+            components[name].to(dtype=dtype)
+    set_attention_backend([components["unet"], components["vae"]], args.attention)  # shared by every pipeline
     stock = stock_pipeline(STOCK_PIPELINES[family], components)
-    ours.set_attention_backend(args.attention)  # shared modules: stock uses the same processors
     if args.memory == "cpu-offload":  # each pipeline moves the shared modules itself
-        apply_memory_mode(ours, args.memory, device)
         apply_memory_mode(stock, args.memory, device)
     else:
-        ours.to(device)
-        apply_memory_mode(ours, args.memory, device)  # the switches live on the shared modules
-    size = args.size or ours.default_size
+        stock.to(device)
+        apply_memory_mode(stock, args.memory, device)  # the switches live on the shared modules
+    pipes = {"stock": stock}
+    for variant in variants:
+        name = "ours" if variant == "default" else f"ours-{variant}"
+        pipes[name] = ours_variant(variant, family, components, args, device, dtype)
+        if args.memory == "cpu-offload" or variant == "fast":
+            apply_memory_mode(pipes[name], args.memory, device)
+    size = args.size or pipes["stock"].unet.config.sample_size * pipes["stock"].vae_scale_factor
     kwargs = {
         "prompt": ["a red circle on the left"] * args.batch_size,
         "num_inference_steps": args.steps,
@@ -138,18 +207,25 @@ def run(args: argparse.Namespace) -> dict:
         "width": size,
         "output_type": "np",
     }
-    for pipe in (ours, stock):
+    first_call: dict[str, float] = {}
+    images: dict[str, np.ndarray] = {}
+    for name, pipe in pipes.items():
         pipe.set_progress_bar_config(disable=True)
-        time_pipeline(pipe, device, kwargs)  # warm-up
-    timings: dict[str, list[float]] = {"ours": [], "stock": []}
-    peaks: dict[str, float | None] = {"ours": None, "stock": None}
+        first_call[name], _, images[name] = time_pipeline(pipe, device, kwargs)  # warm-up (fast mode compiles)
+    timings: dict[str, list[float]] = {name: [] for name in pipes}
+    peaks: dict[str, float | None] = dict.fromkeys(pipes)
     for _ in range(args.repeats):
-        for name, pipe in (("ours", ours), ("stock", stock)):
-            seconds, peaks[name] = time_pipeline(pipe, device, kwargs)
+        for name, pipe in pipes.items():
+            seconds, peaks[name], _ = time_pipeline(pipe, device, kwargs)
             timings[name].append(seconds)
+    # Every pipeline but the step-cached one runs the same products (fused projections included): count stock's.
+    flops = dict.fromkeys(pipes, generation_flops(stock, kwargs).total(args.steps) if args.count_flops else 0)
+    if "ours-cached" in pipes and args.count_flops:
+        flops["ours-cached"] = count_flops(lambda: time_pipeline(pipes["ours-cached"], device, kwargs))
+    matmul = matmul_flops_per_s(device, dtype)
     result = {
         "source": args.model or f"preset:{args.preset}",
-        "pipelines": [type(ours).__name__, type(stock).__name__],
+        "pipelines": [pipelines_of(family).text_to_image.__name__, type(stock).__name__],
         "device": _device_name(device),
         "dtype": args.dtype,
         "attention": args.attention,
@@ -159,22 +235,34 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "guidance_scale": args.guidance_scale,
         "repeats": args.repeats,
+        "variants": list(pipes),
+        "step_cache_interval": args.step_cache if "cached" in variants else None,
+        "matmul_gflops_per_s": matmul / 1e9,
     }
     for name, values in timings.items():
         median = statistics.median(values)
         result[name] = {
             "seconds_per_call": median,
+            "first_call_seconds": first_call[name],
             "it_per_s": args.steps / median,
             "images_per_s": args.batch_size / median,
             "peak_memory_gib": peaks[name],
+            "gflop_per_call": flops[name] / 1e9,
+            "gflops_per_s": flops[name] / median / 1e9,
+            "share_of_matmul_rate": flops[name] / median / matmul,
+            "speed_vs_stock": statistics.median(timings["stock"]) / median,
+            # how far the images are from stock's (same seeds), on the [0, 1] scale
+            "max_abs_diff_vs_stock": float(np.abs(images[name] - images["stock"]).max()),
+            "mean_abs_diff_vs_stock": float(np.abs(images[name] - images["stock"]).mean()),
         }
-    result["speed_ratio_ours_over_stock"] = result["stock"]["seconds_per_call"] / result["ours"]["seconds_per_call"]
+    if "ours" in result:
+        result["speed_ratio_ours_over_stock"] = result["ours"]["speed_vs_stock"]
     return result
 
 
-def run_training(args: argparse.Namespace) -> dict:
+def run_training(args: argparse.Namespace, caches: tuple[bool, ...] = (False, True)) -> dict:
     """Train a preset's U-Net from scratch for ``--train-steps`` on 64 synthetic shape images, without and with the
-    latent cache; the step rates are the loops' own (set-up and cache building excluded)."""
+    latent cache (``caches``); the step rates are the loops' own (set-up and cache building excluded)."""
     import tempfile
 
     from shapes.make_dataset import make_dataset
@@ -198,7 +286,7 @@ def run_training(args: argparse.Namespace) -> dict:
         parts["vae"].save_pretrained(root / "frozen" / "vae")
         parts["text_encoder"].save_pretrained(root / "frozen" / "text_encoder")
         parts["tokenizer"].save_pretrained(root / "frozen" / "tokenizer")
-        for cache in (False, True):
+        for cache in caches:
             out = root / f"run-cache-{cache}"
             train(
                 TrainConfig(
@@ -218,12 +306,14 @@ def run_training(args: argparse.Namespace) -> dict:
                 )
             )
             metrics = json.loads((out / "metrics.json").read_text())
-            rate = metrics["train_steps_per_s"]
+            rate = metrics.get("train_steps_per_s_steady") or metrics["train_steps_per_s"]  # warmed up, if known
             result["runs"]["cached" if cache else "uncached"] = {
                 "steps_per_s": rate,
                 "images_per_s": rate * args.batch_size,
+                "steps_per_s_whole_loop": metrics["train_steps_per_s"],
             }
-    result["cache_speedup"] = result["runs"]["cached"]["steps_per_s"] / result["runs"]["uncached"]["steps_per_s"]
+    if len(result["runs"]) == 2:
+        result["cache_speedup"] = result["runs"]["cached"]["steps_per_s"] / result["runs"]["uncached"]["steps_per_s"]
     return result
 
 
@@ -233,24 +323,31 @@ def format_training_table(result: dict) -> str:
     lines = [f"{title}, {result['steps']} steps on {result['device']}", f"{'latents':<10}{'steps/s':>10}{'img/s':>10}"]
     for name, run_result in result["runs"].items():
         lines.append(f"{name:<10}{run_result['steps_per_s']:>10.2f}{run_result['images_per_s']:>10.1f}")
-    lines.append(f"cache speed-up: {result['cache_speedup']:.2f}x")
+    if "cache_speedup" in result:
+        lines.append(f"cache speed-up: {result['cache_speedup']:.2f}x")
     return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
-    """A small text table of the result."""
+    """A small text table of the result: each pipeline's time, rate, peak memory and achieved GFLOP/s."""
     lines = [
         f"{result['source']} on {result['device']}, {result['dtype']}, {result['attention']}, "
         f"{result['size']}px, {result['steps']} steps, batch {result['batch_size']}",
-        f"{'pipeline':<10}{'s/call':>10}{'it/s':>10}{'img/s':>10}{'peak GiB':>10}",
+        f"{'pipeline':<13}{'s/call':>9}{'1st call':>10}{'it/s':>8}{'img/s':>8}{'peak GiB':>10}"
+        f"{'GFLOP/s':>9}{'of matmul':>11}{'vs stock':>10}{'max |d|':>9}",
     ]
-    for name in ("ours", "stock"):
+    for name in result["variants"]:
         r = result[name]
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         lines.append(
-            f"{name:<10}{r['seconds_per_call']:>10.3f}{r['it_per_s']:>10.1f}{r['images_per_s']:>10.2f}{peak:>10}"
+            f"{name:<13}{r['seconds_per_call']:>9.3f}{r['first_call_seconds']:>10.2f}{r['it_per_s']:>8.1f}"
+            f"{r['images_per_s']:>8.2f}{peak:>10}{r['gflops_per_s']:>9.1f}{r['share_of_matmul_rate']:>11.1%}"
+            f"{r['speed_vs_stock']:>9.2f}x{r['max_abs_diff_vs_stock']:>9.3g}"
         )
-    lines.append(f"speed ratio ours / stock: {result['speed_ratio_ours_over_stock']:.3f}")
+    rate = result["matmul_gflops_per_s"]
+    lines.append(f"matrix-multiply rate of this device in {result['dtype']}: {rate:.1f} GFLOP/s")
+    if "speed_ratio_ours_over_stock" in result:
+        lines.append(f"speed ratio ours / stock: {result['speed_ratio_ours_over_stock']:.3f}")
     return "\n".join(lines)
 
 

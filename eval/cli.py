@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ldm.errors import run_reporting
+from ldm.errors import check_writable_folder, run_reporting
 
 logger = logging.getLogger("eval")
 
@@ -24,7 +24,7 @@ def run_evaluation(
     and print that path (and a ``plot`` path if any)."""
 
     def body() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        check_writable_folder(args.out.parent, f"--out {args.out}: its folder")  # before the computation
         result = evaluate(args)
         print(report(result))
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -23,6 +23,7 @@ import torch
 from eval import benchmark, guidance_sweep, nll
 from eval.adherence import score_images
 from ldm.errors import OneLineParser
+from pipelines.cli import DEFAULT_MODEL
 from shapes.world import caption_of, render, sample_spec
 
 
@@ -36,6 +37,36 @@ def analyzer_self_check(n: int = 300, seed: int = 12345) -> dict:
         prompts.append(caption_of(spec))
     report = score_images(images, prompts)
     return {"images": n, "seed": seed, "all_correct": report.all_correct_rate(), **report.part_accuracy()}
+
+
+SPEED_RUNS = (
+    (
+        "the shipped model: 4 images at its defaults",
+        "shipped",
+        ["--model", DEFAULT_MODEL, "--batch-size", "4", "--repeats", "5"],
+    ),
+    (
+        "SD 1.5 architecture, random weights, 256², 20 DDIM steps, g=7.5",
+        "sd15_256",
+        ["--preset", "sd15", "--size", "256", "--steps", "20", "--repeats", "3"],
+    ),
+)
+"""The CPU speed table: each (what, file name, eval.benchmark arguments), timed for stock, ours, ours fast and ours
+with step caching side by side."""
+
+
+def speed_summary(result: dict) -> str:
+    """s per call of stock and each of ours with its speed-up, and ours' achieved GFLOP/s against the machine's."""
+    parts = [f"stock {result['stock']['seconds_per_call']:.3f} s"]
+    for name in result["variants"][1:]:
+        row = result[name]
+        parts.append(f"{name} {row['seconds_per_call']:.3f} s ({row['speed_vs_stock']:.2f}x)")
+    ours = result["ours"]
+    parts.append(
+        f"ours {ours['gflops_per_s']:.1f} GFLOP/s = {ours['share_of_matmul_rate']:.0%} of the "
+        f"{result['matmul_gflops_per_s']:.0f} GFLOP/s matmul rate"
+    )
+    return "; ".join(parts)
 
 
 def _run(module, argv: list[str]) -> None:
@@ -60,18 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
 
-    generate_json = out / "benchmark_generate_tiny.json"
-    generate_cmd = ["--preset", "tiny", "--steps", "20", "--repeats", "10", "--out", str(generate_json)]
-    _run(benchmark, generate_cmd)
-    gen = json.loads(generate_json.read_text())
-    rows.append(
-        (
-            "64x64 generation, tiny preset, 20 DDIM steps, g=7.5: ours / stock s per image",
-            f"{gen['ours']['seconds_per_call']:.3f} / {gen['stock']['seconds_per_call']:.3f} s "
-            f"(ratio {gen['speed_ratio_ours_over_stock']:.2f})",
-            "python -m eval.benchmark " + " ".join(generate_cmd),
+    for what, name, argv in SPEED_RUNS:
+        generate_json = out / f"benchmark_generate_{name}.json"
+        generate_cmd = [*argv, "--variants", "default,fast,cached", "--out", str(generate_json)]
+        _run(benchmark, generate_cmd)
+        rows.append(
+            (
+                what,
+                speed_summary(json.loads(generate_json.read_text())),
+                "python -m eval.benchmark " + " ".join(generate_cmd),
+            )
         )
-    )
 
     for preset in ("tiny", "small"):
         train_json = out / f"benchmark_train_{preset}.json"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 logger = logging.getLogger(__name__)
@@ -28,8 +30,13 @@ class UserError(ValueError):
 
 
 def one_line(message: object) -> str:
-    """``message`` on one line (library messages can span several)."""
-    return " ".join(str(message).split())
+    """``message`` on one line (library messages can span several). An error re-raised from a DataLoader worker
+    carries the worker's traceback in its message: only the error's own last line is kept."""
+    text = str(message)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split("Error: ", 1)[1] if "Error: " in last else last
+    return " ".join(text.split())
 
 
 def report_error(err: BaseException, what: str = "the command") -> int:
@@ -41,6 +48,22 @@ def report_error(err: BaseException, what: str = "the command") -> int:
     sys.stderr.write(f"error: {one_line(err)}\n")
     sys.stderr.flush()
     return USER_ERROR_STATUS
+
+
+def check_writable_folder(folder: str | Path, flag: str) -> Path:
+    """Make ``folder`` (with its parents) if it is missing and check that a file can be written in it, before any
+    work is done; a :class:`UserError` naming ``flag`` otherwise (a read-only disk, a file in the way, no
+    permission), instead of a traceback after the work. Returns the folder."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path} is not writable ({err.strerror}); pass a folder you can write to") from None
+    return path
 
 
 def run_reporting(body: Callable[[], int | None], what: str = "the command") -> int:

@@ -29,7 +29,7 @@ import numpy as np
 import PIL.Image
 
 from ldm.errors import OneLineParser, UserError, one_line, run_reporting
-from pipelines.cli import DEFAULT_MODEL, embedding_arg, int_at_least, lora_arg
+from pipelines.cli import DEFAULT_MODEL, add_speed_arguments, embedding_arg, int_at_least, lora_arg, speed_settings
 from pipelines.families import require_supported_model
 from pipelines.loading import resolve_device
 from pipelines.pipeline_img2img import IMG2IMG_STRENGTH
@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH[:TOKEN]",
         help="add a textual-inversion embedding as TOKEN (default: its own token, else the file name); repeatable",
     )
+    add_speed_arguments(parser)
     return parser
 
 
@@ -303,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         require_supported_model(args.model)
         device = resolve_device(args.device)
-        studio = Studio.load(args.model, args.out, device, tuple(args.lora), tuple(args.embedding))
+        speed = speed_settings(args)
+        studio = Studio.load(args.model, args.out, device, tuple(args.lora), tuple(args.embedding), speed)
         build_app(studio).launch(server_name=args.host, server_port=args.port, allowed_paths=[str(args.out.resolve())])
 
     return run_reporting(body, "the app")
@@ -311,4 +313,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("pipelines.fast_mode").setLevel(logging.INFO)  # compile time, apart from the images
     sys.exit(main())

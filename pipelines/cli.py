@@ -5,6 +5,7 @@ flag groups every one of them has, prompt files, and the run from parsed argumen
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from diffusers.utils import is_xformers_available
 from ldm.attention import ATTENTION_BACKENDS, available_attention_backends
 from ldm.errors import OneLineParser, UserError, run_reporting
 from pipelines.families import require_supported_model
-from pipelines.generate import MAX_SEED, GenerationRequest, Mode, generate
+from pipelines.generate import MAX_SEED, GenerationRequest, Mode, SpeedSettings, generate
 from pipelines.generation_defaults import check_guidance_interval
 from pipelines.loading import DEFAULT_MODEL, DTYPES, Embedding, LoraWeights, ModelSettings, resolve_device
 from pipelines.schedulers import ALIASES, SAMPLERS, canonical_name
+from pipelines.token_merging import MAX_RATIO as MAX_TOME_RATIO
 
 __all__ = ["DEFAULT_MODEL", "run_generation_command"]
 
@@ -40,7 +42,7 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def float_in(low: float, high: float | None = None) -> Callable[[str], float]:
-    """An ``argparse`` type: a number in [low, high] (or >= low)."""
+    """An ``argparse`` type: a finite number in [low, high] (or >= low; ``inf`` and ``nan`` are refused)."""
     allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
 
     def parse(text: str) -> float:
@@ -48,7 +50,7 @@ def float_in(low: float, high: float | None = None) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number {allowed}; got {text!r}") from None
-        if not (value >= low and (high is None or value <= high)):
+        if not (math.isfinite(value) and value >= low and (high is None or value <= high)):
             raise argparse.ArgumentTypeError(f"must be a number {allowed}; got {text}")
         return value
 
@@ -246,6 +248,33 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
     return sampling
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--fast``, ``--step-cache N`` and ``--tome RATIO``."""
+    speed = parser.add_argument_group("speed")
+    speed.add_argument(
+        "--fast",
+        action="store_true",
+        help="fast mode: channels_last weights, fused attention projections and torch.compile of the U-Net and VAE "
+        "decoder; the same images up to float rounding. The first image of each size pays the compilation (about a "
+        "minute or more on a CPU), cached on disk for the next run (~/.cache/ldm-toolkit/inductor)",
+    )
+    speed.add_argument(
+        "--step-cache",
+        type=int_at_least(1),
+        metavar="N",
+        help="step caching (DeepCache): the full U-Net every N steps, its shallow layers with cached deep features "
+        "in between; faster, slightly different images (default, or 1: off; try 3)",
+    )
+    speed.add_argument(
+        "--tome",
+        type=float_in(0.0, MAX_TOME_RATIO),
+        default=0.0,
+        metavar="RATIO",
+        help=f"token merging (ToMe for SD, needs pip install tomesd): merge this share of the image tokens before "
+        f"self-attention, 0 to {MAX_TOME_RATIO}; faster at large sizes, slightly different images (default 0: off)",
+    )
+
+
 def add_output_argument(parser: argparse.ArgumentParser) -> None:
     """``--out``."""
     parser.add_argument(
@@ -259,6 +288,7 @@ def build_generation_parser(prog: str, description: str) -> tuple[OneLineParser,
     add_prompt_arguments(parser)
     add_model_arguments(parser)
     sampling = add_sampling_arguments(parser)
+    add_speed_arguments(parser)
     add_output_argument(parser)
     return parser, sampling
 
@@ -320,6 +350,11 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
     )
 
 
+def speed_settings(args: argparse.Namespace) -> SpeedSettings:
+    """The speed part of the parsed arguments (``--fast``, ``--step-cache``, ``--tome``)."""
+    return SpeedSettings(fast=args.fast, step_cache=args.step_cache, tome=args.tome)
+
+
 def generation_request(args: argparse.Namespace, prompts: list[str], mode: Mode) -> GenerationRequest:
     """The request the parsed arguments describe."""
     return GenerationRequest(
@@ -338,6 +373,7 @@ def generation_request(args: argparse.Namespace, prompts: list[str], mode: Mode)
         seed=args.seed,
         prompt_weighting=args.prompt_weighting,
         long_prompts=args.long_prompts,
+        speed=speed_settings(args),
     )
 
 

@@ -23,7 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-from ldm.errors import OneLineParser, UserError, run_reporting
+from ldm.errors import OneLineParser, UserError, check_writable_folder, run_reporting
 from pipelines.families import require_supported_model, single_file_family, text_to_image_pipeline
 from pipelines.kohya_lora import export_kohya_lora
 from pipelines.loading import DTYPES, loading_bars_hidden
@@ -62,6 +62,7 @@ def _new_file(path: Path, flag: str) -> None:
         raise ConvertError(f"{flag} {path} must end in {SAFETENSORS_SUFFIX} (weights are written as safetensors)")
     if path.exists():
         raise ConvertError(f"{flag} {path} exists; pass a new file name (or remove the old file)")
+    check_writable_folder(path.parent, f"{flag} {path}: its folder")
 
 
 def _check_format(path: Path, allow_pickle: bool) -> None:

@@ -121,6 +121,7 @@ class DenoisingLoopMixin:
         embeddings (a batch of prompts with different chunk counts); None attends to all.
         """
         hook = step_hook or StepHook()
+        run_unet = self.unet_runner()  # the whole U-Net at each step, or DeepCache's (pipelines.step_cache)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._cross_attention_kwargs = cross_attention_kwargs
@@ -139,9 +140,15 @@ class DenoisingLoopMixin:
             negative_added_cond_kwargs,
         )
 
-        def guided_at(t: torch.Tensor) -> bool:
+        # The timesteps as numbers, read once: float(t) of a CUDA tensor at every step would make the CPU wait for
+        # the GPU before launching the next step (SDXL at 1024² was 22 % slower than stock with it).
+        timestep_values = timesteps.tolist() if torch.is_tensor(timesteps) else [float(t) for t in timesteps]
+
+        def guided_at(i: int) -> bool:
             return (
-                cond.negative_prompt_embeds is not None and self.do_classifier_free_guidance and lo <= float(t) <= hi
+                cond.negative_prompt_embeds is not None
+                and self.do_classifier_free_guidance
+                and lo <= timestep_values[i] <= hi
             )
 
         def step(i: int, t: torch.Tensor, latents: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -154,7 +161,8 @@ class DenoisingLoopMixin:
             cond_kwargs = cond.added_cond_kwargs
             if guided:
                 cond_kwargs = concat_added_conditions(cond.negative_added_cond_kwargs, cond.added_cond_kwargs)
-            noise_pred = self.unet(
+            noise_pred = run_unet(
+                i,
                 model_input,
                 t,
                 encoder_hidden_states=embeds,
@@ -162,8 +170,7 @@ class DenoisingLoopMixin:
                 cross_attention_kwargs=cross_attention_kwargs,
                 added_cond_kwargs=cond_kwargs,
                 encoder_attention_mask=mask,
-                return_dict=False,
-            )[0]
+            )
             if guided:
                 noise_pred = guide(noise_pred, self._guidance_scale, self._guidance_rescale)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
@@ -173,7 +180,7 @@ class DenoisingLoopMixin:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                guided = guided_at(t)
+                guided = guided_at(i)
                 latents = step(i, t, latents, guided)
                 for _ in range(hook.resamples):
                     latents = step(i, t, hook.renoise(i, latents), guided)

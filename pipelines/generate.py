@@ -14,6 +14,7 @@ device.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 import unicodedata
@@ -23,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
+import numpy as np
 import PIL.Image
 import torch
 from PIL.PngImagePlugin import PngInfo
@@ -38,6 +40,7 @@ from pipelines.pipeline_img2img import IMG2IMG_STRENGTH
 from pipelines.pipeline_inpaint import INPAINT_STRENGTH
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 from pipelines.schedulers import a1111_sampler, canonical_name, make_scheduler, scheduler_name
+from pipelines.token_merging import MAX_RATIO as MAX_TOME_RATIO
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +206,68 @@ def _masked(
     return Prepared(inputs, *image.size, metadata, a1111)
 
 
+# ------------------------------------------------------------------------------------------------------- speed
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How a request runs, not what it draws: ``fast`` (:meth:`~pipelines.fast_mode.FastModeMixin.enable_fast_mode`:
+    channels_last, fused QKV, ``torch.compile``; the same images up to float rounding), ``step_cache`` (DeepCache: the
+    full U-Net every N steps, :meth:`~pipelines.step_cache.StepCachingMixin.enable_step_caching`; None or 1: off) and
+    ``tome`` (the share of tokens merged by ToMe, :meth:`~pipelines.step_cache.StepCachingMixin.enable_token_merging`;
+    0: off). The last two trade some fidelity for speed."""
+
+    fast: bool = False
+    step_cache: int | None = None
+    tome: float = 0.0
+
+    @property
+    def step_cache_interval(self) -> int | None:
+        """The step-caching interval, None when off (1 caches nothing, so it is off too)."""
+        return self.step_cache if self.step_cache is not None and self.step_cache > 1 else None
+
+    def check(self) -> None:
+        """Raises :class:`UserError` naming the setting to change."""
+        if self.step_cache is not None and (isinstance(self.step_cache, bool) or self.step_cache < 1):
+            raise UserError(f"step cache interval must be an integer >= 1 (1: off); got {self.step_cache}")
+        if not 0 <= self.tome <= MAX_TOME_RATIO:
+            raise UserError(f"token merging ratio must be in [0, {MAX_TOME_RATIO}] (0: off); got {self.tome}")
+
+    def apply(self, pipe: LatentDiffusionPipeline) -> None:
+        """Switch ``pipe``'s fast mode, step caching and token merging to these settings (each only when it
+        changes: a cached model keeps its compiled U-Net from request to request)."""
+        if self.fast != pipe.fast_mode_enabled:
+            if self.fast:
+                pipe.enable_fast_mode()
+            else:
+                pipe.disable_fast_mode()
+        interval = self.step_cache_interval
+        if interval != pipe.step_caching_interval:
+            if interval is None:
+                pipe.disable_step_caching()
+            else:
+                pipe.enable_step_caching(interval=interval)
+        # ToMe patches the U-Net, which the pipelines of other tasks share: undo it whatever this pipe recorded.
+        if self.tome:
+            if pipe.token_merging_ratio != self.tome:
+                pipe.enable_token_merging(self.tome)
+        else:
+            pipe.disable_token_merging()
+
+    def metadata(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Our metadata keys and AUTOMATIC1111's for the settings that are on."""
+        ours, a1111 = {}, {}
+        if self.fast:
+            ours["fast_mode"] = "true"
+        if self.step_cache_interval is not None:
+            ours["step_cache"] = str(self.step_cache_interval)
+            a1111["Step cache"] = str(self.step_cache_interval)
+        if self.tome:
+            ours["tome"] = f"{self.tome:g}"
+            a1111["Token merging ratio"] = f"{self.tome:g}"
+        return ours, a1111
+
+
 # ----------------------------------------------------------------------------------------------------- request
 
 
@@ -211,7 +276,8 @@ class GenerationRequest:
     """What to draw. ``None`` for ``steps`` / ``guidance_scale`` / ``guidance_interval``: the model's
     ``generation_defaults``; for ``scheduler``: the model's own sampler; for ``seed``: a random one (reported back).
 
-    ``num_images`` images are drawn per prompt, ``batch_size`` prompts per pipeline call.
+    ``num_images`` images are drawn per prompt, ``batch_size`` prompts per pipeline call; ``speed`` says how fast
+    (:class:`SpeedSettings`: fast mode, step caching, token merging; default all off).
     """
 
     prompts: tuple[str, ...]
@@ -229,17 +295,21 @@ class GenerationRequest:
     seed: int | None = None
     prompt_weighting: bool = True
     long_prompts: bool = True
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
 
     def check(self) -> None:
         """Raises :class:`UserError` naming the setting to change."""
+        self.speed.check()
         if not self.prompts or any(not prompt.strip() for prompt in self.prompts):
             raise UserError("the prompt is empty; type what the image should show")
         if self.num_images < 1 or self.batch_size < 1:
             raise UserError(f"number of images and batch size must be >= 1; got {self.num_images}, {self.batch_size}")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"steps must be at least 1; got {self.steps}")
-        if self.guidance_scale is not None and not self.guidance_scale >= 0:
-            raise UserError(f"guidance scale must be >= 0 (<= 1 turns guidance off); got {self.guidance_scale}")
+        if self.guidance_scale is not None and not 0 <= self.guidance_scale < math.inf:
+            raise UserError(
+                f"guidance scale must be a finite number >= 0 (<= 1 turns guidance off); got {self.guidance_scale}"
+            )
         if not 0 <= self.guidance_rescale <= 1:
             raise UserError(f"guidance rescale must be in [0, 1]; got {self.guidance_rescale}")
         if self.guidance_interval is not None:
@@ -357,6 +427,8 @@ def _metadata(
         "long_prompts": str(request.long_prompts).lower(),
         **prepared.metadata,
     }
+    speed_ours, speed_a1111 = request.speed.metadata()
+    ours.update(speed_ours)
     optional = {
         "clip_skip": None if request.clip_skip is None else str(request.clip_skip),
         "loras": ", ".join(map(str, settings.loras)) or None,
@@ -379,6 +451,7 @@ def _metadata(
         "Eta": f"{request.eta:g}" if request.eta else None,
         "Loras": ", ".join(map(str, settings.loras)) or None,
         "Embeddings": ", ".join(map(str, settings.embeddings)) or None,
+        **speed_a1111,
     }
     return ours, a1111
 
@@ -404,6 +477,7 @@ def generate(
         scheduler = make_scheduler(request.scheduler, loaded.scheduler.config)
     loaded.set_scheduler(scheduler)
     pipe = loaded.pipeline(request.mode.task)
+    request.speed.apply(pipe)
     prepared = request.mode.prepare(pipe)
     steps, guidance_scale, interval = pipe.sampling_settings(
         request.steps, request.guidance_scale, request.guidance_interval
@@ -430,9 +504,17 @@ def generate(
             clip_skip=request.clip_skip,
             prompt_weighting=request.prompt_weighting,
             long_prompts=request.long_prompts,
-            output_type="pil",
+            output_type="np",  # checked for NaN before it becomes a PNG (NaN would quietly turn black)
             **prepared.inputs,
         ).images
+        for i, image_seed in enumerate(seeds):
+            if not np.isfinite(images[i]).all():
+                raise UserError(
+                    f"the model produced NaN or infinite values for {batch[i // request.num_images]!r} (seed "
+                    f"{image_seed}); nothing was saved for it. Lower the guidance scale or guidance rescale, or use "
+                    "--dtype float32 (half precision can overflow)"
+                )
+        images = pipe.numpy_to_pil(images)
         # The pipeline orders images prompt by prompt: [p0 #0, p0 #1, ..., p1 #0, ...], as the seeds are.
         for i, (image, image_seed) in enumerate(zip(images, seeds, strict=True)):
             prompt = batch[i // request.num_images]

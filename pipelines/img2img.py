@@ -71,4 +71,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("pipelines.generate").setLevel(logging.INFO)
+    logging.getLogger("pipelines.fast_mode").setLevel(logging.INFO)  # compile time, apart from the images
     sys.exit(main())

@@ -44,10 +44,12 @@ from ldm.attention import set_attention_backend
 from ldm.errors import UserError
 from ldm.guidance import uses_classifier_free_guidance
 from pipelines.denoising import DenoisingLoopMixin, StepHook
+from pipelines.fast_mode import FastModeMixin
 from pipelines.generation_defaults import FILENAME as GENERATION_DEFAULTS_FILE
 from pipelines.generation_defaults import GenerationDefaults, check_guidance_interval
 from pipelines.prompt_conditioning import FamilyInputs, PromptConditioningMixin, TextConditioning
 from pipelines.single_file import check_checkpoint_format
+from pipelines.step_cache import StepCachingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,8 @@ def _load_generation_defaults(
 class LatentDiffusionPipeline(
     PromptConditioningMixin,
     DenoisingLoopMixin,
+    FastModeMixin,
+    StepCachingMixin,
     DiffusionPipeline,
     StableDiffusionMixin,
     StableDiffusionLoraLoaderMixin,

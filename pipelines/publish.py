@@ -31,7 +31,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCar
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ldm.errors import OneLineParser, UserError, run_reporting
+from ldm.errors import OneLineParser, UserError, check_writable_folder, run_reporting
 from pipelines.cli import int_at_least
 from pipelines.families import (
     STABLE_DIFFUSION,
@@ -388,6 +388,7 @@ def publish(config: PublishConfig, dry_run: str | Path | None = None) -> str:
         out = Path(dry_run)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise PublishError(f"--dry-run {out} exists and is not an empty folder; pass a new folder")
+        check_writable_folder(out.parent, f"--dry-run {out}: its folder")
         return str(stage_repo(config, out))
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         return upload(stage_repo(config, Path(tmp)), config)

@@ -9,7 +9,7 @@ the one the command makes with the same settings, with the same PNG metadata. A 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import PIL.Image
@@ -23,6 +23,7 @@ from pipelines.generate import (
     Inpaint,
     Mode,
     Outpaint,
+    SpeedSettings,
     TextToImage,
     generate,
 )
@@ -87,12 +88,14 @@ def fit_image(image: PIL.Image.Image, max_side: int, multiple: int) -> PIL.Image
 
 
 class Studio:
-    """A loaded model, the folder its images go to, and a method per mode. Calls are meant to come one at a time
-    (the app queues them): a request's scheduler choice is set on the model."""
+    """A loaded model, the folder its images go to, how fast it draws (``speed``: fast mode, step caching, token
+    merging, as the app's flags set them), and a method per mode. Calls are meant to come one at a time (the app
+    queues them): a request's scheduler choice is set on the model."""
 
-    def __init__(self, model: LoadedModel, out: Path):
+    def __init__(self, model: LoadedModel, out: Path, speed: SpeedSettings | None = None):
         self.model = model
         self.out = out
+        self.speed = speed or SpeedSettings()
 
     @classmethod
     def load(
@@ -102,9 +105,10 @@ class Studio:
         device: torch.device,
         loras: tuple[LoraWeights, ...] = (),
         embeddings: tuple[Embedding, ...] = (),
+        speed: SpeedSettings | None = None,
     ) -> Studio:
         """Load ``model`` (a pipeline folder or Hub id) onto ``device`` (float16 on cuda and mps, float32 elsewhere)
-        with ``loras`` and ``embeddings`` applied.
+        with ``loras`` and ``embeddings`` applied; every request runs with ``speed`` (default: all off).
 
         Raises:
             UserError: the model does not load, or ``out`` is a file.
@@ -112,7 +116,9 @@ class Studio:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
         settings = ModelSettings(model, device=str(device), loras=loras, embeddings=embeddings)
-        return cls(load_model(settings), out)
+        speed = speed or SpeedSettings()
+        speed.check()
+        return cls(load_model(settings), out, speed)
 
     @property
     def pipe(self) -> LatentDiffusionPipeline:
@@ -198,4 +204,4 @@ class Studio:
         return fit_image(image, self.max_size, self.size_step)
 
     def _generate(self, settings: Settings, mode: Mode) -> Generation:
-        return generate(settings.request(mode), self.model, self.out)
+        return generate(replace(settings.request(mode), speed=self.speed), self.model, self.out)

@@ -33,27 +33,30 @@ mkdir -p "$OUT"
 SECONDS=0
 
 stage() { echo "== $1 ($SECONDS s so far)"; }
+# A stage is done when the file its command writes last is there and not empty: trainers write their final folders
+# whole (common.files.atomic_folder) and the data's metadata.jsonl by rename, so a killed stage is simply rerun.
+done_at() { [ -s "$1" ]; }
 
 stage "data"
-[ -f "$OUT/data/train/metadata.jsonl" ] || python -m shapes.make_dataset --out "$OUT/data/train" \
+done_at "$OUT/data/train/metadata.jsonl" || python -m shapes.make_dataset --out "$OUT/data/train" \
   --n "$N" --size 64 --seed 0 --overwrite --no-progress
-[ -f "$OUT/data/test/metadata.jsonl" ] || python -m shapes.make_dataset --out "$OUT/data/test" \
+done_at "$OUT/data/test/metadata.jsonl" || python -m shapes.make_dataset --out "$OUT/data/test" \
   --n "$N_TEST" --size 64 --seed 1 --split-name test --overwrite --no-progress
 
 stage "autoencoder"
-[ -d "$OUT/vae/vae" ] || python -m training.train_autoencoder --dataset "$OUT/data/train" --preset small \
+done_at "$OUT/vae/vae/diffusion_pytorch_model.safetensors" || python -m training.train_autoencoder --dataset "$OUT/data/train" --preset small \
   --validation-dataset "$OUT/data/test" --validation-steps "$EVERY" --max-validation-images 64 \
   --max-train-steps "$VAE_STEPS" --learning-rate 5e-4 --lr-warmup-steps 100 --report-to none \
   --output-dir "$OUT/vae" "${COMMON[@]}"
 
 stage "text encoder"
-[ -d "$OUT/clip/text_encoder" ] || python -m training.train_text_encoder --dataset "$OUT/data/train" --preset small \
+done_at "$OUT/clip/text_encoder/model.safetensors" || python -m training.train_text_encoder --dataset "$OUT/data/train" --preset small \
   --validation-dataset "$OUT/data/test" --validation-steps "$EVERY" --max-validation-images 256 \
   --vocabulary captions --vision-layers 4 --max-train-steps "$CLIP_STEPS" --learning-rate 5e-4 --lr-warmup-steps 100 --report-to none \
   --output-dir "$OUT/clip" "${COMMON[@]}" --train-batch-size "$((BATCH * 2))"
 
 stage "U-Net"
-[ -d "$OUT/unet/pipeline" ] || python -m training.train_text_to_image --preset small --vae "$OUT/vae" \
+done_at "$OUT/unet/pipeline/README.md" || python -m training.train_text_to_image --preset small --vae "$OUT/vae" \
   --text-encoder "$OUT/clip" --dataset "$OUT/data/train" --validation-dataset "$OUT/data/test" \
   --max-validation-images 64 --prediction-type v_prediction --zero-terminal-snr --text-encoder-init random \
   --caption-dropout 0.1 --cache --learning-rate 5e-4 --lr-scheduler cosine --lr-warmup-steps 200 \
@@ -72,7 +75,7 @@ stage "guidance sweep"
   --num-prompts "$SWEEP_PROMPTS" --real "$OUT/data/test" --features "$CLIP_FEATURES" --out "$EVAL/sweep" >/dev/null
 
 stage "model folder"
-[ -d "$OUT/model" ] || python -m recipes.shapes_model folder --run "$OUT" >/dev/null
+done_at "$OUT/model/model_index.json" || python -m recipes.shapes_model folder --run "$OUT" >/dev/null
 
 stage "prompt adherence"
 if [ ! -f "$EVAL/adherence/adherence.json" ]; then

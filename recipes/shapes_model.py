@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from common.files import atomic_folder
 from eval.fid import reader_fid
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
@@ -74,24 +75,21 @@ def make_folder(run: Path) -> Path:
         guidance_interval=GUIDANCE_INTERVAL,
     )
     out = run / "model"
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    defaults = pipe.generation_defaults
-    with torch.no_grad():
-        grid = sample_grid(
-            pipe,
-            SAMPLE_PROMPTS,
-            seed=SAMPLE_SEED,
-            images_per_prompt=4,
-            num_inference_steps=defaults.num_inference_steps,
-            guidance_scale=defaults.guidance_scale,
-        )
-    grid.save(tmp / "samples.png")
-    shutil.copyfile(run / "eval" / "sweep" / "guidance_sweep.png", tmp / "guidance_sweep.png")
-    shutil.copyfile(run / "unet" / "pipeline" / "loss.png", tmp / "loss.png")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # complete or absent: the recipe reruns this stage until the folder exists
+    with atomic_folder(out) as tmp:  # complete or absent: the recipe reruns this stage until the folder exists
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        defaults = pipe.generation_defaults
+        with torch.no_grad():
+            grid = sample_grid(
+                pipe,
+                SAMPLE_PROMPTS,
+                seed=SAMPLE_SEED,
+                images_per_prompt=4,
+                num_inference_steps=defaults.num_inference_steps,
+                guidance_scale=defaults.guidance_scale,
+            )
+        grid.save(tmp / "samples.png")
+        shutil.copyfile(run / "eval" / "sweep" / "guidance_sweep.png", tmp / "guidance_sweep.png")
+        shutil.copyfile(run / "unet" / "pipeline" / "loss.png", tmp / "loss.png")
     return out
 
 

@@ -6,6 +6,11 @@ writes and reads the folders: the atomic writes, the manifest, and how several p
 dict becomes a safetensors file and a JSON skeleton, and how the RNG states are taken and put back, is
 ``training.state_io``; :class:`StopSignal` lives in ``training.signals``. Nothing is pickled.
 
+Sharded models (FSDP2 through accelerate, ``recipes/accelerate/fsdp_sdxl.yaml``) are saved whole: every process
+takes part in gathering each object's ``DTensor`` s (the model's weights, the optimizer's moments) and the main process
+writes full tensors, the same files as a single-process run writes, so a checkpoint loads on one machine; loading
+cuts them back into each process's shards. Resuming a sharded run takes the same number of processes (its RNG files).
+
 Typical use in a training loop::
 
     resume = resolve_resume(checkpoints_dir, args.resume)  # None, "latest" or a path
@@ -35,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from common.files import fsync_dir, fsync_file, read_json, sha256_file, write_json
 from ldm.errors import UserError
@@ -46,12 +52,12 @@ from training.checkpoint_folders import (
     TMP_PREFIX,
     clean_stale,
     complete_checkpoints,
-    describe_available,
     hidden_sibling,
     prune_checkpoints,
     read_manifest,
     require_complete,
     step_dir_name,
+    suggest_verified,
 )
 from training.state_io import (
     capture_rng_state,
@@ -59,7 +65,10 @@ from training.state_io import (
     decode_state,
     encode_plain,
     encode_state,
+    full_tensors,
     restore_rng_state,
+    shard_optimizer_state_like,
+    shard_state_like,
 )
 
 if TYPE_CHECKING:
@@ -110,6 +119,24 @@ def _read_state(folder: Path, stem: str, what: str, device: str) -> Any:
     """The state that :func:`_write_state` wrote, its tensors on ``device``."""
     doc = read_json(folder / f"{stem}.json")
     return decode_state(doc, load_file(str(folder / f"{stem}.safetensors"), device=device), what)
+
+
+def _full_state(obj: Any, keep: bool) -> Any:
+    """``obj.state_dict()`` with sharded tensors gathered in full (a collective when ``obj`` is sharded: every
+    process calls it for the same objects in the same order); a process that does not ``keep`` them (does not write)
+    drops each gathered tensor at once."""
+    return full_tensors(obj.state_dict(), keep=keep)
+
+
+def _sharded_like(obj: Any, state: Any) -> Any:
+    """A loaded full ``state`` laid out as ``obj`` holds it: cut into this process's shards where ``obj`` is sharded
+    (an optimizer by its parameters, anything else by its current state dict), else unchanged."""
+    param_groups = getattr(obj, "param_groups", None)
+    if isinstance(param_groups, list) and isinstance(state, dict) and {"state", "param_groups"} <= state.keys():
+        return shard_optimizer_state_like(state, param_groups)
+    if isinstance(obj, torch.nn.Module) and not any(isinstance(p, DTensor) for p in obj.parameters()):
+        return state
+    return shard_state_like(state, obj.state_dict())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -186,8 +213,9 @@ def save_checkpoint(
         objects: name -> object with ``state_dict()``; pass unwrapped models (``accelerator.unwrap_model``).
         generators: named ``torch.Generator`` s (data order, noise) whose states are saved per process.
         meta: JSON-like data returned by :func:`load_checkpoint` (epoch, step, config, ...).
-        accelerator: with several processes, every process must call this; the main one writes the objects and the
-            manifest, each one its own RNG file. Without one, the caller is the only process.
+        accelerator: with several processes, every process must call this; the main one writes the objects (gathered
+            in full from every process's shards where they are sharded) and the manifest, each one its own RNG file.
+            Without one, the caller is the only process.
         total_limit: if given, afterwards keep only the newest ``total_limit`` complete checkpoints.
     """
     if type(step) is not int or step < 0:
@@ -216,12 +244,15 @@ def save_checkpoint(
         raise OSError(error)
     tmp = root / tmp_name
 
-    # 2. main writes the objects, every process its RNG states; failures anywhere abort everywhere
+    # 2. main writes the objects (every process gathers the shards of sharded ones), every process its RNG states;
+    # failures anywhere abort everywhere
     own_exc: BaseException | None = None
     try:
-        if is_main:
-            for name, obj in objects.items():
-                _write_state(tmp, name, obj.state_dict(), name, _qualified_name(obj))
+        for name, obj in objects.items():
+            state = _full_state(obj, keep=is_main)
+            if is_main:
+                _write_state(tmp, name, state, name, _qualified_name(obj))
+            del state
         rng_state = capture_rng_state(generators)
         _write_state(tmp / _RNG_DIR, _rng_stem(rank), rng_state, f"rng of process {rank}", "rng")
     except Exception as exc:
@@ -330,7 +361,8 @@ def load_checkpoint(
         objects: name -> object to restore; every name must be in the checkpoint (extra ones there are logged).
         generators: named generators to restore (the same names as when saving).
         accelerator: the current run's; its process index picks the RNG file. Without one: process 0 of 1.
-        map_location: device the tensors are loaded to before ``load_state_dict``.
+        map_location: device the tensors are loaded to before ``load_state_dict`` (sharded objects: before each
+            process cuts out its shards, on the device of its shards).
         strict_rng: if the checkpoint was written by a different number of processes, raise (True) or only warn and
             restore RNG states where this process has a file (False; random streams then differ).
         verify: check every file's sha256 against the manifest first.
@@ -365,14 +397,14 @@ def load_checkpoint(
         for name, entry in manifest["files"].items():
             if "sha256" in entry and sha256_file(path / name) != entry["sha256"]:
                 raise UserError(
-                    f"checkpoint file {path / name} is corrupt (its sha256 differs from the manifest); "
-                    f"resume from another checkpoint. {describe_available(path.parent)}"
+                    f"checkpoint file {path / name} is corrupt (its sha256 differs from the manifest). "
+                    f"{suggest_verified(path.parent, corrupt=path)}"
                 )
     device = str(map_location)
     for name, obj in objects.items():
         state = _read_state(path, name, f"{path.name}/{name}", device)
         try:
-            obj.load_state_dict(state)
+            obj.load_state_dict(_sharded_like(obj, state))
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise UserError(
                 f"cannot load {name!r} from {path}: {exc}. The object must have the same structure as "

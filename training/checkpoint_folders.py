@@ -11,6 +11,9 @@ A checkpoint is a folder ``step-000123`` under the run's checkpoints directory::
         rng/rank-0.json
         rng/rank-1.safetensors  ... one pair per process
 
+A run that shards its model (FSDP) writes the same files, with full tensors gathered from every process's shards
+(``training.checkpoint``), so its checkpoints load on one machine too; only the RNG files are per process.
+
 Everything is written into a hidden temporary sibling (``.tmp-step-000123-<random>``), fsynced, the manifest last, and
 then renamed into place, so a crash at any moment leaves either the complete checkpoint or nothing that counts: a
 folder is *complete* only if its manifest exists and lists files that all exist with the listed sizes, and only
@@ -30,7 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common.files import fsync_dir, read_json
+from common.files import fsync_dir, read_json, sha256_file
 from ldm.errors import UserError
 
 __all__ = [
@@ -50,6 +53,8 @@ __all__ = [
     "require_complete",
     "resolve_resume",
     "step_dir_name",
+    "suggest_verified",
+    "verifies",
 ]
 
 logger = logging.getLogger(__name__)
@@ -182,6 +187,22 @@ def resolve_resume(checkpoints_dir: str | Path, resume: str | Path | None) -> Pa
         path = Path(checkpoints_dir) / path
     require_complete(path, "resume from", checkpoints_dir)
     return path
+
+
+def verifies(folder: Path) -> bool:
+    """Whether the checkpoint ``folder`` is complete and every file's sha256 matches its manifest (reads them all)."""
+    if _incomplete_reason(folder) is not None:
+        return False
+    files = read_manifest(folder)["files"]
+    return all("sha256" not in entry or sha256_file(folder / name) == entry["sha256"] for name, entry in files.items())
+
+
+def suggest_verified(checkpoints_dir: str | Path, corrupt: Path) -> str:
+    """A sentence for a corrupt checkpoint's error: the newest other checkpoint whose files verify, to resume from."""
+    for path in reversed(list_checkpoints(checkpoints_dir)):
+        if path != corrupt and verifies(path):
+            return f"The newest checkpoint whose files verify is {path}: resume with --resume {path}."
+    return f"No other checkpoint in {checkpoints_dir} verifies; leave resume unset to start fresh."
 
 
 def describe_available(checkpoints_dir: str | Path) -> str:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import errno
 import importlib
 import json
 import logging
 import os
+import re
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
-from ldm.errors import run_reporting
+from ldm.errors import UserError, check_writable_folder, run_reporting
 from training import launch
 from training.buckets import BucketBatchSampler, make_generator
 from training.checkpoint import Stateful
@@ -38,6 +41,7 @@ from training.loop import TrainLoop
 from training.record_formats import ImageCaptionRecords
 from training.records import load_image_caption_records
 from training.resume_guard import check_resume
+from training.run_lock import acquire_output_lock, release_output_lock
 
 logger = logging.getLogger("training")
 
@@ -214,11 +218,14 @@ class Run:
 
 
 def start_run(config: LoopConfig, project: str) -> Run:
-    """Validate ``config``, start the accelerator (:func:`make_accelerator`, tracker ``project``), seed the loop's
+    """Validate ``config``, check that the output folder is writable, start the accelerator (:func:`make_accelerator`,
+    tracker ``project``), lock the output folder against a second run (:mod:`training.run_lock`), seed the loop's
     generator per process (``seed + process index``) and find the checkpoint ``config.resume`` names."""
     config.validate()
-    output_dir = Path(config.output_dir)
+    output_dir = check_writable_folder(config.output_dir, "--output-dir")  # now, not at the first checkpoint
     accelerator = make_accelerator(config, project)
+    if accelerator.is_main_process:  # one run per output folder: a second one is refused here
+        acquire_output_lock(output_dir)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     checkpoints_dir = output_dir / "checkpoints"
     resume_from = resolve_resume(checkpoints_dir, config.resume)
@@ -431,6 +438,28 @@ class MetricsFile:
 # The command line
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write that failed for want of space: ``OSError`` ENOSPC, or safetensors' error for it."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    # safetensors reports the OS error in its text: "No space left on device (os error 28)" or "code: 28, kind: ..."
+    full = re.search(r"os error 28|code: 28|No space left", str(err)) is not None
+    return type(err).__name__ == "SafetensorError" and full
+
+
+def disk_full_error(output_dir: Path) -> UserError:
+    """One line for a run stopped by a full disk: where, how much is free, about how much one more checkpoint needs
+    (the newest one's size), and that the checkpoints written so far are intact."""
+    free = shutil.disk_usage(output_dir).free if output_dir.exists() else 0
+    checkpoints = sorted((output_dir / "checkpoints").glob("step-*"))
+    needed = sum(f.stat().st_size for f in checkpoints[-1].rglob("*") if f.is_file()) if checkpoints else 0
+    need = f"; a checkpoint needs about {needed / 2**20:.0f} MiB" if needed else ""
+    return UserError(
+        f"the disk of --output-dir {output_dir} is full ({free / 2**20:.0f} MiB free{need}); free some space and "
+        "rerun with --resume latest: the checkpoints written before are intact"
+    )
+
+
 def run_command(config_cls: type[T], train: Callable[[T], Path], argv: list[str] | None, module: str, doc: str) -> int:
     """A training command's ``main``: parse the config (flags and/or ``--config FILE``; ``python -m module``, described
     by the first paragraph of the module's ``doc``), train, print the folder written. Bad input (a
@@ -439,7 +468,16 @@ def run_command(config_cls: type[T], train: Callable[[T], Path], argv: list[str]
     prog = f"python -m {module}"
 
     def body() -> None:
-        folder = train(parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0]))
+        config = parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0])
+        output_dir = Path(getattr(config, "output_dir", "."))
+        try:
+            folder = train(config)
+        except Exception as err:
+            if is_disk_full(err):
+                raise disk_full_error(output_dir) from err
+            raise
+        finally:  # the output folder is free again for the next run, in this process or another
+            release_output_lock(output_dir)
         if PartialState().is_main_process:  # under torchrun every process returns; one line is printed
             print(folder)
 

@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from common.files import NotUTF8Error, read_utf8
 from ldm.errors import UserError
 
 T = TypeVar("T")
@@ -111,7 +112,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"config file {path} must end in .yaml, .yml, .toml or .json")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_utf8(path)
+    except NotUTF8Error as err:
+        raise ConfigError(f"config file {err}") from None
     if path.suffix == ".toml":
         if sys.version_info >= (3, 11):
             import tomllib

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from common.images import to_rgb
+from ldm.errors import UserError
 from training.buckets import LATENT_FACTOR, BucketBatchSampler, assign_buckets, make_buckets, make_generator
 from training.captions import process_caption
 from training.masks import alpha_mask, latent_mask, mask_file
@@ -163,7 +164,9 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
 
     An image that fails to decode here (a truncated file that ``verify()`` missed) is replaced, deterministically,
     by the next index of the same bucket that decodes (cyclically); the sample then has that index, its caption and
-    ``replaced=True``, and a warning names the bad file. ``failed_indices`` holds the failures seen by this process.
+    ``replaced=True``, and a warning names the bad file. ``failed_indices`` holds the failures seen by this process;
+    ``failure_log`` (a text file, one image name a line, appended by every process and DataLoader worker) makes them
+    count in :meth:`summary` wherever they were seen. A bucket none of whose images decodes is a :class:`UserError`.
 
     Subsets (:class:`training.records.Subset`, kohya-ss's): each record's ``repeats`` (``repeat=True``) make that many
     samples of it an epoch, each its own index (and own random draws); ``index`` in a sample is the record's. Each
@@ -189,6 +192,7 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
         subsets: Sequence[Subset] | None = None,
         repeat: bool = True,
         masked_loss: bool = False,
+        failure_log: str | Path | None = None,
     ) -> None:
         _check_choice("crop", crop, CropMode)
         _check_choice("interpolation", interpolation, Interpolation)
@@ -220,6 +224,7 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
         self.crop, self.flip, self.seed, self.interpolation = crop, flip, seed, interpolation
         self.masked_loss = masked_loss
         self.failed_indices: set[int] = set()
+        self.failure_log = None if failure_log is None else Path(failure_log)
         self._members: dict[int, list[int]] = {}
         self._position: list[int] = []
         for index, bucket in enumerate(self.bucket_of_index):
@@ -253,9 +258,19 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
             raise ValueError(f"mask_dir needs image files; {self.records.source} holds table rows")
         return mask_file(name, mask_dir)
 
+    def undecodable(self) -> set[str]:
+        """The names of the images that failed to decode: in this process, and in ``failure_log``."""
+        names = {str(self.records.image_name(index)) for index in self.failed_indices}
+        if self.failure_log is not None and self.failure_log.is_file():
+            names.update(line for line in self.failure_log.read_text(encoding="utf-8").splitlines() if line)
+        return names
+
     def summary(self) -> DataSummary:
-        """The counts of the records: total, used, skipped without a caption, skipped unreadable."""
-        return self.records.summary()
+        """The counts of the records: total, used, skipped without a caption, skipped unreadable (the files the
+        scan found unreadable and those that failed to decode later)."""
+        summary = self.records.summary()
+        failed = len(self.undecodable())
+        return replace(summary, used=summary.used - failed, skipped_corrupt=summary.skipped_corrupt + failed)
 
     def summary_dict(self) -> dict[str, str | int]:
         """:meth:`summary` as a JSON-ready dict, for the model card."""
@@ -328,6 +343,10 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
                         mask = self._mask(candidate, rotated)
             except Exception as err:  # PIL's decoders raise many types; a bad file must not stop training
                 self.failed_indices.add(candidate)
+                if self.failure_log is not None:  # one short append: whole lines even from several processes
+                    self.failure_log.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.failure_log, "a", encoding="utf-8") as log:
+                        log.write(f"{self.records.image_name(candidate)}\n")
                 logger.warning(
                     "could not decode %s (%s: %s); using the next image of its bucket instead",
                     self.records.image_name(candidate),
@@ -358,9 +377,11 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
             if mask is not None:
                 sample["loss_mask"] = latent_mask(mask)
             return sample
-        raise RuntimeError(
-            f"none of the {len(members)} images of bucket {self.target_size(index)} of {self.records.source} "
-            "could be decoded; see the warnings above"
+        width, height = self.target_size(index)
+        raise UserError(
+            f"none of the {len(members)} images of bucket {width}x{height} of {self.records.source} could be "
+            f"decoded (e.g. {self.records.image_name(self.record_of_index[members[0]])}); replace or remove the "
+            "broken files (the warnings above name each)"
         )
 
 

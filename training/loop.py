@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ldm.errors import UserError
 from training.checkpoint import Stateful, load_checkpoint, save_checkpoint
 from training.config import to_dict
+from training.launch import is_sharded_run
 from training.signals import StopSignal
 from training.validation import loss_curve_png
 
@@ -110,6 +111,7 @@ class TrainLoop:
         self._skip_update = False
         self._window_loss = 0.0
         self._window_started = self._started = time.perf_counter()
+        self._step_ends: list[float] = []  # when each step of this process's loop ended
         self._first_step = 0
 
     # ---------------------------------------------------------------------------------------------- state
@@ -138,9 +140,25 @@ class TrainLoop:
         """Optimizer steps per second of this process's loop so far (evaluation and checkpoints included)."""
         return (self.step - self._first_step) / max(time.perf_counter() - self._started, 1e-9)
 
-    def summary(self) -> dict[str, float]:
-        """The run's figures for ``metrics.json``: steps done and the step rate."""
-        return {"steps": self.step, "train_steps_per_s": self.steps_per_second}
+    @property
+    def steady_steps_per_second(self) -> float | None:
+        """The step rate once warmed up: between the end of the first quarter of this process's steps (at most 10;
+        the first steps pay for kernel selection and caches) and the end of the last step (so not the final
+        checkpoint); None with fewer than 4 steps."""
+        ends = self._step_ends
+        if len(ends) < 4:
+            return None
+        skip = min(10, len(ends) // 4)
+        return (len(ends) - 1 - skip) / max(ends[-1] - ends[skip], 1e-9)
+
+    def summary(self) -> dict[str, float | None]:
+        """The run's figures for ``metrics.json``: steps done, the step rate over the whole loop (checkpoints and
+        evaluations included) and once warmed up (:attr:`steady_steps_per_second`)."""
+        return {
+            "steps": self.step,
+            "train_steps_per_s": self.steps_per_second,
+            "train_steps_per_s_steady": self.steady_steps_per_second,
+        }
 
     def save_loss_curve(self, path: str | Path) -> Path | None:
         """A PNG of the loss of every applied update (:func:`training.validation.loss_curve_png`), if there is one."""
@@ -156,6 +174,8 @@ class TrainLoop:
             return None
         meta = load_checkpoint(checkpoint, self.stateful, generators=self.generators, accelerator=self.accelerator)
         self.step = self.resumed_step = int(meta["step"])
+        # the loss history so far, so loss.png covers the whole run (older checkpoints have none)
+        self.losses = [(int(step), float(loss)) for step, loss in meta.get("losses", []) if step <= self.step]
         logger.info("resumed from %s at step %d", checkpoint, self.step)
         return meta
 
@@ -170,6 +190,7 @@ class TrainLoop:
         )
         self._first_step = self.step
         self._started = self._window_started = time.perf_counter()
+        self._step_ends = []
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -232,6 +253,8 @@ class TrainLoop:
             self.accelerator.backward(loss)
         grad_norm = None
         if self.accelerator.sync_gradients and self.update_allowed:
+            if is_sharded_run(self.accelerator):
+                params = _in_model_order(self.accelerator, params)
             grad_norm = float(self.accelerator.clip_grad_norm_(params, self.settings.max_grad_norm))
         if self.update_allowed:
             optimizer.step()
@@ -246,6 +269,7 @@ class TrainLoop:
         step rate and ``logs`` every ``log_steps``, and checks for a stop signal on every process.
         """
         self.step += 1
+        self._step_ends.append(time.perf_counter())
         if self._progress is not None:
             self._progress.update(1)
         updated = not self._skip_update
@@ -282,7 +306,8 @@ class TrainLoop:
         """Write a checkpoint every ``checkpointing_steps``, at the last step and on a stop signal."""
         if not (self.step % self.settings.checkpointing_steps == 0 or self.done or self.stopping):
             return None
-        meta: dict[str, Any] = {"step": self.step, "fingerprint": self.fingerprint}
+        losses = [[step, loss] for step, loss in self.losses]
+        meta: dict[str, Any] = {"step": self.step, "fingerprint": self.fingerprint, "losses": losses}
         if dataclasses.is_dataclass(self.settings):
             meta["config"] = to_dict(self.settings)
         return save_checkpoint(
@@ -294,6 +319,18 @@ class TrainLoop:
             accelerator=self.accelerator,
             total_limit=self.settings.checkpoints_total_limit,
         )
+
+
+def _in_model_order(accelerator: Accelerator, params: Sequence[torch.nn.Parameter]) -> Sequence[torch.nn.Parameter]:
+    """The current parameters of the prepared model that ``params`` are (as many), else ``params``. FSDP2 swaps a
+    module's parameters for their gathered versions while it runs (the root module's stay gathered from the forward
+    pass to the end of the backward one) and re-registers the shards afterwards, so a list taken before the backward
+    pass is stale; accelerate clips a sharded model's gradients only when given its very list of parameters."""
+    for model in accelerator._models:
+        current = list(model.parameters())
+        if len(current) == len(params):
+            return current
+    return params
 
 
 def _fmt(value: float) -> str:

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from common.files import atomic_folder
 from ldm.errors import UserError
 from pipelines import LatentDiffusionPipeline
 from pipelines.families import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, ModelFamily, pipelines_of
@@ -361,19 +362,21 @@ class Method:
         """What the run's final folder holds, and its name: the first final model's kind."""
         return self.finals[0].kind
 
-    def save_final(self, output_dir: Path, models: TrainingModels, defaults: GenerationDefaults) -> Path:
-        """Write the final models (:attr:`finals`) to ``output_dir/pipeline``, ``lora`` or ``embedding``
-        (:attr:`final_kind`) and return the folder. With an EMA, the U-Net's own weights go to
-        ``output_dir/unet-raw`` (for further training; a LoRA run's as LoRA weights) and the U-Net keeps the EMA
-        weights from here on."""
-        folder = output_dir / self.final_kind
+    def save_final(
+        self, output_dir: Path, models: TrainingModels, defaults: GenerationDefaults, folder: Path | None = None
+    ) -> Path:
+        """Write the final models (:attr:`finals`) to ``folder`` (default ``output_dir/pipeline``, ``lora`` or
+        ``embedding``: :attr:`final_kind`) and return it. With an EMA, the U-Net's own weights go to
+        ``output_dir/unet-raw`` (for further training; a LoRA run's as LoRA weights; written whole or not at all)
+        and the U-Net keeps the EMA weights from here on."""
+        folder = folder or output_dir / self.final_kind
         folder.mkdir(parents=True, exist_ok=True)
         if self.ema is not None:
-            raw = output_dir / "unet-raw"
-            if getattr(self.unet, "peft_config", None):
-                save_lora({"unet": self.unet}, raw, self.pipeline_class)
-            else:
-                self.unet.save_pretrained(raw)
+            with atomic_folder(output_dir / "unet-raw") as raw:
+                if getattr(self.unet, "peft_config", None):
+                    save_lora({"unet": self.unet}, raw, self.pipeline_class)
+                else:
+                    self.unet.save_pretrained(raw)
             self.ema.copy_to(self.ema_params)
         for final in self.finals:
             final.save(folder, self, models, defaults)

@@ -34,6 +34,7 @@ from pipelines.families import (
     family_of_unet,
     require_supported_model,
 )
+from pipelines.publish import pickle_only_components
 from training.checkpoint import Stateful
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,20 @@ def _subfolder(path: str, name: str) -> dict[str, Any]:
     return {"pretrained_model_name_or_path": path, "subfolder": name}
 
 
+def check_pickle_weights(source: str | None, flag: str, allow_pickle: bool) -> None:
+    """Refuse a local model folder whose weights are pickle files only (loading them can run code), unless
+    ``allow_pickle``: a :class:`UserError` naming the folders and the two ways out."""
+    local = Path(source).expanduser() if source else None
+    if allow_pickle or local is None or not local.is_dir():
+        return
+    pickled = pickle_only_components(local)
+    if pickled:
+        raise UserError(
+            f"{flag} {source} has pickle weights ({', '.join(pickled)}): loading them can run code; convert them to "
+            "safetensors, or pass --allow-pickle if you trust the files"
+        )
+
+
 def load_component(cls: Any, path: str, name: str) -> Any:
     """``cls.from_pretrained`` of the ``name`` component in ``path`` (a pipeline folder, a folder with ``name/``, the
     component's own folder, or a Hub id); a failure is a :class:`UserError` naming what to pass."""
@@ -135,12 +150,14 @@ def load_component(cls: Any, path: str, name: str) -> Any:
 def load_training_models(
     *,
     pretrained_model: str | None,
-    preset: str | None,
-    vae: str | None,
-    text_encoder: str | None,
-    prediction_type: str | None,
-    zero_terminal_snr: bool,
+    preset: str | None = None,
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
     fresh_text_encoder_seed: int | None = None,
+    seed: int = 0,
+    allow_pickle: bool = False,
 ) -> TrainingModels:
     """Load (fine-tune) or build (from scratch) the models of a text-to-image run.
 
@@ -152,6 +169,10 @@ def load_training_models(
     needs v-prediction and trailing timesteps.
     ``fresh_text_encoder_seed``: replace the text encoder's weights by a fresh initialisation of its architecture
     from this seed (the same weights on every process; its tokenizer is kept; every encoder of the family).
+    ``seed``: the initialisation of a preset's new U-Net (so a run, and its restart before the first checkpoint,
+    start from the same weights); the caller's RNG is left alone.
+    ``allow_pickle``: load folders whose weights are pickle files only (``.bin``, ``.ckpt``), as ``publish`` and
+    ``convert`` do; without it they are refused before anything is loaded.
 
     Raises:
         UserError: a model of a family this version does not run, a component that cannot be loaded, or settings
@@ -161,6 +182,8 @@ def load_training_models(
         raise UserError("pass exactly one of --pretrained-model (fine-tune) and --preset (train from scratch)")
     if preset is not None and (vae is None or text_encoder is None):
         raise UserError("training from a preset needs --vae and --text-encoder folders (they stay frozen)")
+    for flag, source in (("--pretrained-model", pretrained_model), ("--vae", vae), ("--text-encoder", text_encoder)):
+        check_pickle_weights(source, flag, allow_pickle)
     if pretrained_model is not None:
         family = require_supported_model(pretrained_model, flag="--pretrained-model")
         unet = load_component(UNet2DConditionModel, pretrained_model, "unet")
@@ -168,7 +191,9 @@ def load_training_models(
         sampler_cls = _sampler_class(pretrained_model)
     else:
         spec = get_preset(preset)
-        unet = build_unet(spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = build_unet(spec)
         family = family_of_unet(unet.config)
         base_config = dict(DDPMScheduler.from_config(vars(spec.scheduler)).config)
         sampler_cls = DDIMScheduler

@@ -25,6 +25,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.files import NotUTF8Error, read_utf8
 from common.images import IMAGE_EXTENSIONS
 from ldm.errors import UserError
 
@@ -185,6 +186,14 @@ def _finish(records: ImageCaptionRecords, hint: str) -> ImageCaptionRecords:
     return records
 
 
+def read_text_file(path: Path) -> str:
+    """A metadata or caption file as text (:func:`common.files.read_utf8`); not UTF-8 is a :class:`UserError`."""
+    try:
+        return read_utf8(path)
+    except NotUTF8Error as err:
+        raise UserError(str(err)) from None
+
+
 def load_imagefolder(
     source: str,
     images: list[Path],
@@ -195,7 +204,7 @@ def load_imagefolder(
     """Records of an imagefolder: ``images`` found under ``source``, captioned by the rows of ``metadata_files``."""
     rows: list[tuple[Path, dict[str, Any]]] = []
     for metadata in metadata_files:
-        with open(metadata, encoding="utf-8-sig", errors="replace", newline="") as file:
+        with io.StringIO(read_text_file(metadata), newline="") as file:
             if metadata.suffix == ".csv":
                 rows.extend((metadata.parent, row) for row in csv.DictReader(file))
                 continue
@@ -277,7 +286,7 @@ def load_captions(
             continue
         text_file = image.with_suffix(caption_extension)
         try:
-            text = text_file.read_text(encoding="utf-8-sig", errors="replace")
+            text = read_text_file(text_file)
         except FileNotFoundError:
             text = None
         except OSError as err:

@@ -11,6 +11,11 @@ encoding is refused with its path.
 :func:`capture_rng_state` and :func:`restore_rng_state` take and put back one process's random state (torch CPU and
 CUDA, numpy, Python ``random`` and named ``torch.Generator`` s) as such a state dict.
 
+When a model is sharded (FSDP2's ``fully_shard`` makes its parameters, and so the optimizer's and EMA's tensors,
+``DTensor`` s that each hold 1/N of the values), :func:`full_tensors` gathers every process's shards into the full
+tensors a checkpoint stores, and :func:`shard_like` cuts loaded full tensors back into this process's shards. A
+checkpoint of a sharded run is then the same files as one of a single-process run: it loads on one machine.
+
 These functions know nothing of files or folders; ``training.checkpoint`` decides where the pieces go.
 """
 
@@ -26,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ldm.errors import UserError
 
@@ -220,6 +226,106 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor], what: str) -> Any:
     if tag == "bytes":
         return base64.b64decode(value["base64"])
     raise UserError(f"{what}: unknown value type {tag!r} in the JSON; it was written by a newer version of the code")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sharded tensors
+
+
+def is_sharded(state: Any) -> bool:
+    """Whether ``state`` (a tensor, or any nesting of dicts, lists and tuples) holds a ``DTensor``."""
+    if isinstance(state, DTensor):
+        return True
+    if isinstance(state, Mapping):
+        return any(is_sharded(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(is_sharded(v) for v in state)
+    return False
+
+
+def full_tensors(state: Any, *, keep: bool = True) -> Any:
+    """``state`` with every ``DTensor`` replaced by its full value as a plain CPU tensor; the rest is kept as is.
+
+    Gathering is a collective: every process of the mesh must call this on a state of the same structure (the state
+    dict of the same sharded object), one tensor gathered at a time. A process that only takes part (``keep=False``:
+    not the one that writes) drops each gathered tensor at once and gets None in its place, so that it never holds
+    the whole state. A state without ``DTensor`` s is returned unchanged, with no communication.
+    """
+    if not is_sharded(state):
+        return state
+    if isinstance(state, DTensor):
+        full = state.full_tensor()
+        return full.cpu() if keep else None
+    if isinstance(state, Mapping):
+        return _same_kind(state, {k: full_tensors(v, keep=keep) for k, v in state.items()})
+    if isinstance(state, tuple):
+        return tuple(full_tensors(v, keep=keep) for v in state)
+    return [full_tensors(v, keep=keep) for v in state]
+
+
+def _same_kind(original: Mapping[str, Any], items: dict[str, Any]) -> dict[str, Any]:
+    """``items`` as the kind of mapping ``original`` is: an ``nn.Module`` state dict (an ``OrderedDict``) keeps its
+    ``_metadata`` (per-submodule versions that ``load_state_dict`` reads)."""
+    if not isinstance(original, OrderedDict):
+        return items
+    copy = OrderedDict(items)
+    metadata = getattr(original, "_metadata", None)
+    if metadata is not None:
+        copy._metadata = metadata  # type: ignore[attr-defined]
+    return copy
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``like``: this process's shard of it when ``like`` is a ``DTensor`` (same mesh and
+    placements, cut locally: every process holds ``full``), else ``full`` itself.
+
+    Raises:
+        UserError: ``full`` has another shape than ``like``'s full shape (the checkpoint is of another model).
+    """
+    if not isinstance(like, DTensor):
+        return full
+    if tuple(full.shape) != tuple(like.shape):
+        raise UserError(
+            f"a checkpoint tensor of shape {tuple(full.shape)} cannot be loaded into a sharded tensor of shape "
+            f"{tuple(like.shape)}; resume with the model the checkpoint was written for"
+        )
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard_state_like(state: Any, template: Any) -> Any:
+    """``state`` (full tensors, as loaded) with each tensor whose counterpart at the same place in ``template`` (the
+    object's current state dict) is a ``DTensor`` cut into this process's shard (:func:`shard_like`)."""
+    if isinstance(state, torch.Tensor):
+        return shard_like(state, template) if isinstance(template, DTensor) else state
+    if isinstance(state, Mapping) and isinstance(template, Mapping):
+        sharded = {k: shard_state_like(v, template[k]) if k in template else v for k, v in state.items()}
+        return _same_kind(state, sharded)
+    if isinstance(state, (list, tuple)) and isinstance(template, (list, tuple)) and len(state) == len(template):
+        items = [shard_state_like(v, t) for v, t in zip(state, template)]
+        return tuple(items) if isinstance(state, tuple) else items
+    return state
+
+
+def shard_optimizer_state_like(state: dict[str, Any], param_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """A full optimizer state dict (``torch.optim.Optimizer.state_dict()`` layout, as loaded) with the per-parameter
+    tensors of each sharded parameter (those of the parameter's shape: AdamW's ``exp_avg``, ``exp_avg_sq``) cut into
+    this process's shard. ``param_groups`` are the optimizer's current ones; parameters are matched by the ids of the
+    saved groups, in order, as ``Optimizer.load_state_dict`` matches them."""
+    params: dict[Any, torch.Tensor] = {}
+    for saved, group in zip(state["param_groups"], param_groups):
+        params.update(zip(saved["params"], group["params"]))
+    if not any(isinstance(p, DTensor) for p in params.values()):
+        return state
+    per_param = {}
+    for index, entry in state["state"].items():
+        param = params.get(index)
+        per_param[index] = {
+            key: shard_like(value, param)
+            if isinstance(value, torch.Tensor) and param is not None and value.dim() > 0 and value.shape == param.shape
+            else value
+            for key, value in entry.items()
+        }
+    return {**state, "state": per_param}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import make_image_grid
 from torch import Tensor
 
+from common.files import atomic_folder
 from ldm.presets import PRESETS, build_vae, get_preset
 from training.command import (
     LoopConfig,
@@ -313,7 +314,8 @@ def train(config: AutoencoderTrainConfig) -> Path:
             device=accelerator.device,
         )
         vae.register_to_config(scaling_factor=scaling_factor)
-        vae.save_pretrained(output_dir / "vae", safe_serialization=True)
+        with atomic_folder(output_dir / "vae") as folder:  # whole or not at all
+            vae.save_pretrained(folder, safe_serialization=True)
         logger.info(
             "latent scaling_factor %.5f (1 / std over %d training images); VAE saved to %s",
             scaling_factor,

@@ -43,6 +43,7 @@ from transformers import (
     CLIPVisionConfig,
 )
 
+from common.files import atomic_folder
 from ldm.presets import PRESETS, build_text_encoder, get_preset
 from ldm.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
 from training.command import (
@@ -370,15 +371,19 @@ def train(config: TextEncoderTrainConfig) -> Path:
 
     # ------------------------------------------------------------------------------------------- the final model
     if accelerator.is_main_process:
-        export_text_encoder(clip).save_pretrained(output_dir / "text_encoder", safe_serialization=True)
-        tokenizer.save_pretrained(output_dir / "tokenizer")
-        clip.save_pretrained(output_dir / "clip", safe_serialization=True)
-        size = {"height": config.resolution, "width": config.resolution}
-        # Training saw pixels in [-1, 1]: a processor that rescales to [0, 1] then normalises by 0.5 gives the same.
-        CLIPImageProcessor(
-            size={"shortest_edge": config.resolution}, crop_size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        ).save_pretrained(output_dir / "clip")
-        tokenizer.save_pretrained(output_dir / "clip")
+        # each folder whole or not at all; text_encoder/ last, the one a recipe checks
+        with atomic_folder(output_dir / "tokenizer") as folder:
+            tokenizer.save_pretrained(folder)
+        with atomic_folder(output_dir / "clip") as folder:
+            clip.save_pretrained(folder, safe_serialization=True)
+            size = {"height": config.resolution, "width": config.resolution}
+            # Training saw pixels in [-1, 1]: a processor rescaling to [0, 1] then normalising by 0.5 gives the same.
+            CLIPImageProcessor(
+                size={"shortest_edge": config.resolution}, crop_size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            ).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        with atomic_folder(output_dir / "text_encoder") as folder:
+            export_text_encoder(clip).save_pretrained(folder, safe_serialization=True)
         summary = loop.summary() | {"data": dataset.summary_dict(), "config": to_dict(config)}
         if metrics.data["history"]:
             summary |= {f"final_{k}": metrics.data["history"][-1][k] for k in ("top1", "top5")}

@@ -27,11 +27,13 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor
 
+from common.files import atomic_folder
 from ldm.diffusion import diffusion_loss, loss_weights, q_sample, snr, training_target
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.grid import sample_grid as prompt_grid
 from pipelines.publish import PublishConfig, PublishError, check_repo_id, publish
+from training import launch
 from training.cache import records_hash
 from training.command import (
     LoopConfig,
@@ -49,6 +51,7 @@ from training.conditioning import Batch, Conditioning
 from training.config import ConfigError, help_field, to_dict
 from training.data import ImageCaptionDataset
 from training.dreambooth import PriorPreservation, balance_prior, ensure_class_images, prior_subset
+from training.memory import memory_in_use, preflight, write_run_stats
 from training.methods import Method, build_method
 from training.models import TrainingModels, load_training_models
 from training.objective import ObjectiveConfig, diffusion_training_loss, drop_captions
@@ -86,6 +89,9 @@ class TrainConfig(LoopConfig):
 
     # what to start from
     pretrained_model: str | None = help_field(None, "pipeline folder or Hub id to fine-tune")
+    allow_pickle: bool = help_field(
+        False, "load model folders whose weights are pickle files only (.bin, .ckpt; loading them can run code)"
+    )
     preset: str | None = help_field(None, "ldm preset of a U-Net to train from scratch (needs --vae, --text-encoder)")
     vae: str | None = help_field(None, "folder or Hub id of the (frozen) VAE; default: the pretrained model's")
     text_encoder: str | None = help_field(
@@ -186,6 +192,9 @@ class TrainConfig(LoopConfig):
         "kept), trained with --train-text-encoder or else frozen: a fixed random encoding that keeps every word apart",
     )
     output_dir: str = help_field("runs/text-to-image", "where checkpoints, samples, logs and the model go")
+    skip_memory_check: bool = help_field(
+        False, "start on CUDA even when the memory pre-flight (training.memory) estimates that the run will not fit"
+    )
     # validation: a sample grid, and the denoising loss on held-out images when there are any
     validation_prompts: list[str] = help_field([], "prompts of the sample grid")
     validation_seed: int = help_field(0, "seed of the validation images")
@@ -294,10 +303,23 @@ def train(config: TrainConfig) -> Path:
     # ---------------------------------------------------------------------------------------------------- set-up
     run = start_run(config, "text-to-image")
     accelerator, generator = run.accelerator, run.generator
+    # FSDP (recipes/accelerate/fsdp_sdxl.yaml) shards a full fine-tune of the U-Net; these would need it unsharded
+    launch.check_sharded_run(
+        accelerator,
+        {
+            "--ema-decay": config.ema_decay is not None,
+            "--lora-rank": config.lora_rank is not None,
+            "--train-text-encoder": config.train_text_encoder,
+            "--placeholder-token": config.placeholder_token is not None,
+            "--validation-prompts": bool(config.validation_prompts),
+            "held-out evaluation": bool(config.validation_dataset or config.validation_split),
+        },
+    )
 
     # ---------------------------------------------------------------------------------------------------- models
     # The family (SD 1.x/2.x or SDXL) decides the text encoders loaded, the conditioning and the pipeline class; a
     # model of a family this version does not run is refused here, before the data is read.
+    baseline_memory = memory_in_use(accelerator.device)
     models = load_training_models(
         pretrained_model=config.pretrained_model,
         preset=config.preset,
@@ -306,7 +328,13 @@ def train(config: TrainConfig) -> Path:
         prediction_type=config.prediction_type,
         zero_terminal_snr=config.zero_terminal_snr,
         fresh_text_encoder_seed=config.seed if config.text_encoder_init == "random" else None,
+        seed=config.seed,
+        allow_pickle=config.allow_pickle,
     )
+    # The peak memory of a step, estimated before anything is on the device: logged, and on CUDA a run that will not
+    # fit is refused with the settings that would (per process: FSDP shards the trained weights and their state).
+    shards = accelerator.num_processes if launch.is_sharded_run(accelerator) else 1
+    memory_estimate = preflight(config, models, accelerator.device, check=not config.skip_memory_check, shards=shards)
     # What is trained and how captions become conditioning, settled once; the rest of the run asks `method`.
     method = build_method(config, models, accelerator.device)
     objective = ObjectiveConfig(
@@ -382,8 +410,13 @@ def train(config: TrainConfig) -> Path:
             if loop.due(config.validation_steps):
                 validate()
     if accelerator.is_main_process:
+        write_run_stats(run.output_dir, memory_estimate, baseline_memory, accelerator.device)
         metrics.update(
-            **loop.summary(), cache=config.cache, processes=accelerator.num_processes, config=to_dict(config)
+            **loop.summary(),
+            cache=config.cache,
+            processes=accelerator.num_processes,
+            data=dataset.summary_dict(),  # counts the images that failed to decode during the run too
+            config=to_dict(config),
         )
     if loop.stopped_early:
         accelerator.end_training()
@@ -391,27 +424,29 @@ def train(config: TrainConfig) -> Path:
 
     # ------------------------------------------------------------------------------------------- the final model
     final_dir = run.output_dir / method.final_kind
+    method.unet = launch.unsharded(method.unet, is_main_process=accelerator.is_main_process)  # FSDP: gathered
     if accelerator.is_main_process:
         # The settings the validation grids were sampled at become the model's defaults (a recipe that finds better
         # ones, say by a guidance sweep, overwrites generation_defaults.json).
         defaults = GenerationDefaults(config.validation_inference_steps, config.validation_guidance_scale)
-        method.save_final(run.output_dir, models, defaults)
-        grid_name = None
-        if config.validation_prompts:
-            grid_name = "samples.png"
-            shutil.copyfile(run.output_dir / "samples" / f"step-{loop.step:06d}.png", final_dir / grid_name)
-        loop.save_loss_curve(final_dir / "loss.png")
-        write_model_card(
-            final_dir,
-            base_model=config.pretrained_model or "",
-            data=dataset.summary_dict(),
-            config=to_dict(config),
-            steps=loop.step,
-            sample_grid_file=grid_name,
-            kind=method.final_kind,
-            placeholder_token=config.placeholder_token,
-            pipeline_class=method.pipeline_class.__name__,
-        )
+        with atomic_folder(final_dir) as staging:  # a kill mid-save leaves no half-written final folder
+            method.save_final(run.output_dir, models, defaults, folder=staging)
+            grid_name = None
+            if config.validation_prompts:
+                grid_name = "samples.png"
+                shutil.copyfile(run.output_dir / "samples" / f"step-{loop.step:06d}.png", staging / grid_name)
+            loop.save_loss_curve(staging / "loss.png")
+            write_model_card(
+                staging,
+                base_model=config.pretrained_model or "",
+                data=dataset.summary_dict(),
+                config=to_dict(config),
+                steps=loop.step,
+                sample_grid_file=grid_name,
+                kind=method.final_kind,
+                placeholder_token=config.placeholder_token,
+                pipeline_class=method.pipeline_class.__name__,
+            )
         if config.push_to_hub:
             _push_to_hub(final_dir, config)
     accelerator.wait_for_everyone()
@@ -443,6 +478,7 @@ def load_training_data(
         seed=config.seed,
         subsets=subsets,
         masked_loss=config.masked_loss,
+        failure_log=Path(config.output_dir) / UNDECODABLE_LOG,
     )
     if config.cache and not config.train_text_encoder and dataset.makes_new_captions:
         raise ConfigError("a subset shuffles or drops tags: its captions cannot be cached; drop --cache")
@@ -452,6 +488,10 @@ def load_training_data(
         held_out_records, resolution=config.resolution, subsets=plain, repeat=False
     )
     return dataset, held_out or None
+
+
+UNDECODABLE_LOG = "undecodable_images.txt"
+"""The run's list of images that passed the scan but failed to decode (each replaced by another of its bucket)."""
 
 
 def prior_preservation(config: TrainConfig) -> PriorPreservation | None:

@@ -134,6 +134,9 @@ def test_cli_writes_prompts_and_rejects_bad_input(tmp_path, capsys):
     assert main(["--write-prompts", str(path), "--num-prompts", "12", "--seed", "3"]) == 0
     assert capsys.readouterr().out.strip() == str(path)
     assert path.read_text().splitlines() == adherence_prompts(12, seed=3)
+    none = tmp_path / "none.txt"
+    assert main(["--write-prompts", str(none), "--num-prompts", "0"]) == 2
+    assert "--num-prompts must be at least 1; got 0" in capsys.readouterr().err and not none.exists()
     assert main(["--images", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     empty = tmp_path / "empty"

@@ -55,3 +55,23 @@ def test_benchmark_of_a_model_folder_runs_its_familys_pipelines(request, tmp_pat
     assert result["size"] == stock.unet.config.sample_size * stock.vae_scale_factor  # the model's own size
     # unset, the guidance scale is the model's (stock's default: 7.5 for SD, 5 for SDXL)
     assert result["guidance_scale"] == inspect.signature(type(stock).__call__).parameters["guidance_scale"].default
+
+
+def test_benchmark_times_our_variants_against_stock_with_their_flop_rates(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--steps", "3", "--repeats", "1", "--variants", "default,cached", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["variants"] == ["stock", "ours", "ours-cached"] and result["step_cache_interval"] == 3
+    stock, cached = result["stock"], result["ours-cached"]
+    assert stock["speed_vs_stock"] == 1.0 and result["ours"]["gflop_per_call"] == stock["gflop_per_call"]
+    assert 0 < cached["gflop_per_call"] < stock["gflop_per_call"]  # cached steps skip the deep blocks
+    assert result["ours"]["max_abs_diff_vs_stock"] < 1e-4 and stock["max_abs_diff_vs_stock"] == 0  # the same images
+    for row in (stock, cached):
+        assert row["gflops_per_s"] == pytest.approx(row["gflop_per_call"] / row["seconds_per_call"])
+        assert row["share_of_matmul_rate"] == pytest.approx(row["gflops_per_s"] / result["matmul_gflops_per_s"])
+    assert "GFLOP/s" in capsys.readouterr().out
+
+
+def test_benchmark_rejects_unknown_variants(tmp_path, capsys):
+    assert main(["--variants", "default,turbo", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--variants: unknown ['turbo']" in capsys.readouterr().err

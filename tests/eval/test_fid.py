@@ -200,6 +200,11 @@ def test_fid_command_line_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert err.startswith("error: Inception weights file") and err.count("\n") == 1
     assert main(argv + ["--features", "vgg:/x"]) == 2
     assert "unknown feature extractor spec" in capsys.readouterr().err
+    # an --out that cannot be written is named before the features are computed (the bad spec is never reached)
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "fid.json"
+    assert main([*argv[:4], "--out", str(out), "--features", "vgg:/x"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {out}: its folder {tmp_path / 'a-file'} is a file")
 
 
 # ------------------------------------------------------------------------------------------------------ for readers

@@ -21,15 +21,11 @@ def test_results_table_quotes_the_commands_figures(tmp_path, monkeypatch):
         if "--task" in argv:
             out.write_text(json.dumps({"runs": {"uncached": {"steps_per_s": 1.25}, "cached": {"steps_per_s": 9.5}}}))
         else:
-            out.write_text(
-                json.dumps(
-                    {
-                        "ours": {"seconds_per_call": 0.5},
-                        "stock": {"seconds_per_call": 0.625},
-                        "speed_ratio_ours_over_stock": 1.25,
-                    }
-                )
-            )
+            row = {"seconds_per_call": 0.5, "speed_vs_stock": 1.25, "gflops_per_s": 3.0, "share_of_matmul_rate": 0.3}
+            variants = ["stock", "ours", "ours-fast", "ours-cached"]
+            result = {name: row for name in variants}
+            result["stock"] = {"seconds_per_call": 0.625}
+            out.write_text(json.dumps({**result, "variants": variants, "matmul_gflops_per_s": 10.0}))
         return 0
 
     monkeypatch.setattr(results.benchmark, "main", fake_benchmark)
@@ -38,8 +34,11 @@ def test_results_table_quotes_the_commands_figures(tmp_path, monkeypatch):
     )
     assert results.main(["--out", str(tmp_path)]) == 0
     table = (tmp_path / "README.md").read_text()
-    assert "0.500 / 0.625 s (ratio 1.25)" in table and "1.25 / 9.50" in table and "1.000 / 1.000 / 0.990" in table
-    assert table.count("| `python -m eval.benchmark") == 3
+    speed = "stock 0.625 s; ours 0.500 s (1.25x); ours-fast 0.500 s (1.25x); ours-cached 0.500 s (1.25x); "
+    assert speed + "ours 3.0 GFLOP/s = 30% of the 10 GFLOP/s matmul rate" in table
+    assert "1.25 / 9.50" in table and "1.000 / 1.000 / 0.990" in table
+    assert table.count("| `python -m eval.benchmark") == 4  # two speed rows, two training rows
+    assert f"--model {results.DEFAULT_MODEL} --batch-size 4" in table and "--variants default,fast,cached" in table
 
 
 def test_a_failing_part_stops_with_its_command(tmp_path, monkeypatch):

@@ -222,6 +222,13 @@ def test_dry_run_refuses_a_folder_with_files(tiny_sd_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
+def test_dry_run_into_a_folder_that_cannot_be_written_is_one_line(tiny_sd_dir, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "repo"
+    assert main(["--model", tiny_sd_dir, "--repo-id", "me/tiny", "--no-samples", "--dry-run", str(out)]) == 2
+    assert f"--dry-run {out}: its folder {tmp_path / 'a-file'} is a file, not a folder" in one_line_error(capsys)
+
+
 def test_a_malformed_card_is_named_before_anything_is_written(tiny_sd_dir, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_sd_dir, model)

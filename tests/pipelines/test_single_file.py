@@ -299,6 +299,7 @@ def test_cli_to_kohya_lora(tmp_path, tiny_sd_dir, capsys):
         (["--model", "{sd}", "--to-single-file", "{tmp}/a.safetensors", "--out", "{tmp}/o"], "--out does not apply"),
         (["--model", "{sd}", "--to-single-file", "{tmp}/a.ckpt"], "must end in .safetensors"),
         (["--model", "{sd}", "--to-single-file", "{file}"], "exists; pass a new file name"),
+        (["--model", "{sd}", "--to-single-file", "{tmp}/m.ckpt/a.safetensors"], "m.ckpt is a file, not a folder"),
         (["--model", "{tmp}/missing", "--to-single-file", "{tmp}/a.safetensors"], "no such folder"),
         (["--from-single-file", "{tmp}/m.ckpt", "--config", "{sd}", "--out", "{tmp}/o"], "(--allow-pickle)"),
         (["--from-single-file", "{file}", "--config", "{tmp}", "--out", "{tmp}/o"], "not a diffusers pipeline"),

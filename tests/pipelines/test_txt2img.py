@@ -176,6 +176,8 @@ def test_random_seed_is_recorded(capsys, tiny_sd_dir: str, tmp_path: Path) -> No
         (["--prompt", "x", "--prompt-file", "p.txt"], "pass exactly one of --prompt TEXT or --prompt-file FILE"),
         (["--prompt", "x", "--attention", "xformers"], "use --attention sdpa"),
         (["--prompt", "x", "--guidance-rescale", "2"], "--guidance-rescale: must be a number in [0.0, 1.0]"),
+        (["--prompt", "x", "--guidance-scale", "inf"], "--guidance-scale: must be a number >= 0.0; got inf"),
+        (["--prompt", "x", "--guidance-scale", "nan"], "--guidance-scale: must be a number >= 0.0; got nan"),
         (["--prompt", "x", "--guidance-interval", "0.5"], "--guidance-interval: expected LO,HI with 0 <= LO < HI"),
         (["--prompt", "x", "--guidance-interval", "1,0"], "--guidance-interval: expected LO,HI with 0 <= LO < HI"),
     ],
@@ -188,6 +190,19 @@ def test_bad_arguments_fail_with_one_line(capsys, tiny_sd_dir: str, tmp_path: Pa
     assert expected in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_image_of_nan_is_never_written(capsys, tiny_sd_dir: str, tmp_path: Path, monkeypatch) -> None:
+    def overflowing(self, latents, generator=None):  # what float16 overflow or a huge guidance scale leads to
+        return torch.full((latents.shape[0], 3, 64, 64), float("nan"))
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "decode_latents", overflowing)
+    args = fast_args(tiny_sd_dir, tmp_path / "out", "--prompt", "a red circle", "--seed", "3")
+    code, paths, err = run(capsys, *args)
+    err = err.splitlines()[-1]  # after the denoising progress bar
+    assert code == 2 and paths == []
+    assert err.startswith("error: the model produced NaN or infinite values for 'a red circle' (seed 3); nothing was")
+    assert not list((tmp_path / "out").glob("*.png"))
 
 
 @pytest.mark.parametrize(

@@ -396,8 +396,24 @@ def test_load_errors(tmp_path: Path, caplog) -> None:
     data = bytearray((path / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (path / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="corrupt .* No other checkpoint in .* verifies; leave resume unset"):
         load_checkpoint(path, {"model": run["objects"]["model"]}, strict_rng=False)
+
+
+def test_a_corrupt_latest_checkpoint_suggests_the_newest_that_verifies(tmp_path: Path) -> None:
+    run = _make_run(0)
+    for step in (1, 2, 3):
+        _train(run, 1)
+        save_checkpoint(tmp_path, step, run["objects"])
+    step_2, step_3 = tmp_path / "step-000002", tmp_path / "step-000003"
+    for path in (step_2, step_3):  # the same size, one byte changed: both still look complete
+        data = bytearray((path / "model.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (path / "model.safetensors").write_bytes(bytes(data))
+    assert latest_checkpoint(tmp_path) == step_3
+    message = f"is corrupt .* The newest checkpoint whose files verify is {tmp_path / 'step-000001'}: resume with"
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(step_3, {"model": run["objects"]["model"]})
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -107,6 +107,17 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().out == "out\n"
 
 
+@pytest.mark.parametrize("suffix", [".yaml", ".json", ".toml"])
+def test_a_config_file_not_in_utf8_is_one_line_naming_the_line_and_the_fix(tmp_path, capsys, suffix):
+    text = {".yaml": "steps: 3\nprompts: [café]\n", ".json": '{"steps": 3,\n"prompts": ["café"]}', ".toml": ""}
+    text[".toml"] = 'steps = 3\nprompts = ["café"]\n'
+    (tmp_path / f"latin1{suffix}").write_bytes(text[suffix].encode("latin-1"))
+    assert run(["--config", str(tmp_path / f"latin1{suffix}")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {tmp_path / 'latin1'}{suffix}, line 2: byte 0xe9 is not UTF-8")
+    assert "save it as UTF-8" in err and err.strip().count("\n") == 0
+
+
 def test_commands_report_user_errors_in_one_line_and_keep_other_tracebacks(capsys):
     def bad_input(config: Example) -> Path:
         raise UserError("the dataset folder is empty;\n pass one with images")

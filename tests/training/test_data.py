@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from common.images import to_rgb
+from ldm.errors import UserError, one_line
 from tests.training.test_records import BLUE, GREEN, RED, WHITE, captioned_folder, noise, png_bytes, solid
 from training.data import ImageCaptionDataset, collate, crop_window, resize_and_crop
 from training.record_formats import ImageCaptionRecords
@@ -56,9 +58,28 @@ def test_decode_failure_at_getitem_is_replaced_by_the_next_image_of_its_bucket(t
     assert torch.equal(again["pixel_values"], sample["pixel_values"]) and again["index"] == 2
     batch = collate([dataset[0], dataset[1], dataset[2]])
     assert batch["num_replaced"] == 1 and batch["indices"].tolist() == [0, 2, 2]
+
+
+def test_undecodable_images_count_as_unreadable_wherever_they_were_met(tmp_path: Path) -> None:
+    images = {"0.png": solid(RED), "1.png": undecodable_png(solid(GREEN)), "2.png": solid(BLUE)}
+    folder = captioned_folder(tmp_path / "data", images, {"0.png": "red", "1.png": "green", "2.png": "blue"})
+    records = load_image_caption_records(str(folder))
+    log = tmp_path / "run" / "undecodable_images.txt"
+    dataset = ImageCaptionDataset(records, resolution=16, failure_log=log)
+    assert dataset.summary().skipped_corrupt == 0
+    batches = list(DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=collate))  # met in a worker process
+    assert batches[0]["num_replaced"] == 1 and dataset.failed_indices == set()  # the worker's copy saw it
+    summary = dataset.summary()
+    assert (summary.total, summary.used, summary.skipped_corrupt) == (3, 2, 1) and "1 unreadable" in str(summary)
+    assert log.read_text() == f"{folder / '1.png'}\n"
+    # a bucket of nothing but undecodable files: one line naming the fix, also through a worker
     only_bad = ImageCaptionDataset(ImageCaptionRecords("x", "captions", [records.records[1]], 1), resolution=16)
-    with pytest.raises(RuntimeError, match="none of the 1 images of bucket"):
+    message = r"none of the 1 images of bucket 16x16 of x could be decoded \(e.g. .*1.png\); replace or remove"
+    with pytest.raises(UserError, match=message):
         only_bad[0]
+    with pytest.raises(UserError) as raised:
+        next(iter(DataLoader(only_bad, batch_size=1, num_workers=1, collate_fn=collate)))
+    assert re.fullmatch(message + ".*", one_line(raised.value)) and "Traceback" not in one_line(raised.value)
 
 
 # ---------------------------------------------------------------------------------------------------- transforms

@@ -25,11 +25,6 @@ CAPTIONS = ["a red circle on the left", "", "a blue square"]
 def load(tiny_sd_dir: str, fresh_text_encoder_seed: int | None = None) -> TrainingModels:
     return load_training_models(
         pretrained_model=tiny_sd_dir,
-        preset=None,
-        vae=None,
-        text_encoder=None,
-        prediction_type=None,
-        zero_terminal_snr=False,
         fresh_text_encoder_seed=fresh_text_encoder_seed,
     )
 

@@ -213,3 +213,20 @@ def test_all_corrupt_or_no_caption_or_empty_raise_a_clear_error(tmp_path: Path) 
         load_image_caption_records(str(tmp_path / "missing" / "data"))
     with pytest.raises(ValueError, match="not a .parquet file"):
         load_image_caption_records(str(tmp_path / "uncaptioned" / "0.png"))
+
+
+def test_captions_not_in_utf8_stop_with_the_file_line_and_fix(tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "jsonl", {"a.png": solid(RED), "b.png": solid(BLUE)}, {})
+    rows = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": "un carré bleu, café"}]
+    (folder / "metadata.jsonl").write_bytes(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("latin-1")
+    )
+    with pytest.raises(ValueError, match=r"metadata.jsonl, line 2: byte 0xe9 is not UTF-8 .* save it as UTF-8"):
+        load_image_caption_records(str(folder))
+    side_car = captioned_folder(tmp_path / "txt", {"a.png": solid(RED)}, {})
+    (side_car / "a.txt").write_bytes("a red square\nsecond line\ncafé".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"a.txt, line 3: byte 0xe9 is not UTF-8"):
+        load_image_caption_records(str(side_car))
+    # UTF-8 (with or without a byte-order mark) reads as it is
+    (side_car / "a.txt").write_bytes("\ufeffun carré rouge".encode())
+    assert load_image_caption_records(str(side_car)).records[0].captions == ("un carré rouge",)

@@ -266,11 +266,6 @@ def test_conditioning_is_stock_sdxls_prompt_encoding_and_time_ids(tiny_sdxl_dir)
     """The trainer's SDXL conditioning of a batch against stock ``encode_prompt`` and ``_get_add_time_ids``."""
     models = load_training_models(
         pretrained_model=tiny_sdxl_dir,
-        preset=None,
-        vae=None,
-        text_encoder=None,
-        prediction_type=None,
-        zero_terminal_snr=False,
     )
     conditioning = text_conditioning(models, learning_rate=1e-3, device="cpu", dtype=torch.float32)
     sizes = {

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
-from training.checkpoint_folders import latest_checkpoint
+from training.checkpoint_folders import latest_checkpoint, read_manifest
 from training.config import ConfigError
 from training.train_text_to_image import TrainConfig, main, train
 
@@ -106,9 +106,19 @@ def test_resume_continues_exactly(tiny_sd_dir, shapes_dir, tmp_path):
     train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", max_train_steps=3))
     resumed = train(config(tiny_sd_dir, shapes_dir, tmp_path / "parts", resume="latest"))
     assert_same_weights(unet_weights(straight), unet_weights(resumed))
+    # the loss history (and so loss.png) covers the whole run, not only the part after the resume
+    losses = [
+        load_checkpoint_meta(run / "checkpoints" / "step-000006")["losses"]
+        for run in (straight.parent, resumed.parent)
+    ]
+    assert [step for step, _ in losses[1]] == [1, 2, 3, 4, 5, 6] and losses[0] == losses[1]
     # the comparison is not vacuous: training changed the weights
     base = load_file(Path(tiny_sd_dir) / "unet" / "diffusion_pytorch_model.safetensors")
     assert not torch.equal(base["conv_in.weight"], unet_weights(straight)["conv_in.weight"])
+
+
+def load_checkpoint_meta(folder: Path) -> dict:
+    return read_manifest(folder)["meta"]
 
 
 def text_encoder_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -200,6 +210,28 @@ def test_resume_latest_skips_a_checkpoint_broken_mid_write(tiny_sd_dir, shapes_d
     assert latest_checkpoint(run / "checkpoints").name == "step-000003"
     resumed = train(config(tiny_sd_dir, shapes_dir, run, max_train_steps=9, resume="latest"))
     assert_same_weights(unet_weights(straight), unet_weights(resumed))
+
+
+def test_a_crash_during_the_final_save_leaves_no_final_folder_and_resume_finishes(
+    tiny_sd_dir, shapes_dir, tmp_path, monkeypatch
+):
+    import training.train_text_to_image as trainer
+
+    run = tmp_path / "run"
+
+    def crash(folder, **kwargs):  # the weights are written, then the process dies
+        assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "write_model_card", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_sd_dir, shapes_dir, run, max_train_steps=3))
+    assert not (run / "pipeline").exists() and not (run / ".pipeline.partial").exists()
+    monkeypatch.undo()
+    final = train(config(tiny_sd_dir, shapes_dir, run, max_train_steps=3, resume="latest"))
+    assert final == run / "pipeline" and (final / "README.md").is_file()
+    assert (final / "loss.png").is_file()  # resumed at its final step: the history came from the checkpoint
+    assert LatentDiffusionPipeline.from_pretrained(final).unet is not None
 
 
 @pytest.mark.slow
@@ -380,6 +412,34 @@ def test_train_from_a_preset_with_frozen_parts(frozen_parts_dir, shapes_dir, tmp
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.scheduler.alphas_cumprod[-1] < 1e-6  # zero terminal SNR: x_T is pure noise
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_two_runs_from_a_preset_with_one_seed_are_bit_identical(frozen_parts_dir, shapes_dir, tmp_path):
+    from training.models import load_training_models
+
+    def run(name: str, seed: int) -> Path:
+        settings = dict(preset="tiny", vae=frozen_parts_dir, text_encoder=frozen_parts_dir, dataset=shapes_dir)
+        return train(
+            TrainConfig(
+                **settings,
+                output_dir=str(tmp_path / name),
+                resolution=64,
+                max_train_steps=1,
+                seed=seed,
+                report_to="none",
+                validation_prompts=[],
+            )
+        )
+
+    first, second = run("a", seed=3), run("b", seed=3)
+    assert_same_weights(unet_weights(first), unet_weights(second))
+    # the new U-Net itself is drawn from the seed (so a restart before the first checkpoint starts alike), and
+    # the caller's RNG is left alone
+    state = torch.random.get_rng_state()
+    build = dict(pretrained_model=None, preset="tiny", vae=frozen_parts_dir, text_encoder=frozen_parts_dir)
+    built = [load_training_models(**build, prediction_type=None, zero_terminal_snr=False, seed=s) for s in (3, 4)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not torch.equal(built[0].unet.conv_in.weight, built[1].unet.conv_in.weight)
 
 
 def test_min_snr_with_zero_terminal_snr_warns_that_the_last_steps_get_no_weight(
