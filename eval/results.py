@@ -1,11 +1,13 @@
 """Regenerate the headline results in ``results/``: one command, the figures the README quotes.
 
-    python -m eval.results                     # CPU figures: benchmarks, the adherence analyzer's self-check
+    python -m eval.results                     # CPU figures: speed (stock / ours / fast / cached), training step
+                                               # rates, the memory pre-flight's check, the adherence analyzer
     python -m eval.results --model DIR         # plus the guidance sweep and the likelihood of a trained model
 
-Each part is the project's own command (``eval.benchmark``, ``eval.adherence``, ``eval.guidance_sweep``,
-``eval.nll``) run with fixed arguments; their JSON files go to ``results/`` and ``results/README.md`` is rewritten
-with a table of the headline numbers, the machine they were measured on, and the command that gives each.
+Each part is the project's own command (``eval.benchmark``, ``eval.memory_check``, ``eval.adherence``,
+``eval.guidance_sweep``, ``eval.nll``) run with fixed arguments; their JSON files go to ``results/`` and
+``results/README.md`` is rewritten with a table of the headline numbers, the machine they were measured on, and the
+command that gives each. The GPU figures come from ``python -m eval.gpu_report --out results/gpu`` on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval import benchmark, guidance_sweep, nll
+from eval import benchmark, guidance_sweep, memory_check, nll
 from eval.adherence import score_images
 from ldm.errors import OneLineParser
 from pipelines.cli import DEFAULT_MODEL
@@ -126,6 +128,21 @@ def main(argv: list[str] | None = None) -> int:
                 "python -m eval.benchmark " + " ".join(train_cmd),
             )
         )
+
+    memory_json = out / "memory_check.json"
+    memory_cmd = ["--json", str(memory_json)]
+    _run(memory_check, memory_cmd)
+    memory_rows = json.loads(memory_json.read_text())
+    rows.append(
+        (
+            "training memory pre-flight: estimate / measured peak RSS, per case",
+            "; ".join(
+                f"{r['case']} {r['estimate'] / 2**20:.0f} / {r['measured'] / 2**20:.0f} MiB ({r['ratio']:.2f})"
+                for r in memory_rows
+            ),
+            "python -m eval.memory_check " + " ".join(memory_cmd),
+        )
+    )
 
     check = analyzer_self_check()
     (out / "adherence_analyzer_check.json").write_text(json.dumps(check, indent=2) + "\n")

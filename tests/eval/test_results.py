@@ -29,6 +29,13 @@ def test_results_table_quotes_the_commands_figures(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(results.benchmark, "main", fake_benchmark)
+
+    def fake_memory_check(argv: list[str]) -> int:
+        row = {"case": "tiny-b8", "estimate": 100 * 2**20, "measured": 125 * 2**20, "ratio": 0.8}
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps([row]))
+        return 0
+
+    monkeypatch.setattr(results.memory_check, "main", fake_memory_check)
     monkeypatch.setattr(
         results, "analyzer_self_check", lambda: {"all_correct": 1.0, "colour": 1.0, "shape": 0.99, "position": 1.0}
     )
@@ -37,6 +44,7 @@ def test_results_table_quotes_the_commands_figures(tmp_path, monkeypatch):
     speed = "stock 0.625 s; ours 0.500 s (1.25x); ours-fast 0.500 s (1.25x); ours-cached 0.500 s (1.25x); "
     assert speed + "ours 3.0 GFLOP/s = 30% of the 10 GFLOP/s matmul rate" in table
     assert "1.25 / 9.50" in table and "1.000 / 1.000 / 0.990" in table
+    assert "tiny-b8 100 / 125 MiB (0.80)" in table
     assert table.count("| `python -m eval.benchmark") == 4  # two speed rows, two training rows
     assert f"--model {results.DEFAULT_MODEL} --batch-size 4" in table and "--variants default,fast,cached" in table
 
