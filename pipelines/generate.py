@@ -308,7 +308,7 @@ class GenerationRequest:
             raise UserError(f"steps must be at least 1; got {self.steps}")
         if self.guidance_scale is not None and not 0 <= self.guidance_scale < math.inf:
             raise UserError(
-                f"guidance scale must be a finite number >= 0 (<= 1 turns guidance off); got {self.guidance_scale}"
+                f"guidance scale must be >= 0 and finite (<= 1 turns guidance off); got {self.guidance_scale}"
             )
         if not 0 <= self.guidance_rescale <= 1:
             raise UserError(f"guidance rescale must be in [0, 1]; got {self.guidance_rescale}")

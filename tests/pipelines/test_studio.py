@@ -185,6 +185,7 @@ def test_fit_image_scales_down_and_rounds_to_the_vae_multiple() -> None:
         ({"steps": 0}, "steps must be at least 1"),
         ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
         ({"guidance_scale": float("nan")}, "guidance scale must be >= 0"),
+        ({"guidance_scale": float("inf")}, "guidance scale must be >= 0 and finite"),  # an all-black image before
         ({"seed": -1}, "the seed must be a whole number from 0 to 2\\*\\*63 - 1"),
         ({"seed": 2**63}, "the seed must be a whole number"),
         ({"seed": 1.5}, "the seed must be a whole number"),
