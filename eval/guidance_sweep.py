@@ -33,6 +33,7 @@ from pipelines.schedulers import SAMPLERS, make_scheduler
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCALES = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
+GROUPS = ("one_object", "two_object")  # with --pair-prompts: each kind's rate of fully right images
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m eval.guidance_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or Hub id (default: the shipped one)")
     parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="guidance scales")
-    parser.add_argument("--num-prompts", type=int, default=90, help="held-out prompts from the shapes grammar")
+    parser.add_argument("--num-prompts", type=int, default=90, help="one-object prompts from the shapes grammar")
+    parser.add_argument(
+        "--pair-prompts",
+        type=int,
+        default=0,
+        help="two-object prompts of the pairings training has seen, added to the one-object ones (default 0)",
+    )
     parser.add_argument("--prompt-seed", type=int, default=1, help="seed of the prompt choice")
     parser.add_argument("--seed", type=int, default=0, help="image i gets seed + i at every scale")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own default)")
@@ -85,6 +92,7 @@ def sweep(args: argparse.Namespace) -> dict:
     pipe.set_progress_bar_config(disable=True)
     steps, _, interval = pipe.sampling_settings(args.steps, None, args.guidance_interval)
     prompts = adherence_prompts(args.num_prompts, args.prompt_seed)
+    prompts += adherence_prompts(args.pair_prompts, args.prompt_seed, objects=2, pairings="seen")
     extractor = real_features = None
     if args.real and args.features:
         extractor = load_feature_extractor(args.features)
@@ -97,6 +105,10 @@ def sweep(args: argparse.Namespace) -> dict:
         )
         report = score_images(images, prompts)
         row = {"guidance_scale": scale, "all_correct": report.all_correct_rate(), **report.part_accuracy()}
+        if args.pair_prompts:
+            summary = report.summary()
+            row["one_object"] = summary["one_object"]["all_correct_rate"]
+            row["two_object"] = summary["two_object_seen"]["all_correct_rate"]
         if extractor is not None:
             fake_features = extract_features(extractor, images, total=len(images), desc="generated features")
             row["fid"] = fid_from_features(real_features, fake_features)
@@ -110,6 +122,7 @@ def sweep(args: argparse.Namespace) -> dict:
         "scheduler": type(pipe.scheduler).__name__,
         "seed": args.seed,
         "num_prompts": len(prompts),
+        "pair_prompts": args.pair_prompts,
         "features": args.features,
         "rows": rows,
         "grid_prompts": prompts[:8],
@@ -123,7 +136,7 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
     grid_rows = result.pop("_grid")
     rows = result["rows"]
     scales = [r["guidance_scale"] for r in rows]
-    parts = [k for k in ("colour", "shape", "position") if k in rows[0]]
+    parts = [k for k in (*GROUPS, "colour", "shape", "position", "relation") if k in rows[0]]
     series = {"all parts": (scales, [r["all_correct"] for r in rows])}
     series |= {part: (scales, [r[part] for r in rows]) for part in parts}
     secondary = {"FID": (scales, [r["fid"] for r in rows])} if "fid" in rows[0] else None
@@ -148,7 +161,7 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
 def format_table(result: dict) -> str:
     """The sweep as a text table."""
     rows = result["rows"]
-    keys = [k for k in ("all_correct", "colour", "shape", "position", "fid") if k in rows[0]]
+    keys = [k for k in ("all_correct", *GROUPS, "colour", "shape", "position", "relation", "fid") if k in rows[0]]
     lines = [f"{'g':>6}" + "".join(f"{k:>13}" for k in keys)]
     for row in rows:
         lines.append(f"{row['guidance_scale']:>6g}" + "".join(f"{row[k]:>13.3f}" for k in keys))
@@ -162,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         if args.num_prompts < 2 or args.batch_size < 1 or not args.scales or min(args.scales) < 0:
             raise UserError("--num-prompts must be >= 2, --batch-size >= 1 and every scale >= 0")
+        if args.pair_prompts < 0:
+            raise UserError(f"--pair-prompts must be >= 0; got {args.pair_prompts}")
         if bool(args.real) != bool(args.features):
             raise UserError("FID needs both --real and --features (or neither)")
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

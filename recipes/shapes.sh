@@ -20,10 +20,11 @@ OUT=${1:-runs/shapes}
 SCALE=${SCALE:-full}
 if [ "$SCALE" = toy ]; then
   N=256 N_TEST=64 VAE_STEPS=20 CLIP_STEPS=20 UNET_STEPS=30 BATCH=16 EVERY=10
-  SCALES="1 3" SWEEP_PROMPTS=8 EVAL_PROMPTS=8 REPEATS=1 SAMPLE_STEPS=4
+  SCALES="1 3" SWEEP_PROMPTS=8 SWEEP_PAIRS=8 EVAL_PROMPTS=8 PAIR_PROMPTS=8 HELD_OUT_PROMPTS=4 REPEATS=1 SAMPLE_STEPS=4
 elif [ "$SCALE" = full ]; then
-  N=20000 N_TEST=1000 VAE_STEPS=1200 CLIP_STEPS=500 UNET_STEPS=6000 BATCH=32 EVERY=200
-  SCALES="1 2 3 4 5 7.5" SWEEP_PROMPTS=90 EVAL_PROMPTS=300 REPEATS=5 SAMPLE_STEPS=25
+  N=40000 N_TEST=1000 VAE_STEPS=1200 CLIP_STEPS=500 UNET_STEPS=10000 BATCH=32 EVERY=200
+  SCALES="1 2 3 4 5" SWEEP_PROMPTS=90 SWEEP_PAIRS=90 EVAL_PROMPTS=300 PAIR_PROMPTS=240 HELD_OUT_PROMPTS=120 REPEATS=5
+  SAMPLE_STEPS=25
 else
   echo "error: SCALE must be toy or full; got $SCALE" >&2; exit 2
 fi
@@ -38,10 +39,13 @@ stage() { echo "== $1 ($SECONDS s so far)"; }
 done_at() { [ -s "$1" ]; }
 
 stage "data"
+# Half the scenes hold two objects; training never shows a purple object together with a triangle (the held-out
+# pairings), the held-out split shows every pairing.
 done_at "$OUT/data/train/metadata.jsonl" || python -m shapes.make_dataset --out "$OUT/data/train" \
-  --n "$N" --size 64 --seed 0 --overwrite --no-progress
+  --n "$N" --size 64 --seed 0 --two-object-fraction 0.5 --overwrite --no-progress
 done_at "$OUT/data/test/metadata.jsonl" || python -m shapes.make_dataset --out "$OUT/data/test" \
-  --n "$N_TEST" --size 64 --seed 1 --split-name test --overwrite --no-progress
+  --n "$N_TEST" --size 64 --seed 1 --split-name test --two-object-fraction 0.5 --held-out include --overwrite \
+  --no-progress
 
 stage "autoencoder"
 done_at "$OUT/vae/vae/diffusion_pytorch_model.safetensors" || python -m training.train_autoencoder --dataset "$OUT/data/train" --preset small \
@@ -62,7 +66,8 @@ done_at "$OUT/unet/pipeline/README.md" || python -m training.train_text_to_image
   --caption-dropout 0.1 --cache --learning-rate 5e-4 --lr-scheduler cosine --lr-warmup-steps 200 \
   --ema-decay 0.999 --max-train-steps "$UNET_STEPS" --validation-steps "$((EVERY * 2))" \
   --validation-prompts "a red circle on the left" "a blue square at the top" "a green triangle in the center" \
-  "a purple circle at the bottom" --validation-inference-steps "$SAMPLE_STEPS" --validation-guidance-scale 3 \
+  "a red circle to the left of a blue square" "a yellow square above a green triangle" \
+  "a purple circle below an orange triangle" --validation-inference-steps "$SAMPLE_STEPS" --validation-guidance-scale 3 \
   --output-dir "$OUT/unet" "${COMMON[@]}"
 
 # Evaluation and the shipped folder. The sweep picks the default guidance scale on its own prompts and seeds; the
@@ -72,14 +77,21 @@ CLIP_FEATURES="clip:$OUT/clip/clip"
 
 stage "guidance sweep"
 [ -f "$EVAL/sweep/sweep.json" ] || python -m eval.guidance_sweep --model "$OUT/unet/pipeline" --scales $SCALES \
-  --num-prompts "$SWEEP_PROMPTS" --real "$OUT/data/test" --features "$CLIP_FEATURES" --out "$EVAL/sweep" >/dev/null
+  --num-prompts "$SWEEP_PROMPTS" --pair-prompts "$SWEEP_PAIRS" --real "$OUT/data/test" --features "$CLIP_FEATURES" --out "$EVAL/sweep" >/dev/null
 
 stage "model folder"
 done_at "$OUT/model/model_index.json" || python -m recipes.shapes_model folder --run "$OUT" >/dev/null
 
 stage "prompt adherence"
+# One-object prompts, two-object prompts of pairings the training data has, and of the held-out ones (a purple object
+# with a triangle, never seen together); one report gives the three apart.
 if [ ! -f "$EVAL/adherence/adherence.json" ]; then
-  python -m eval.adherence --write-prompts "$EVAL/prompts.txt" --num-prompts "$EVAL_PROMPTS" --seed 2 >/dev/null
+  python -m eval.adherence --write-prompts "$EVAL/prompts_one.txt" --num-prompts "$EVAL_PROMPTS" --seed 2 >/dev/null
+  python -m eval.adherence --write-prompts "$EVAL/prompts_seen.txt" --objects 2 --pairings seen \
+    --num-prompts "$PAIR_PROMPTS" --seed 3 >/dev/null
+  python -m eval.adherence --write-prompts "$EVAL/prompts_held_out.txt" --objects 2 --pairings held_out \
+    --num-prompts "$HELD_OUT_PROMPTS" --seed 4 >/dev/null
+  cat "$EVAL/prompts_one.txt" "$EVAL/prompts_seen.txt" "$EVAL/prompts_held_out.txt" > "$EVAL/prompts.txt"
   rm -rf "$EVAL/images"
   python -m pipelines.txt2img --model "$OUT/model" --prompt-file "$EVAL/prompts.txt" --seed 100000 \
     --batch-size 16 --out "$EVAL/images" >/dev/null
@@ -87,10 +99,11 @@ if [ ! -f "$EVAL/adherence/adherence.json" ]; then
 fi
 
 stage "FID"
+ALL_PROMPTS=$((EVAL_PROMPTS + PAIR_PROMPTS + HELD_OUT_PROMPTS))
 [ -f "$EVAL/fid.json" ] || python -m eval.fid --real "$OUT/data/test" --fake "$EVAL/images" \
-  --features "$CLIP_FEATURES" --max-images "$EVAL_PROMPTS" --out "$EVAL/fid.json" >/dev/null
+  --features "$CLIP_FEATURES" --max-images "$ALL_PROMPTS" --out "$EVAL/fid.json" >/dev/null
 [ -f "$EVAL/fid_floor.json" ] || python -m eval.fid --real "$OUT/data/test" --fake "$OUT/data/train" \
-  --features "$CLIP_FEATURES" --max-images "$EVAL_PROMPTS" --out "$EVAL/fid_floor.json" >/dev/null
+  --features "$CLIP_FEATURES" --max-images "$ALL_PROMPTS" --out "$EVAL/fid_floor.json" >/dev/null
 
 stage "benchmark"
 [ -f "$EVAL/benchmark.json" ] || python -m eval.benchmark --model "$OUT/model" --batch-size 4 --repeats "$REPEATS" \

@@ -33,13 +33,13 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_PROMPTS = [
     "a red circle on the left",
-    "an orange square on the right",
     "a yellow triangle at the top",
-    "a green circle at the bottom",
     "a blue square in the center",
     "a purple triangle on the left",
-    "a blue triangle",
-    "a circle on the right",
+    "a red circle to the left of a blue square",
+    "a green triangle above an orange circle",
+    "a yellow square below a red triangle",
+    "a purple circle to the right of a green triangle",  # a held-out pairing: never seen together in training
 ]
 SAMPLE_SEED = 0
 # Guidance only at t >= T/2: at the low-noise steps it rounds the squares' corners (the sweep's shape column falls as

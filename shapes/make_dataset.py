@@ -13,8 +13,17 @@ scene's full attributes for evaluation: ``colour``, ``shape``, ``position`` (wha
 Sample ``i`` is drawn from its own generator seeded with ``(seed, i)``, so the same seed gives byte-identical PNGs
 and metadata, and the first ``k`` samples do not depend on ``--n``. A held-out split is written with a different
 seed (``--seed 1``) to a separate folder: its renders differ from training's, though with 90 attribute
-combinations it repeats the combinations themselves. A fraction ``--short-caption-fraction`` of the captions is in
-one of the partial forms (``a red circle``, ``a circle on the left``, ``a red shape on the left``), chosen uniformly.
+combinations it repeats the combinations themselves. A fraction ``--short-caption-fraction`` of the one-object
+captions is in one of the partial forms (``a red circle``, ``a circle on the left``, ``a red shape on the left``),
+chosen uniformly.
+
+``--two-object-fraction F`` makes that share of the scenes two-object scenes (:class:`shapes.world.PairSpec`,
+captioned ``a red circle to the left of a blue square``); their rows carry ``objects: 2``, ``first`` and ``second``
+(each ``colour``, ``shape``, ``rgb``, ``centre``, ``size``), ``relation`` and ``held_out``. ``--held-out`` says
+which pairings they may be: ``exclude`` (default, for training: never a purple object together with a triangle),
+``only`` (those alone, to evaluate composition the model never saw) or ``include`` (any). Whether sample ``i`` is a
+two-object scene is drawn from a generator of its own, so ``--two-object-fraction 0`` writes exactly the one-object
+dataset.
 """
 
 from __future__ import annotations
@@ -32,23 +41,71 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ldm.errors import OneLineParser, UserError, run_reporting
-from shapes.world import CAPTION_FORMS, PARTIAL_FORMS, ShapeSpec, caption_of, render, sample_spec
+from shapes.world import (
+    CAPTION_FORMS,
+    PARTIAL_FORMS,
+    PairSpec,
+    ShapeSpec,
+    caption_of,
+    is_held_out,
+    pair_caption,
+    render,
+    sample_pair,
+    sample_spec,
+)
 
 METADATA_FILE = "metadata.jsonl"
 MAX_SEED = 2**63 - 1
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+HELD_OUT_MODES = {"exclude": False, "only": True, "include": None}  # --held-out: sample_pair's held_out
+PAIR_FORM = "pair"  # the caption form recorded for two-object scenes
 
 
-def sample_row(seed: int, index: int, short_caption_fraction: float = 0.25) -> tuple[ShapeSpec, str]:
-    """The scene and caption form of sample ``index`` of the dataset drawn with ``seed``."""
+def sample_row(
+    seed: int,
+    index: int,
+    short_caption_fraction: float = 0.25,
+    two_object_fraction: float = 0.0,
+    held_out: str = "exclude",
+) -> tuple[ShapeSpec | PairSpec, str]:
+    """The scene and caption form (``pair`` for two objects) of sample ``index`` of the dataset drawn with ``seed``."""
+    if held_out not in HELD_OUT_MODES:
+        raise UserError(f"held_out must be one of {', '.join(HELD_OUT_MODES)}; got {held_out!r}")
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+    if two_object_fraction > 0.0:
+        kind = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1)))
+        if kind.random() < two_object_fraction:
+            return sample_pair(rng, held_out=HELD_OUT_MODES[held_out]), PAIR_FORM
     spec = sample_spec(rng)
     form = str(rng.choice(PARTIAL_FORMS)) if rng.random() < short_caption_fraction else CAPTION_FORMS[0]
     return spec, form
 
 
-def metadata_row(file_name: str, spec: ShapeSpec, form: str, split: str) -> dict[str, Any]:
+def _object_row(obj: Any) -> dict[str, Any]:
+    return {
+        "colour": obj.colour,
+        "shape": obj.shape,
+        "rgb": list(obj.rgb),
+        "centre": [round(c, 6) for c in obj.centre],
+        "size": round(obj.size, 6),
+    }
+
+
+def metadata_row(file_name: str, spec: ShapeSpec | PairSpec, form: str, split: str) -> dict[str, Any]:
     """The ``metadata.jsonl`` row of one image: ``file_name``, ``text`` and the full attributes of ``spec``."""
+    if isinstance(spec, PairSpec):
+        return {
+            "file_name": file_name,
+            "text": pair_caption(spec),
+            "objects": 2,
+            "first": _object_row(spec.first),
+            "relation": spec.relation,
+            "second": _object_row(spec.second),
+            "held_out": is_held_out((spec.first.colour, spec.second.colour), (spec.first.shape, spec.second.shape)),
+            "caption_form": form,
+            "background": list(spec.background),
+            "split": split,
+        }
     return {
         "file_name": file_name,
         "text": caption_of(spec, form),
@@ -85,6 +142,8 @@ def make_dataset(
     split: str = "train",
     overwrite: bool = False,
     progress: bool = True,
+    two_object_fraction: float = 0.0,
+    held_out: str = "exclude",
 ) -> Path:
     """Write ``n`` rendered scenes of ``size`` px and their ``metadata.jsonl`` to ``out``; returns ``out``.
 
@@ -94,6 +153,10 @@ def make_dataset(
         raise UserError(f"n must be >= 1; got {n}")
     if not 0.0 <= short_caption_fraction <= 1.0:
         raise UserError(f"short_caption_fraction must be in [0, 1]; got {short_caption_fraction}")
+    if not 0.0 <= two_object_fraction <= 1.0:
+        raise UserError(f"two_object_fraction must be in [0, 1]; got {two_object_fraction}")
+    if held_out not in HELD_OUT_MODES:
+        raise UserError(f"held_out must be one of {', '.join(HELD_OUT_MODES)}; got {held_out!r}")
     if not _SPLIT_NAME.fullmatch(split):
         raise UserError(f"split must be letters, digits or underscores (it prefixes file names); got {split!r}")
     if not 0 <= seed <= MAX_SEED:
@@ -103,7 +166,7 @@ def make_dataset(
     width = max(6, len(str(n - 1)))
     rows = []
     for index in tqdm(range(n), desc=f"shapes {split}", unit="img", disable=not progress):
-        spec, form = sample_row(seed, index, short_caption_fraction)
+        spec, form = sample_row(seed, index, short_caption_fraction, two_object_fraction, held_out)
         file_name = f"{split}-{index:0{width}d}.png"
         render(spec, size).save(out / file_name, format="PNG")
         rows.append(json.dumps(metadata_row(file_name, spec, form, split)))
@@ -150,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of partial captions: 'a red circle', 'a circle on the left', 'a red shape on the left' "
         "(default 0.25)",
     )
+    parser.add_argument(
+        "--two-object-fraction",
+        type=_number(float, 0.0, 1.0),
+        default=0.0,
+        metavar="F",
+        help="share of two-object scenes, 'a red circle to the left of a blue square' (default 0)",
+    )
+    parser.add_argument(
+        "--held-out",
+        choices=tuple(HELD_OUT_MODES),
+        default="exclude",
+        help="two-object pairings of a purple object with a triangle: exclude (default, for training), only, include",
+    )
     parser.add_argument("--split-name", default="train", help="recorded in each row and prefixes file names")
     parser.add_argument("--overwrite", action="store_true", help="replace the PNGs and metadata of a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -173,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             split=args.split_name,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            two_object_fraction=args.two_object_fraction,
+            held_out=args.held_out,
         )
         print(out, flush=True)
 

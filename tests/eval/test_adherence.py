@@ -1,5 +1,6 @@
 """eval.adherence scores only what a prompt asks and writes a JSON report and a grid of misses; the command runs on
-txt2img output and on an image folder (the analyzer itself: tests/shapes/test_analysis.py)."""
+txt2img output and on an image folder (the analyzer itself: tests/shapes/test_analysis.py). Two-object prompts are
+scored on count, colour, shape and relation, and reported apart from one-object ones, held-out pairings apart."""
 
 from __future__ import annotations
 
@@ -10,10 +11,24 @@ import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from scipy import ndimage
 
-from eval.adherence import adherence_prompts, main, misses_grid, score_images
+from eval.adherence import adherence_prompts, attribute_prompt, main, misses_grid, score_images
 from shapes.make_dataset import main as make_dataset_main
-from shapes.world import ANCHORS, ATTRIBUTES, ShapeSpec, parse_prompt, render
+from shapes.world import (
+    ANCHORS,
+    ATTRIBUTES,
+    BASE_RGB,
+    RELATIONS,
+    ShapeSpec,
+    canonical_pair,
+    is_held_out,
+    pair_caption,
+    parse_pair_prompt,
+    parse_prompt,
+    render,
+    sample_pair,
+)
 
 
 def _scene(colour: str, shape: str, position: str, size: int = 64) -> Image.Image:
@@ -143,3 +158,150 @@ def test_cli_writes_prompts_and_rejects_bad_input(tmp_path, capsys):
     empty.mkdir()
     assert main(["--images", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "no prompted images" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two-object prompts
+
+
+def test_pair_prompts_score_count_colour_shape_and_relation():
+    image = canonical_pair(("red", "circle"), "left_of", ("blue", "square"))
+    alone = render(ShapeSpec("red", "circle", "left", BASE_RGB["red"], (0.27, 0.5), 0.26, (225, 225, 220)), 64)
+    report = score_images(
+        [image, image, image, image, alone, image],
+        [
+            "a red circle to the left of a blue square",
+            "a blue circle to the left of a red square",  # colours swapped
+            "a red circle to the right of a blue square",  # relation flipped
+            "a red square to the left of a blue circle",  # shapes swapped
+            "a red circle to the left of a blue square",  # one object removed
+            "a circle left of a blue shape",  # partial: the first colour and the second shape are not asked
+        ],
+    )
+    right, colours, relation, shapes, removed, partial = report.records
+    assert right.all_correct and right.matched == {"count": True, "colour": True, "shape": True, "relation": True}
+    assert right.found == {
+        "count": 2,
+        "first": {"colour": "red", "shape": "circle"},
+        "relation": "left_of",
+        "second": {"colour": "blue", "shape": "square"},
+    }
+    assert colours.matched == {"count": True, "colour": False, "shape": True, "relation": True}
+    assert relation.matched == {"count": True, "colour": True, "shape": True, "relation": False}
+    assert shapes.matched == {"count": True, "colour": True, "shape": False, "relation": True}
+    assert removed.matched == {"count": False, "colour": False, "shape": False, "relation": False}
+    assert removed.found["count"] == 1 and removed.found["second"] == {} and removed.found["relation"] == "none"
+    assert partial.all_correct and partial.matched == {"count": True, "colour": True, "shape": True, "relation": True}
+    assert not any(r.held_out for r in report.records) and {r.objects for r in report.records} == {2}
+    summary = report.summary()
+    seen = summary["two_object_seen"]
+    assert seen["images"] == 6 and seen["all_correct_rate"] == pytest.approx(2 / 6)
+    assert seen["part_accuracy"] == pytest.approx({"count": 5 / 6, "colour": 4 / 6, "shape": 4 / 6, "relation": 4 / 6})
+    assert summary["one_object"]["images"] == 0 and summary["two_object_held_out"]["images"] == 0
+
+
+def test_one_object_and_held_out_pairings_are_reported_apart(tmp_path):
+    single = _scene("red", "circle", "left")
+    held = canonical_pair(("purple", "circle"), "above", ("green", "triangle"))
+    seen = canonical_pair(("orange", "square"), "right_of", ("yellow", "circle"))
+    images = [single, single, held, held, seen]
+    prompts = [
+        "a red circle on the left",
+        "a blue circle on the left",
+        "a purple circle above a green triangle",
+        "a purple circle below a green triangle",
+        "an orange square to the right of a yellow circle",
+    ]
+    report = score_images(images, prompts)
+    assert [r.group for r in report.records] == [
+        "one_object",
+        "one_object",
+        "two_object_held_out",
+        "two_object_held_out",
+        "two_object_seen",
+    ]
+    summary = json.loads(report.write_json(tmp_path / "a.json").read_text())["summary"]
+    assert summary["images"] == 5 and summary["all_correct_rate"] == pytest.approx(3 / 5)
+    assert summary["one_object"]["all_correct_rate"] == 0.5
+    assert summary["one_object"]["part_accuracy"] == {"colour": 0.5, "shape": 1.0, "position": 1.0}
+    assert summary["two_object_held_out"]["images"] == 2 and summary["two_object_held_out"]["all_correct_rate"] == 0.5
+    assert summary["two_object_held_out"]["part_accuracy"]["relation"] == 0.5
+    assert summary["two_object_seen"]["all_correct_rate"] == 1.0
+    assert summary["part_counts"]["colour"] == {"asked": 5, "correct": 4}  # both kinds count towards colour
+    assert summary["part_counts"]["relation"] == {"asked": 3, "correct": 2}
+
+    grid = misses_grid(report, images, columns=2, cell=160)
+    assert grid.size == (2 * 160, 160 + 52)  # a two-object miss takes four label lines
+    strip = np.asarray(grid)[160 + 28 :, 160:]  # the red "got" lines of the pair miss
+    assert ((strip[..., 0] > 150) & (strip[..., 1] < 80)).any()
+
+
+def test_pair_renders_score_fully_right_when_softened():
+    """Ground-truth pair renders, blurred (sigma 0.7 px) and noisy (std 4) like generated images, scored end to end
+    (seeds the reader was not tuned on)."""
+    images, prompts = [], []
+    for i in range(150):
+        rng = np.random.default_rng([314, i])
+        spec = sample_pair(rng, background=("light", "dark")[i % 2], held_out=None)
+        pixels = ndimage.gaussian_filter(np.asarray(render(spec, 64), dtype=np.float64), sigma=(0.7, 0.7, 0))
+        images.append(np.clip(np.round(pixels + rng.normal(0.0, 4.0, pixels.shape)), 0, 255).astype(np.uint8))
+        prompts.append(pair_caption(spec))
+    report = score_images(images, prompts)
+    assert report.all_correct_rate() >= 0.98, [r.to_dict()["found"] for r in report.misses()[:5]]
+
+
+def _held_out(parsed: dict) -> bool:
+    first, second = parsed["first"], parsed["second"]
+    return is_held_out((first["colour"], second["colour"]), (first["shape"], second["shape"]))
+
+
+def test_pair_prompts_are_balanced_deterministic_and_respect_the_pairings():
+    prompts = adherence_prompts(80, seed=1, objects=2, pairings="seen")
+    assert prompts == adherence_prompts(80, seed=1, objects=2, pairings="seen")
+    assert prompts != adherence_prompts(80, seed=2, objects=2, pairings="seen")
+    parsed = [parse_pair_prompt(p) for p in prompts]
+    assert Counter(p["relation"] for p in parsed) == dict.fromkeys(RELATIONS, 20)
+    assert all(p["first"]["colour"] != p["second"]["colour"] for p in parsed)
+    pairs = [
+        ((p["first"]["colour"], p["second"]["colour"]), (p["first"]["shape"], p["second"]["shape"])) for p in parsed
+    ]
+    assert not any(is_held_out(*pair) for pair in pairs) and len(set(prompts)) == 80
+    held = [parse_pair_prompt(p) for p in adherence_prompts(40, seed=0, objects=2, pairings="held_out")]
+    assert all(
+        is_held_out((p["first"]["colour"], p["second"]["colour"]), (p["first"]["shape"], p["second"]["shape"]))
+        for p in held
+    )
+    everything = adherence_prompts(1080, seed=0, objects=2)  # 6 x 5 colours, 3 x 3 shapes, 4 relations
+    assert len(set(everything)) == 1080
+    with pytest.raises(ValueError, match="apply to two-object prompts"):
+        adherence_prompts(4, seed=0, pairings="seen")
+    with pytest.raises(ValueError, match="one form"):
+        adherence_prompts(4, seed=0, form="colour_shape", objects=2)
+
+
+def test_cli_writes_pair_prompts_and_scores_a_two_object_dataset(tmp_path, capsys):
+    path = tmp_path / "pairs.txt"
+    argv = ["--write-prompts", str(path), "--objects", "2", "--pairings", "held_out", "--num-prompts", "8"]
+    assert main([*argv, "--seed", "3"]) == 0
+    assert path.read_text().splitlines() == adherence_prompts(8, seed=3, objects=2, pairings="held_out")
+    assert main(["--write-prompts", str(path), "--pairings", "seen"]) == 2
+    assert "apply to two-object prompts" in capsys.readouterr().err
+
+    data = tmp_path / "data"
+    argv = ["--out", str(data), "--n", "40", "--seed", "9", "--two-object-fraction", "0.6", "--held-out", "include"]
+    assert make_dataset_main([*argv, "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row.get("objects") == 2:
+            assert attribute_prompt(row) == row["text"]
+    out = tmp_path / "results"
+    assert main(["--images", str(data), "--out", str(out), "--use-attributes"]) == 0
+    summary = json.loads((out / "adherence.json").read_text())["summary"]
+    pairs = sum(row.get("objects") == 2 for row in rows)
+    held = sum(bool(row.get("held_out")) for row in rows)
+    assert summary["images"] == 40 and summary["all_correct_rate"] == 1.0
+    assert summary["two_object_seen"]["images"] + summary["two_object_held_out"]["images"] == pairs
+    assert summary["two_object_held_out"]["images"] == held and summary["one_object"]["images"] == 40 - pairs
+    with pytest.raises(ValueError, match="first.shape"):
+        attribute_prompt({"objects": 2, "first": {"colour": "red"}, "relation": "above", "second": rows[0]})
+    capsys.readouterr()

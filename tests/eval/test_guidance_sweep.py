@@ -93,3 +93,27 @@ def test_sweep_on_an_sdxl_folder_draws_stocks_images(tiny_sdxl_dir, tmp_path, ca
         assert result["rows"][row]["all_correct"] == report.all_correct_rate()
         assert {k: result["rows"][row][k] for k in report.part_accuracy()} == report.part_accuracy()
     assert not np.array_equal(grid[:64], grid[64:])  # the scale reached the pipeline
+
+
+def test_pair_prompts_are_scored_apart_from_the_one_object_ones(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["--model", tiny_sd_dir, "--scales", "2", "--num-prompts", "2", "--pair-prompts", "3", "--steps", "2"]
+    assert sweep_module.main([*args, "--batch-size", "5", "--out", str(out)]) == 0
+    assert "two_object" in capsys.readouterr().out
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["num_prompts"] == 5 and result["pair_prompts"] == 3
+    prompts = adherence_prompts(2, 1) + adherence_prompts(3, 1, objects=2, pairings="seen")
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    images = pipe(
+        prompts,
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        generator=[torch.Generator().manual_seed(i) for i in range(5)],
+    ).images
+    summary = score_images(images, prompts).summary()
+    row = result["rows"][0]
+    assert row["one_object"] == summary["one_object"]["all_correct_rate"]
+    assert row["two_object"] == summary["two_object_seen"]["all_correct_rate"]
+    assert row["relation"] == summary["part_accuracy"]["relation"]
+    assert sweep_module.main([*args, "--pair-prompts", "-1"]) == 2
+    assert "--pair-prompts must be >= 0" in capsys.readouterr().err
