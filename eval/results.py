@@ -26,17 +26,23 @@ from eval import benchmark, guidance_sweep, memory_check, nll
 from eval.adherence import score_images
 from ldm.errors import OneLineParser
 from pipelines.cli import DEFAULT_MODEL
-from shapes.world import caption_of, render, sample_spec
+from shapes.world import caption_of, pair_caption, render, sample_pair, sample_spec
 
 
-def analyzer_self_check(n: int = 300, seed: int = 12345) -> dict:
-    """The adherence analyzer on ``n`` ground-truth renders of the shapes grammar at 32, 64 and 96 px."""
+def analyzer_self_check(n: int = 300, seed: int = 12345, objects: int = 1) -> dict:
+    """The adherence analyzer on ``n`` ground-truth renders of the shapes grammar: one-object scenes at 32, 64 and
+    96 px, or (``objects=2``) two-object scenes of every pairing, held-out ones included, at 64, 96 and 128 px."""
     rng = np.random.default_rng(seed)
     images, prompts = [], []
     for i in range(n):
-        spec = sample_spec(rng)
-        images.append(render(spec, size=(32, 64, 96)[i % 3]))
-        prompts.append(caption_of(spec))
+        if objects == 2:
+            pair = sample_pair(rng, held_out=None)
+            images.append(render(pair, size=(64, 96, 128)[i % 3]))
+            prompts.append(pair_caption(pair))
+        else:
+            spec = sample_spec(rng)
+            images.append(render(spec, size=(32, 64, 96)[i % 3]))
+            prompts.append(caption_of(spec))
     report = score_images(images, prompts)
     return {"images": n, "seed": seed, "all_correct": report.all_correct_rate(), **report.part_accuracy()}
 
@@ -145,13 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     check = analyzer_self_check()
-    (out / "adherence_analyzer_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    pair_check = analyzer_self_check(objects=2)
+    checks = {"one_object": check, "two_object": pair_check}
+    (out / "adherence_analyzer_check.json").write_text(json.dumps(checks, indent=2) + "\n")
     parts = " / ".join(f"{check[k]:.3f}" for k in ("all_correct", "colour", "shape", "position"))
+    pair_parts = " / ".join(f"{pair_check[k]:.3f}" for k in ("all_correct", "count", "colour", "shape", "relation"))
     rows.append(
         (
-            "adherence analyzer on 300 ground-truth renders: all parts / colour / shape / position",
+            "adherence analyzer on 300 ground-truth one-object renders: all parts / colour / shape / position",
             parts,
             "python -m eval.results (analyzer_self_check)",
+        )
+    )
+    rows.append(
+        (
+            "adherence analyzer on 300 ground-truth two-object renders: all parts / count / colour / shape / relation",
+            pair_parts,
+            "python -m eval.results (analyzer_self_check, objects=2)",
         )
     )
 

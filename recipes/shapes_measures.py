@@ -87,19 +87,21 @@ def square_fill(records: list[dict[str, Any]], data: Path, folder: Path, count: 
 
     from eval.prompted_images import load_prompted_images
     from shapes.analysis import analyze_image
-    from shapes.world import parse_prompt
+    from shapes.world import parse_pair_prompt, parse_prompt
     from training.train_autoencoder import reconstruct
 
     drawn = [
         r["diagnostics"]["fill_ratio"]
         for r in records
-        if r["asked"].get("shape") == "square" and r["diagnostics"].get("fill_ratio") is not None
+        if r.get("objects", 1) == 1  # one-object images: their squares are the size the held-out ones are
+        and r["asked"].get("shape") == "square"
+        and r["diagnostics"].get("fill_ratio") is not None
     ]
     held_out = load_prompted_images(data)
     files = [
         file
         for file, caption in zip(held_out.files, held_out.prompts)
-        if parse_prompt(caption).get("shape") == "square"
+        if parse_pair_prompt(caption) is None and parse_prompt(caption).get("shape") == "square"
     ][:count]
     if not drawn or not files:
         raise ValueError(f"no squares to measure: {len(drawn)} generated, {len(files)} held-out in {data}")

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import colorsys
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -528,19 +528,25 @@ def sample_pair(
     )
 
 
-def canonical_pair(first: tuple[str, str], relation: str, second: tuple[str, str], size: int = 64) -> Image.Image:
+def canonical_pair(
+    first: tuple[str, str], relation: str, second: tuple[str, str], size: int = 64, first_only: bool = False
+) -> Image.Image:
     """The two-object scene with no random draw: base RGBs, 0.26 of the side each, centred across the axis and
-    0.46 apart along it (at 0.27 and 0.73), on a light grey. For examples and editing tests."""
+    0.46 apart along it (at 0.27 and 0.73), on a light grey. For examples and editing tests; ``first_only`` draws
+    the first object alone where the pair puts it (a scene to paint the second one into)."""
     axis, sign = RELATION_AXES[relation]
     near, far = (0.27, 0.73) if sign > 0 else (0.73, 0.27)
     centre1, centre2 = [0.5, 0.5], [0.5, 0.5]
     centre1[axis], centre2[axis] = near, far
+    background = (225, 225, 220)
     spec = PairSpec(
         first=ObjectSpec(first[0], first[1], BASE_RGB[first[0]], (centre1[0], centre1[1]), 0.26),
         relation=relation,
         second=ObjectSpec(second[0], second[1], BASE_RGB[second[0]], (centre2[0], centre2[1]), 0.26),
-        background=(225, 225, 220),
+        background=background,
     )
+    if first_only:  # the second object drawn in the background's colour: not there
+        spec = replace(spec, second=replace(spec.second, rgb=background))
     return render(spec, size)
 
 

@@ -13,6 +13,8 @@ import eval.results as results
 def test_analyzer_self_check_reads_ground_truth():
     check = results.analyzer_self_check(n=60, seed=7)
     assert check["images"] == 60 and check["all_correct"] >= 0.99
+    pairs = results.analyzer_self_check(n=60, seed=7, objects=2)
+    assert pairs["images"] == 60 and pairs["all_correct"] >= 0.99 and pairs["relation"] >= 0.99
 
 
 def test_results_table_quotes_the_commands_figures(tmp_path, monkeypatch):
@@ -36,14 +38,18 @@ def test_results_table_quotes_the_commands_figures(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(results.memory_check, "main", fake_memory_check)
-    monkeypatch.setattr(
-        results, "analyzer_self_check", lambda: {"all_correct": 1.0, "colour": 1.0, "shape": 0.99, "position": 1.0}
-    )
+
+    def fake_check(objects: int = 1) -> dict:
+        parts = {"position": 1.0} if objects == 1 else {"count": 0.98, "relation": 0.97}
+        return {"all_correct": 1.0, "colour": 1.0, "shape": 0.99, **parts}
+
+    monkeypatch.setattr(results, "analyzer_self_check", fake_check)
     assert results.main(["--out", str(tmp_path)]) == 0
     table = (tmp_path / "README.md").read_text()
     speed = "stock 0.625 s; ours 0.500 s (1.25x); ours-fast 0.500 s (1.25x); ours-cached 0.500 s (1.25x); "
     assert speed + "ours 3.0 GFLOP/s = 30% of the 10 GFLOP/s matmul rate" in table
-    assert "1.25 / 9.50" in table and "1.000 / 1.000 / 0.990" in table
+    assert "1.25 / 9.50" in table and "1.000 / 1.000 / 0.990 / 1.000" in table
+    assert "1.000 / 0.980 / 1.000 / 0.990 / 0.970" in table  # two objects: all / count / colour / shape / relation
     assert "tiny-b8 100 / 125 MiB (0.80)" in table
     assert table.count("| `python -m eval.benchmark") == 4  # two speed rows, two training rows
     assert f"--model {results.DEFAULT_MODEL} --batch-size 4" in table and "--variants default,fast,cached" in table

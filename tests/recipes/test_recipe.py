@@ -44,12 +44,20 @@ def test_toy_recipe_end_to_end(tmp_path):
     # the model card carries the figures the evaluation stages measured, and its pictures are there
     card = (final / "README.md").read_text()
     adherence = json.loads((tmp_path / "eval" / "adherence" / "adherence.json").read_text())["summary"]
-    assert f"{adherence['all_correct_rate']:.1%} of images fully right" in card
+    # one row per kind of prompt: one object, two objects of seen pairings, of held-out pairings
+    one, seen, held = (adherence[k] for k in ("one_object", "two_object_seen", "two_object_held_out"))
+    assert (one["images"], seen["images"], held["images"]) == (8, 8, 4)
+    assert f"| one object | 8 | **{one['all_correct_rate']:.1%}** |" in card
+    assert f"| two objects, pairings seen in training | 8 | **{seen['all_correct_rate']:.1%}** |" in card
+    assert f"| two objects, held-out pairings (never seen together) | 4 | **{held['all_correct_rate']:.1%}** |" in card
+    rows = [json.loads(line) for line in (tmp_path / "data" / "train" / "metadata.jsonl").read_text().splitlines()]
+    pairs = [r for r in rows if r.get("objects") == 2]
+    assert pairs and not any(r["held_out"] for r in pairs)  # training never shows a held-out pairing
     assert "pipeline_tag: text-to-image" in card and "PSNR" in card
     assert (
         "features, not Inception FID (not comparable to published FIDs)" in card and "the real-vs-real floor" in card
     )
-    assert "| CLIP-feature FID |" in card  # the sweep table's column
+    assert "| two objects |" in card and "| CLIP-feature FID |" in card  # the sweep table's columns
     assert "guidance interval (0.5, 1)" in card and "steps, guided at every step;" in card  # the sweep: every step
     for figure in ("samples.png", "guidance_sweep.png", "loss.png"):
         assert f"]({figure})" in card and (final / figure).is_file()
