@@ -2,8 +2,8 @@
 
 Renders the inputs with the training data's renderer, runs the ``img2img`` and ``inpaint`` commands exactly as the
 README shows them, and writes ``docs/edit/*.png``: the inputs, and one before / (mask) / after strip per command
-(inpainting: after without and with ``--resamples 2``), enlarged 4x with nearest-neighbour so the 64x64 pixels stay
-visible.
+(inpainting: after without and with ``--resamples 2``; a second object painted in beside a kept one), enlarged 4x
+with nearest-neighbour so the 64x64 pixels stay visible.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines import img2img, inpaint  # noqa: E402
-from shapes.world import canonical_scene  # noqa: E402
+from shapes.world import canonical_pair, canonical_scene  # noqa: E402
 
 OUT = REPO / "docs" / "edit"
 SCALE = 4
@@ -56,6 +56,12 @@ def main() -> None:
     mask.paste(255, (0, 0, 32, 64))
     mask_path = OUT / "mask_left_half.png"
     mask.save(mask_path)
+    lone = OUT / "red_circle_alone.png"
+    canonical_pair(("red", "circle"), "left_of", ("blue", "square"), first_only=True).save(lone)
+    right_mask = Image.new("L", (64, 64), 0)
+    right_mask.paste(255, (32, 0, 64, 64))
+    right_mask_path = OUT / "mask_right_half.png"
+    right_mask.save(right_mask_path)
     half = OUT / "green_triangle_half.png"
     canonical_scene("green", "triangle", "left").crop((0, 0, 32, 64)).save(half)
     work = OUT / "outputs"
@@ -94,6 +100,21 @@ def main() -> None:
         )
         for resampling in ([], ["--resamples", "2"])
     ]
+    second = run(
+        inpaint.main,
+        [
+            "--image",
+            str(lone),
+            "--mask",
+            str(right_mask_path),
+            "--prompt",
+            "a red circle to the left of a blue square",
+            "--seed",
+            "0",
+            "--out",
+            str(work),
+        ],
+    )
     extended = run(
         inpaint.main,
         [
@@ -111,6 +132,7 @@ def main() -> None:
     )
     print(strip([Image.open(circle), Image.open(changed)], OUT / "img2img.png"))
     print(strip([Image.open(path) for path in (square, mask_path, *painted)], OUT / "inpaint.png"))
+    print(strip([Image.open(path) for path in (lone, right_mask_path, second)], OUT / "second_object.png"))
     print(strip([Image.open(half), Image.open(extended)], OUT / "outpaint.png"))
     for path in work.iterdir():
         path.unlink()

@@ -55,6 +55,25 @@ def port(text: str) -> int:
     return value
 
 
+# Shown under the prompt when the app runs the shipped shapes model: one object, two objects, and a pairing the model
+# never saw together in training (a purple object with a triangle).
+SHAPES_EXAMPLES = (
+    "a red circle on the left",
+    "a blue square at the top",
+    "a red circle to the left of a blue square",
+    "a yellow triangle above a green circle",
+    "a purple circle to the right of an orange triangle",
+)
+
+
+def example_prompts(model_name: str) -> list[list[str]]:
+    """The example prompts for ``model_name`` (rows for ``gr.Examples``): the shapes prompts for the shipped model,
+    none for any other (its vocabulary is unknown)."""
+    path = Path(model_name)
+    shipped = path.is_dir() and path.resolve() == Path(DEFAULT_MODEL).resolve()
+    return [[prompt] for prompt in SHAPES_EXAMPLES] if shipped else []
+
+
 def default_model() -> str:
     """The model beside this file (a Space made by ``publish --space``), else the shipped shapes model."""
     return str(BUNDLED_MODEL) if (BUNDLED_MODEL / "model_index.json").is_file() else DEFAULT_MODEL
@@ -184,6 +203,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on the left")
                 negative_prompt = gr.Textbox(label="Negative prompt", placeholder="what to steer away from")
+                examples = example_prompts(studio.model_name)
+                if examples:
+                    gr.Examples(examples, inputs=[prompt], label="Example prompts")
                 with gr.Tabs():
                     with gr.Tab("Text to image"):
                         with gr.Row():

@@ -26,7 +26,7 @@ import PIL.Image
 import pytest
 
 from pipelines import DEFAULT_MODEL
-from pipelines.app import SettingsInputs, build_app, editor_image_and_mask, main
+from pipelines.app import SHAPES_EXAMPLES, SettingsInputs, build_app, editor_image_and_mask, example_prompts, main
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.studio import Studio
 
@@ -294,6 +294,26 @@ def test_every_mode_is_wired_and_queued_one_at_a_time(tiny_sd_dir, tmp_path) -> 
     assert all(fn.concurrency_id == "generate" and fn.concurrency_limit == 1 for fn in clicks)
     labels = [block.label for block in demo.blocks.values() if isinstance(block, gr.Slider)]
     assert {"Steps", "Guidance scale", "Images", "Width", "Height", "Strength"} <= set(labels)
+
+
+def test_the_shipped_model_shows_its_example_prompts_and_others_none(tiny_sd_dir, tmp_path) -> None:
+    import gradio as gr
+    import torch
+
+    from shapes.world import is_held_out, parse_pair_prompt, parse_prompt
+
+    pairs = [parse_pair_prompt(prompt) for prompt in SHAPES_EXAMPLES]
+    assert all(parse_prompt(p) for p, pair in zip(SHAPES_EXAMPLES, pairs) if pair is None)  # one-object prompts
+    objects = [pair for pair in pairs if pair is not None]
+    assert len(objects) >= 2  # two-object prompts, one of them a pairing never seen together in training
+    assert any(is_held_out(*zip(*((o[k]["colour"], o[k]["shape"]) for k in ("first", "second")))) for o in objects)
+
+    demo = build_app(Studio.load(DEFAULT_MODEL, tmp_path, torch.device("cpu")))
+    shown = [block.samples for block in demo.blocks.values() if isinstance(block, gr.Dataset)]
+    assert shown == [[[prompt] for prompt in SHAPES_EXAMPLES]]
+    assert example_prompts(tiny_sd_dir) == []
+    other = build_app(Studio.load(tiny_sd_dir, tmp_path, torch.device("cpu")))
+    assert not [block for block in other.blocks.values() if isinstance(block, gr.Dataset)]
 
 
 def test_settings_are_read_from_the_page_values() -> None:
