@@ -27,7 +27,7 @@ from eval.fid import reader_fid
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.grid import sample_grid
-from recipes.shapes_measures import attribute_similarity, first_step_positions, square_fill
+from recipes.shapes_measures import attribute_similarity, first_step_positions, round_trip_adherence, square_fill
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,17 @@ def one_object_figures(summary: dict[str, Any]) -> dict[str, Any]:
     return summary["one_object"] if summary.get("one_object", {}).get("images") else summary
 
 
+def _round_trip_cell(summary: dict[str, Any]) -> str:
+    """``one object 100.0 %, two objects 97.5 %`` (the groups present) of an adherence summary."""
+    names = {"one_object": "one object", "two_object_seen": "two objects", "two_object_held_out": "held-out pairs"}
+    cells = [
+        f"{name} {_percent(summary[key]['all_correct_rate'])}"
+        for key, name in names.items()
+        if summary.get(key, {}).get("images")
+    ]
+    return ", ".join(cells) or _percent(summary["all_correct_rate"])
+
+
 def _held_out_bullet(summary: dict[str, Any]) -> list[str]:
     """The Limits bullet when held-out pairings score clearly below seen ones (none otherwise)."""
     seen = summary.get("two_object_seen", {}).get("all_correct_rate")
@@ -298,6 +309,7 @@ def card_text(run: Path, folder: Path) -> str:
     # a frozen, loaded text encoder is the contrastive one
     after = attribute_similarity(folder) if joint or fresh else before
     first_step = first_step_positions(folder)
+    ceiling = round_trip_adherence(run / "data" / "test", folder)
     if fresh and joint:
         encoder_text = (
             "trained with the U-Net from a fresh initialisation (the contrastive CLIP of the recipe gives "
@@ -466,6 +478,9 @@ def card_text(run: Path, folder: Path) -> str:
         "|---|---:|---|",
         f"| autoencoder PSNR on held-out images | {vae['final_psnr']:.2f} dB | `training.train_autoencoder` "
         "(`--validation-dataset`) |",
+        f"| prompt adherence of held-out images after the autoencoder's round trip (the ceiling for generated "
+        f"images), {ceiling['images']} images | {_round_trip_cell(ceiling)} | "
+        "`recipes.shapes_measures.round_trip_adherence` |",
         f"| text encoder zero-shot caption retrieval, held-out, top-1 | {clip['final_top1']:.3f} (chance "
         f"{clip['chance_top1']:.3f}) | `training.train_text_encoder` |",
         *fid_rows(fid, fid_floor),

@@ -161,3 +161,33 @@ def test_square_fill_tells_a_rounded_square_from_the_autoencoders_round_trip(tmp
     assert 0.89 < fill["round_trip"] < fill["real"]  # corners survive the autoencoder, slightly softened
     with pytest.raises(ValueError, match="no squares to measure: 0 generated"):
         square_fill(records[2:3], tmp_path / "data", Path(DEFAULT_MODEL))
+
+
+def test_round_trip_adherence_scores_the_autoencoders_reconstructions(tmp_path, monkeypatch):
+    # the card's ceiling for generated images: held-out images through the VAE, scored like generated ones
+    import numpy as np
+
+    import recipes.shapes_measures as measures
+    from pipelines import DEFAULT_MODEL
+    from recipes.shapes_model import _round_trip_cell
+    from shapes.make_dataset import make_dataset
+    from shapes.world import canonical_scene
+
+    make_dataset(tmp_path / "data", n=30, size=64, seed=1, progress=False, two_object_fraction=0.5)
+    summary = measures.round_trip_adherence(tmp_path / "data", Path(DEFAULT_MODEL), limit=20, batch_size=8)
+    assert summary["images"] == 20 and summary["one_object"]["images"] + summary["two_object_seen"]["images"] == 20
+    assert summary["one_object"]["all_correct_rate"] >= 0.9  # the shipped VAE keeps one-object scenes
+    cell = _round_trip_cell(summary)
+    assert cell.startswith(f"one object {summary['one_object']['all_correct_rate']:.1%}, two objects ")
+
+    # what is scored is the reconstruction: an autoencoder that draws every image as a blue square fails them all
+    class Blue:
+        def __init__(self):
+            self.image = torch.from_numpy(np.asarray(canonical_scene("blue", "square", "center")))
+
+        def __call__(self, vae, pixels):
+            return self.image.permute(2, 0, 1).float().div(255).expand(len(pixels), -1, -1, -1)
+
+    monkeypatch.setattr("training.train_autoencoder.reconstruct", Blue())
+    summary = measures.round_trip_adherence(tmp_path / "data", Path(DEFAULT_MODEL), limit=20)
+    assert summary["two_object_seen"]["all_correct_rate"] == 0.0
