@@ -85,13 +85,22 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     for path in staging.rglob("*"):
         if path.is_file():
             fsync_file(path)
-    old = target.with_name(f".{target.name}.old")
+    replace_folder(staging, target, target.with_name(f".{target.name}.old"))
+
+
+def replace_folder(staging: Path, target: Path, old: Path) -> None:
+    """Rename the complete folder ``staging`` to ``target``. An existing ``target`` is first moved aside to ``old``
+    and deleted once the new one is in place, so at every moment ``target`` is either the old folder or the new one
+    (a kill in between leaves ``old`` behind, for the caller's clean-up of stale folders)."""
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
-    os.replace(staging, target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, target)
+        fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+        fsync_dir(target.parent)
 
 
 class NotUTF8Error(ValueError):

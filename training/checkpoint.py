@@ -30,7 +30,6 @@ Typical use in a training loop::
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import time
@@ -42,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from common.files import fsync_dir, fsync_file, read_json, sha256_file, write_json
+from common.files import fsync_dir, fsync_file, read_json, replace_folder, sha256_file, write_json
 from ldm.errors import UserError
 from training.checkpoint_folders import (
     FORMAT,
@@ -324,15 +323,8 @@ def _finish(
     fsync_dir(tmp / _RNG_DIR)
     fsync_dir(tmp)
     root = final.parent
-    if final.exists():  # re-saving a step: move the old one aside, rename the new one in, then delete the old one
-        old = hidden_sibling(final, OLD_PREFIX)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)  # leftovers are removed with the other stale folders
-    else:
-        os.replace(tmp, final)
-    fsync_dir(root)
+    # re-saving a step replaces the old copy; a leftover of a kill is removed with the other stale folders
+    replace_folder(tmp, final, hidden_sibling(final, OLD_PREFIX))
     later = [path.name for saved_step, path in complete_checkpoints(root) if saved_step > step]
     if later:
         logger.warning(

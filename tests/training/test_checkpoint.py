@@ -269,10 +269,10 @@ def test_crash_between_manifest_and_rename_loses_nothing(tmp_path: Path, monkeyp
             raise _Crash
         real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", crash_on_second_rename)
+    monkeypatch.setattr(os, "replace", crash_on_second_rename)
     with pytest.raises(_Crash):
         save_checkpoint(tmp_path, 3, run["objects"], meta={"version": "new"})
-    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert latest_checkpoint(tmp_path) is None  # step-000003 is momentarily absent: both copies are hidden
 
     save_checkpoint(tmp_path, 6, run["objects"])  # the next save puts the newest complete copy back
