@@ -112,7 +112,10 @@ def square_fill(records: list[dict[str, Any]], data: Path, folder: Path, count: 
     round_trip = (decoded * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
     def median_fill(images) -> float:
-        return statistics.median(analyze_image(PIL.Image.fromarray(image)).fill_ratio for image in images)
+        """The median over the images where an object was found (nan when none was: a barely trained VAE)."""
+        fills = [analyze_image(PIL.Image.fromarray(image)).fill_ratio for image in images]
+        found = [fill for fill in fills if fill is not None]
+        return statistics.median(found) if found else float("nan")
 
     return {"generated": statistics.median(drawn), "real": median_fill(real), "round_trip": median_fill(round_trip)}
 

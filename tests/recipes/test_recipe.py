@@ -54,6 +54,10 @@ def test_toy_recipe_end_to_end(tmp_path):
     pairs = [r for r in rows if r.get("objects") == 2]
     assert pairs and not any(r["held_out"] for r in pairs)  # training never shows a held-out pairing
     assert "pipeline_tag: text-to-image" in card and "PSNR" in card
+    assert "| autoencoder, decoding the posterior mean |" in card  # the second autoencoder stage
+    # the U-Net was trained on the second stage's latents: the shipped VAE is that one
+    shipped_vae = (final / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert shipped_vae == (tmp_path / "vae_mean" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (
         "features, not Inception FID (not comparable to published FIDs)" in card and "the real-vs-real floor" in card
     )
