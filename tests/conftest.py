@@ -49,3 +49,18 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-sdxl")
     StableDiffusionXLPipeline(**build_components("tiny-sdxl", seed=0)).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_reaches_python():
+    """Ctrl-C as a terminal delivers it: a test suite started as a background job (``cmd &`` in a script) inherits
+    SIGINT ignored, and the stop-signal handling rightly leaves an ignored signal ignored; the tests that send SIGINT
+    need the interactive default."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        yield
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        yield
