@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Train the shapes text-to-image model from nothing with the project's own commands: the data, the autoencoder,
-# the CLIP text encoder (contrastive), then the U-Net (v-prediction, zero terminal SNR, caption dropout for
-# classifier-free guidance). Every stage checkpoints and resumes: run the script again to continue where it stopped.
+# Train the shapes text-to-image model from nothing with the project's own commands: the data (one or two objects a
+# scene), the autoencoder (two stages), the CLIP text encoder (contrastive), then the U-Net (v-prediction, zero
+# terminal SNR, caption dropout for classifier-free guidance). Every stage checkpoints and resumes: run the script
+# again to continue where it stopped.
 #
-#   bash recipes/shapes.sh [OUT]             # the full recipe (about 150 minutes on 2 CPU cores)
+#   bash recipes/shapes.sh [OUT]             # the full recipe (about 4 hours on 2 CPU cores)
 #   SCALE=toy bash recipes/shapes.sh OUT      # the same chain at a toy size, in minutes
 #
 # The U-Net reads the captions through a fresh, frozen text encoder (--text-encoder-init random), not the contrastive
@@ -11,10 +12,11 @@
 # No min-SNR weighting: with v-prediction it gives the pure-noise steps, where the prompt alone sets the layout, no
 # weight. The model card has the measurements behind both choices.
 #
-# Measured for the shipped model (2 CPU cores, small preset, 64 px): data under a minute; autoencoder 1200 steps at
-# batch 32 in 31 min (0.65 steps/s); CLIP 500 steps at batch 64 in 12 min (0.70 steps/s); U-Net 6000 steps at batch
-# 32 with cached latents and caption embeddings in 96 min (1.05 steps/s), plus 3 min to build the cache; the guidance
-# sweep, adherence, FID, benchmark and card in 10 min. The stages resume across sessions: run the script again.
+# Measured on 2 CPU cores (small preset, 64 px, 40000 images): data in a minute; autoencoder 1700 steps at batch 32
+# at about 0.8 steps/s alone (36 min), then 600 steps decoding the posterior mean (12 min); CLIP 500 steps at batch
+# 64 at 0.9 steps/s (10 min); U-Net 10000 steps at batch 32 with cached latents and caption embeddings at about 1
+# step/s (the one-object recipe measured 1.05 steps/s: 160 min), plus 4 min to build the cache; then the guidance
+# sweep, adherence, FID, benchmark and card. The stages resume across sessions: run the script again.
 set -euo pipefail
 OUT=${1:-runs/shapes}
 SCALE=${SCALE:-full}
