@@ -112,6 +112,30 @@ def test_images_at_the_defaults_put_the_object_where_the_prompt_says(adherence) 
     assert adherence.all_correct_rate() >= ADHERENCE_FLOOR, adherence.summary()
 
 
+# Two-object prompts (issue 21's targets on the card's 240 + 120 prompts: >= 90 % fully right for pairings seen in
+# training, >= 80 % for held-out ones); these floors on 16 + 8 other prompts leave room for float differences.
+PAIR_FLOORS = {"two_object_seen": 0.75, "two_object_held_out": 0.6}
+
+
+@pytest.fixture(scope="module")
+def pair_adherence(pipe: LatentDiffusionPipeline):
+    prompts = adherence_prompts(16, seed=5, objects=2, pairings="seen")
+    prompts += adherence_prompts(8, seed=5, objects=2, pairings="held_out")
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(k) for k in range(len(prompts))]
+    return score_images(pipe(prompts, generator=generators).images, prompts)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped model draws one shape per image; the two-object model of issue 21 is still training",
+)
+def test_two_object_prompts_get_both_objects_and_their_relation_right(pair_adherence) -> None:
+    summary = pair_adherence.summary()
+    for group, floor in PAIR_FLOORS.items():
+        assert summary[group]["all_correct_rate"] >= floor, (group, summary[group])
+
+
 def test_the_first_step_places_the_object_by_the_prompt_and_only_by_its_position_words(tmp_path: Path) -> None:
     """At t = T (zero SNR) the U-Net's x_0 prediction is its mean image for the prompt: the object already sits where
     the prompt says. With the position phrases' words given one embedding, the same U-Net can only guess (chance 0.2).
