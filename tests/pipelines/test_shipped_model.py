@@ -89,17 +89,22 @@ def test_loads_in_stock_diffusers_with_the_same_images(pipe: LatentDiffusionPipe
     assert np.abs(ours - theirs).max() < 1e-4
 
 
+def score_at_defaults(pipe: LatentDiffusionPipeline, prompts: list[str], batch_size: int):
+    """The model's images at its defaults for ``prompts`` (prompt i with seed i), scored by eval.adherence."""
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(start + k) for k in range(len(batch))]
+        images += pipe(batch, generator=generators).images
+    return score_images(images, prompts)
+
+
 @pytest.fixture(scope="module")
 def adherence(pipe: LatentDiffusionPipeline):
     """The shipped model's images at its defaults for 30 prompts, scored by eval.adherence."""
     prompts = adherence_prompts(30, seed=3)  # neither the sweep's prompts (seed 1) nor the card's (seed 2)
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for start in range(0, len(prompts), 10):
-        batch = prompts[start : start + 10]
-        generators = [torch.Generator().manual_seed(start + k) for k in range(len(batch))]
-        images += pipe(batch, generator=generators).images
-    return score_images(images, prompts)
+    return score_at_defaults(pipe, prompts, batch_size=10)
 
 
 def test_images_at_the_defaults_follow_the_prompts(adherence) -> None:
@@ -121,9 +126,7 @@ PAIR_FLOORS = {"two_object_seen": 0.75, "two_object_held_out": 0.6}
 def pair_adherence(pipe: LatentDiffusionPipeline):
     prompts = adherence_prompts(16, seed=5, objects=2, pairings="seen")
     prompts += adherence_prompts(8, seed=5, objects=2, pairings="held_out")
-    pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(k) for k in range(len(prompts))]
-    return score_images(pipe(prompts, generator=generators).images, prompts)
+    return score_at_defaults(pipe, prompts, batch_size=len(prompts))
 
 
 @pytest.mark.xfail(
