@@ -120,6 +120,15 @@ def _read_state(folder: Path, stem: str, what: str, device: str) -> Any:
     return decode_state(doc, load_file(str(folder / f"{stem}.safetensors"), device=device), what)
 
 
+def read_object_state(folder: str | Path, name: str, device: str = "cpu") -> Any:
+    """The state dict that object ``name`` had when checkpoint ``folder`` was written (``unet``, ``ema``, ...),
+    read without restoring anything: for exporting or inspecting a checkpoint."""
+    folder = Path(folder)
+    if not (folder / f"{name}.json").is_file():
+        raise UserError(f"checkpoint {folder} has no {name!r} state")
+    return _read_state(folder, name, name, device)
+
+
 def _full_state(obj: Any, keep: bool) -> Any:
     """``obj.state_dict()`` with sharded tensors gathered in full (a collective when ``obj`` is sharded: every
     process calls it for the same objects in the same order); a process that does not ``keep`` them (does not write)

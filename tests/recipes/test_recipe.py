@@ -195,3 +195,41 @@ def test_round_trip_adherence_scores_the_autoencoders_reconstructions(tmp_path, 
     monkeypatch.setattr("training.train_autoencoder.reconstruct", Blue())
     summary = measures.round_trip_adherence(tmp_path / "data", Path(DEFAULT_MODEL), limit=20)
     assert summary["two_object_seen"]["all_correct_rate"] == 0.0
+
+
+def test_pair_adherence_scores_seen_and_held_out_pairings_on_fixed_prompts_and_seeds():
+    from types import SimpleNamespace
+
+    from recipes.shapes_measures import pair_adherence
+    from shapes.world import canonical_pair, parse_pair_prompt
+
+    calls = []
+
+    class Drawing:  # a stand-in pipeline drawing each prompt's scene, the colours swapped when asked
+        def __init__(self, swap=False):
+            self.swap = swap
+
+        def __call__(self, prompts, generator, **kwargs):
+            calls.append(([g.initial_seed() for g in generator], kwargs))
+            images = []
+            for prompt in prompts:
+                pair = parse_pair_prompt(prompt)
+                first, second = (
+                    (pair["first"]["colour"], pair["first"]["shape"]),
+                    (
+                        pair["second"]["colour"],
+                        pair["second"]["shape"],
+                    ),
+                )
+                if self.swap:
+                    first, second = (second[0], first[1]), (first[0], second[1])
+                images.append(canonical_pair(first, pair["relation"], second))
+            return SimpleNamespace(images=images)
+
+    right = pair_adherence(Drawing(), seen=6, held_out=4, batch_size=4)
+    assert right["two_object_seen"]["all"] == right["two_object_held_out"]["all"] == 1.0
+    assert [seeds for seeds, _ in calls] == [[1000, 1001, 1002, 1003], [1004, 1005, 1006, 1007], [1008, 1009]]
+    assert calls[0][1] == {"num_inference_steps": 25, "guidance_scale": 2.0, "guidance_interval": (0.5, 1.0)}
+    swapped = pair_adherence(Drawing(swap=True), seen=6, held_out=4)
+    for group in ("two_object_seen", "two_object_held_out"):  # two objects drawn, never both bound right
+        assert swapped[group]["all"] == 0.0 and swapped[group]["count"] == 1.0
