@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines import img2img, inpaint  # noqa: E402
-from shapes.world import canonical_pair, canonical_scene  # noqa: E402
+from shapes.pairs import canonical_pair  # noqa: E402
+from shapes.world import canonical_scene  # noqa: E402
 
 OUT = REPO / "docs" / "edit"
 SCALE = 4

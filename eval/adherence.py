@@ -6,13 +6,13 @@ object in an image by plain image analysis. :func:`score_images` compares the an
 :class:`AdherenceReport`: per-part accuracy and the rate of images with every asked part right, with a JSON writer;
 :func:`misses_grid` draws the misses. :func:`adherence_prompts` makes evaluation prompts from the grammar.
 
-A two-object prompt (one naming a relation, :func:`shapes.world.parse_pair_prompt`) is scored on the objects
+A two-object prompt (one naming a relation, :func:`shapes.pairs.parse_pair_prompt`) is scored on the objects
 :func:`shapes.analysis.analyze_objects` reads (:func:`score_pair_prompt`), in the parts :data:`PAIR_PARTS`:
 ``count`` (exactly two objects found), ``colour`` and ``shape`` (both objects right, where the prompt names them)
-and ``relation`` (:func:`shapes.world.relation_of` of the two bounding-box centres). The found objects are matched
+and ``relation`` (:func:`shapes.pairs.relation_of` of the two bounding-box centres). The found objects are matched
 to the prompt's by the assignment that gets the most colours and shapes right. The report's summary gives the
 one-object prompts, the two-object prompts of seen pairings and those of held-out pairings
-(:func:`shapes.world.is_held_out`) apart (:data:`GROUPS`); its top-level figures are over all records. Command
+(:func:`shapes.pairs.is_held_out`) apart (:data:`GROUPS`); its top-level figures are over all records. Command
 line::
 
     python -m eval.adherence --write-prompts prompts.txt --num-prompts 90 --seed 1
@@ -45,21 +45,16 @@ from PIL import Image, ImageDraw, ImageFont
 from eval.prompted_images import load_prompted_images
 from ldm.errors import OneLineParser, UserError, run_reporting
 from shapes.analysis import NONE, Analysis, ImageLike, ObjectsAnalysis, analyze_image, analyze_objects, load_rgb
+from shapes.pairs import RELATION_PHRASES, RELATIONS, is_held_out, pair_caption, parse_pair_prompt, relation_of
 from shapes.world import (
     ATTRIBUTES,
     CAPTION_FORMS,
     COLOURS,
     FORM_ATTRIBUTES,
     POSITIONS,
-    RELATION_PHRASES,
-    RELATIONS,
     SHAPES,
     caption_from_attributes,
-    is_held_out,
-    pair_caption,
-    parse_pair_prompt,
     parse_prompt,
-    relation_of,
 )
 
 __all__ = [
@@ -88,7 +83,7 @@ PAIRINGS = ("seen", "held_out", "all")
 class PromptScore:
     """One image scored against its prompt: the parts ``asked``, the attributes ``found``, which parts matched.
 
-    For a two-object prompt ``asked`` is :func:`shapes.world.parse_pair_prompt`'s answer, ``found`` is ``{"count":
+    For a two-object prompt ``asked`` is :func:`shapes.pairs.parse_pair_prompt`'s answer, ``found`` is ``{"count":
     n, "first": {...}, "relation": ..., "second": {...}}`` (the found objects matched to the prompt's, ``{}`` for one
     not found, relation ``"none"`` without two objects), ``matched`` has the :data:`PAIR_PARTS` and ``analysis`` is
     an :class:`shapes.analysis.ObjectsAnalysis`.
@@ -114,7 +109,7 @@ class PromptScore:
 
     @property
     def held_out(self) -> bool:
-        """Whether the prompt asks for a pairing the training data leaves out (:func:`shapes.world.is_held_out` of
+        """Whether the prompt asks for a pairing the training data leaves out (:func:`shapes.pairs.is_held_out` of
         the colours and shapes it names; False for a one-object prompt)."""
         if self.objects == 1:
             return False
@@ -429,7 +424,7 @@ def adherence_prompts(n: int, seed: int, form: str = "full", objects: int = 1, p
 
 def pair_prompts(n: int, seed: int, pairings: str = "all") -> list[str]:
     """``n`` two-object prompts (``a red circle to the left of a blue square``) of the ``pairings`` asked
-    (``seen``: not :func:`shapes.world.is_held_out`; ``held_out``: only those; ``all``), balanced: the relations take
+    (``seen``: not :func:`shapes.pairs.is_held_out`; ``held_out``: only those; ``all``), balanced: the relations take
     turns and, within each, the colour-shape combinations (two different colours) come in a random order, a fresh one
     each round, so no combination repeats before all of its relation's have come. Deterministic for ``seed``."""
     if pairings not in PAIRINGS:

@@ -26,7 +26,8 @@ from eval import benchmark, guidance_sweep, memory_check, nll
 from eval.adherence import score_images
 from ldm.errors import OneLineParser
 from pipelines.cli import DEFAULT_MODEL
-from shapes.world import caption_of, pair_caption, render, sample_pair, sample_spec
+from shapes.pairs import pair_caption, sample_pair
+from shapes.world import caption_of, render, sample_spec
 
 
 def analyzer_self_check(n: int = 300, seed: int = 12345, objects: int = 1) -> dict:

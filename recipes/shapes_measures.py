@@ -89,7 +89,8 @@ def square_fill(records: list[dict[str, Any]], data: Path, folder: Path, count: 
 
     from eval.prompted_images import load_prompted_images
     from shapes.analysis import analyze_image
-    from shapes.world import parse_pair_prompt, parse_prompt
+    from shapes.pairs import parse_pair_prompt
+    from shapes.world import parse_prompt
     from training.train_autoencoder import reconstruct
 
     drawn = [

@@ -14,7 +14,7 @@
 5. position: the anchor (:data:`shapes.world.ANCHORS`) nearest to the bounding-box centre (for a triangle, the
    centroid sits 1/6 of the height below the box centre, so the box centre is what a caption's position means).
 
-:func:`analyze_objects` reads every object of a two-object scene (:class:`shapes.world.PairSpec`) the same way:
+:func:`analyze_objects` reads every object of a two-object scene (:class:`shapes.pairs.PairSpec`) the same way:
 
 1. background and noise as above (the noise from the median border distance, since objects may touch the border);
 2. candidates: the 8-connected components of the pixels farther from the background than a quarter of the image's

@@ -17,7 +17,7 @@ combinations it repeats the combinations themselves. A fraction ``--short-captio
 captions is in one of the partial forms (``a red circle``, ``a circle on the left``, ``a red shape on the left``),
 chosen uniformly.
 
-``--two-object-fraction F`` makes that share of the scenes two-object scenes (:class:`shapes.world.PairSpec`,
+``--two-object-fraction F`` makes that share of the scenes two-object scenes (:class:`shapes.pairs.PairSpec`,
 captioned ``a red circle to the left of a blue square``); their rows carry ``objects: 2``, ``first`` and ``second``
 (each ``colour``, ``shape``, ``rgb``, ``centre``, ``size``), ``relation`` and ``held_out``. ``--held-out`` says
 which pairings they may be: ``exclude`` (default, for training: never a purple object together with a triangle),
@@ -41,18 +41,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ldm.errors import OneLineParser, UserError, run_reporting
-from shapes.world import (
-    CAPTION_FORMS,
-    PARTIAL_FORMS,
-    PairSpec,
-    ShapeSpec,
-    caption_of,
-    is_held_out,
-    pair_caption,
-    render,
-    sample_pair,
-    sample_spec,
-)
+from shapes.pairs import PairSpec, is_held_out, pair_caption, sample_pair
+from shapes.world import CAPTION_FORMS, PARTIAL_FORMS, ShapeSpec, caption_of, render, sample_spec
 
 METADATA_FILE = "metadata.jsonl"
 MAX_SEED = 2**63 - 1

@@ -15,20 +15,8 @@ from scipy import ndimage
 
 from eval.adherence import adherence_prompts, attribute_prompt, main, misses_grid, score_images
 from shapes.make_dataset import main as make_dataset_main
-from shapes.world import (
-    ANCHORS,
-    ATTRIBUTES,
-    BASE_RGB,
-    RELATIONS,
-    ShapeSpec,
-    canonical_pair,
-    is_held_out,
-    pair_caption,
-    parse_pair_prompt,
-    parse_prompt,
-    render,
-    sample_pair,
-)
+from shapes.pairs import RELATIONS, canonical_pair, is_held_out, pair_caption, parse_pair_prompt, sample_pair
+from shapes.world import ANCHORS, ATTRIBUTES, BASE_RGB, ShapeSpec, parse_prompt, render
 
 
 def _scene(colour: str, shape: str, position: str, size: int = 64) -> Image.Image:

@@ -300,7 +300,8 @@ def test_the_shipped_model_shows_its_example_prompts_and_others_none(tiny_sd_dir
     import gradio as gr
     import torch
 
-    from shapes.world import is_held_out, parse_pair_prompt, parse_prompt
+    from shapes.pairs import is_held_out, parse_pair_prompt
+    from shapes.world import parse_prompt
 
     pairs = [parse_pair_prompt(prompt) for prompt in SHAPES_EXAMPLES]
     assert all(parse_prompt(p) for p, pair in zip(SHAPES_EXAMPLES, pairs) if pair is None)  # one-object prompts

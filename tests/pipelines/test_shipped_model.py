@@ -18,7 +18,8 @@ from eval.adherence import adherence_prompts, score_images
 from pipelines import DEFAULT_MODEL, LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from pipelines.txt2img import main as txt2img
-from shapes.world import canonical_pair, canonical_scene
+from shapes.pairs import canonical_pair
+from shapes.world import canonical_scene
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = Path(DEFAULT_MODEL)

@@ -201,7 +201,7 @@ def test_pair_adherence_scores_seen_and_held_out_pairings_on_fixed_prompts_and_s
     from types import SimpleNamespace
 
     from recipes.shapes_measures import pair_adherence
-    from shapes.world import canonical_pair, parse_pair_prompt
+    from shapes.pairs import canonical_pair, parse_pair_prompt
 
     calls = []
 

@@ -12,21 +12,8 @@ from scipy import ndimage
 
 from eval.adherence import score_images
 from shapes.analysis import analyze_image, analyze_objects
-from shapes.world import (
-    ANCHORS,
-    COLOURS,
-    POSITIONS,
-    RELATIONS,
-    SHAPES,
-    ObjectSpec,
-    PairSpec,
-    ShapeSpec,
-    canonical_pair,
-    is_held_out,
-    relation_of,
-    render,
-    sample_pair,
-)
+from shapes.pairs import RELATIONS, ObjectSpec, PairSpec, canonical_pair, is_held_out, relation_of, sample_pair
+from shapes.world import ANCHORS, COLOURS, POSITIONS, SHAPES, ShapeSpec, render
 
 # A palette of CSS named colours, chosen here and nowhere else: the analyzer never saw these shades.
 CSS_PALETTE = {

@@ -10,24 +10,21 @@ import numpy as np
 import pytest
 
 from shapes.make_dataset import main, make_dataset
-from shapes.world import (
-    COLOURS,
+from shapes.pairs import (
     MIN_PAIR_DISTANCE,
     PAIR_SIZE_RANGE,
     RELATION_PHRASES,
     RELATIONS,
-    SHAPES,
     ObjectSpec,
     PairSpec,
     canonical_pair,
     is_held_out,
     pair_caption,
     parse_pair_prompt,
-    parse_prompt,
     relation_of,
-    render,
     sample_pair,
 )
+from shapes.world import COLOURS, SHAPES, parse_prompt, render
 from training.records import load_image_caption_records
 
 
