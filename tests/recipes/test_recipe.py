@@ -14,7 +14,8 @@ from diffusers import StableDiffusionPipeline
 
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
-from recipes.shapes_model import GUIDANCE_INTERVAL, choose_guidance, fid_rows, main, sweep_fid_header
+from recipes.shapes_card import fid_rows, sweep_fid_header
+from recipes.shapes_model import GUIDANCE_INTERVAL, choose_guidance, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,7 +174,7 @@ def test_round_trip_adherence_scores_the_autoencoders_reconstructions(tmp_path, 
 
     import recipes.shapes_measures as measures
     from pipelines import DEFAULT_MODEL
-    from recipes.shapes_model import _round_trip_cell
+    from recipes.shapes_card import _round_trip_cell
     from shapes.make_dataset import make_dataset
     from shapes.world import canonical_scene
 
