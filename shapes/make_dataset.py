@@ -8,7 +8,9 @@
 The folder holds ``<split>-NNNNNN.png`` images and a ``metadata.jsonl`` (the ``datasets`` imagefolder layout that
 ``training.train_text_to_image --dataset`` reads) whose rows carry ``file_name`` and ``text`` (the caption) plus the
 scene's full attributes for evaluation: ``colour``, ``shape``, ``position`` (whatever the caption says), the
-``caption_form``, ``rgb``, ``background``, ``centre``, ``size`` and ``split``.
+``caption_form``, ``rgb``, ``background``, ``centre``, ``size`` and ``split``, and ``regions``: the phrase naming each
+object (``red circle``; ``circle`` or ``red shape`` in the partial forms) with its bounding box, for the trainer's
+grounding loss (``--grounding-loss-weight``).
 
 Sample ``i`` is drawn from its own generator seeded with ``(seed, i)``, so the same seed gives byte-identical PNGs
 and metadata, and the first ``k`` samples do not depend on ``--n``. A held-out split is written with a different
@@ -42,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ldm.errors import OneLineParser, UserError, run_reporting
 from shapes.pairs import PairSpec, is_held_out, pair_caption, sample_pair
-from shapes.world import CAPTION_FORMS, PARTIAL_FORMS, ShapeSpec, caption_of, render, sample_spec
+from shapes.world import CAPTION_FORMS, FORM_ATTRIBUTES, PARTIAL_FORMS, ShapeSpec, caption_of, render, sample_spec
 
 METADATA_FILE = "metadata.jsonl"
 MAX_SEED = 2**63 - 1
@@ -81,8 +83,20 @@ def _object_row(obj: Any) -> dict[str, Any]:
     }
 
 
+def object_region(phrase: str, obj: Any) -> dict[str, Any]:
+    """A metadata ``regions`` entry: ``phrase`` and the bounding box of ``obj`` (fractions of the image)."""
+    (x, y), half = obj.centre, obj.size / 2
+    return {"phrase": phrase, "box": [round(x - half, 6), round(y - half, 6), round(x + half, 6), round(y + half, 6)]}
+
+
+def _object_phrase(attributes: dict[str, str]) -> str:
+    """How a caption names its object: its colour and shape words (``red circle``, ``circle``, ``red shape``)."""
+    return " ".join([*([attributes["colour"]] if "colour" in attributes else []), attributes.get("shape", "shape")])
+
+
 def metadata_row(file_name: str, spec: ShapeSpec | PairSpec, form: str, split: str) -> dict[str, Any]:
-    """The ``metadata.jsonl`` row of one image: ``file_name``, ``text`` and the full attributes of ``spec``."""
+    """The ``metadata.jsonl`` row of one image: ``file_name``, ``text``, the full attributes of ``spec`` and
+    ``regions``: where the caption's phrase for each object is (for ``--grounding-loss-weight``)."""
     if isinstance(spec, PairSpec):
         return {
             "file_name": file_name,
@@ -95,6 +109,7 @@ def metadata_row(file_name: str, spec: ShapeSpec | PairSpec, form: str, split: s
             "caption_form": form,
             "background": list(spec.background),
             "split": split,
+            "regions": [object_region(f"{o.colour} {o.shape}", o) for o in spec.objects],
         }
     return {
         "file_name": file_name,
@@ -106,6 +121,7 @@ def metadata_row(file_name: str, spec: ShapeSpec | PairSpec, form: str, split: s
         "centre": [round(c, 6) for c in spec.centre],
         "size": round(spec.size, 6),
         "split": split,
+        "regions": [object_region(_object_phrase({k: getattr(spec, k) for k in FORM_ATTRIBUTES[form]}), spec)],
     }
 
 

@@ -49,6 +49,8 @@ from training.data import (
     MICRO_CONDITIONING,
     ImageCaptionDataset,
     collate,
+    crop_window,
+    regions_in_window,
     stack_loss_terms,
     stack_micro_conditioning,
 )
@@ -341,6 +343,10 @@ class CachedLatentDataset(Dataset[dict[str, Any]]):
         item["loss_weight"] = self.dataset.loss_weight(source)
         if self.dataset.masked_loss:
             item["loss_mask"] = self._latents.get_tensor(f"mask.{index}")
+        regions = self.dataset.records.records[source].regions
+        if regions:  # the cache holds center crops, unflipped (_check_deterministic): the same window again
+            (height, width), (target_h, target_w) = item["original_size"], item["target_size"]
+            item["regions"] = regions_in_window(regions, crop_window((width, height), (target_w, target_h)))
         return item
 
     def add_caption(self, caption: str, outputs: dict[str, Tensor]) -> None:

@@ -25,7 +25,7 @@ from ldm.errors import UserError
 from training.buckets import LATENT_FACTOR, BucketBatchSampler, assign_buckets, make_buckets, make_generator
 from training.captions import process_caption
 from training.masks import alpha_mask, latent_mask, mask_file
-from training.record_formats import DataSummary, ImageCaptionRecords
+from training.record_formats import DataSummary, ImageCaptionRecords, Region
 from training.records import Subset
 
 __all__ = [
@@ -96,6 +96,23 @@ def crop_window(
     else:
         left, top = min(free_x, int(offset[0] * (free_x + 1))), min(free_y, int(offset[1] * (free_y + 1)))
     return CropWindow((height, width), (new_height, new_width), (top, left), (target_height, target_width))
+
+
+def regions_in_window(regions: Sequence[Region], window: CropWindow, flipped: bool = False) -> tuple[Region, ...]:
+    """``regions`` (boxes in fractions of the source image) as boxes in fractions of the sample that ``window`` cuts
+    out (and ``flipped`` mirrors), clipped to it; a region the crop leaves out entirely is dropped."""
+    (resized_h, resized_w), (top, left) = window.resized_size, window.crop_top_left
+    height, width = window.target_size
+    result = []
+    for region in regions:
+        x0, y0, x1, y1 = region.box
+        x0, x1 = (min(max((x * resized_w - left) / width, 0.0), 1.0) for x in (x0, x1))
+        y0, y1 = (min(max((y * resized_h - top) / height, 0.0), 1.0) for y in (y0, y1))
+        if flipped:
+            x0, x1 = 1.0 - x1, 1.0 - x0
+        if x0 < x1 and y0 < y1:
+            result.append(Region(region.phrase, (x0, y0, x1, y1)))
+    return tuple(result)
 
 
 def apply_crop_window(image: Image.Image, window: CropWindow, interpolation: Interpolation = "lanczos") -> Image.Image:
@@ -376,6 +393,9 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
             }
             if mask is not None:
                 sample["loss_mask"] = latent_mask(mask)
+            regions = self.records.records[candidate].regions
+            if regions:
+                sample["regions"] = regions_in_window(regions, window, flipped=self.flip and flip < 0.5)
             return sample
         width, height = self.target_size(index)
         raise UserError(
@@ -395,11 +415,14 @@ def stack_micro_conditioning(batch: Sequence[dict[str, Any]]) -> dict[str, torch
 
 
 def stack_loss_terms(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The samples' ``loss_weight`` as a float tensor (B,) (1 where a sample has none) and, when they have one, their
-    ``loss_mask`` stacked (B, 1, h, w) (image or cached samples alike)."""
-    terms = {"loss_weight": torch.tensor([float(sample.get("loss_weight", 1.0)) for sample in batch])}
+    """The samples' ``loss_weight`` as a float tensor (B,) (1 where a sample has none), when they have one, their
+    ``loss_mask`` stacked (B, 1, h, w), and when any has ``regions``, each sample's (a list; ``()`` for none), for
+    the grounding loss (image or cached samples alike)."""
+    terms: dict[str, Any] = {"loss_weight": torch.tensor([float(sample.get("loss_weight", 1.0)) for sample in batch])}
     if "loss_mask" in batch[0]:
         terms["loss_mask"] = torch.stack([sample["loss_mask"] for sample in batch])
+    if any("regions" in sample for sample in batch):
+        terms["regions"] = [tuple(sample.get("regions", ())) for sample in batch]
     return terms
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "DataSummary",
     "ImageCaptionRecord",
     "ImageCaptionRecords",
+    "Region",
     "SourceFormat",
     "kohya_folder",
     "load_captions",
@@ -60,6 +61,15 @@ _KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")
 
 
 @dataclass(frozen=True, slots=True)
+class Region:
+    """Where the thing a caption's ``phrase`` names is: ``box`` ``(x0, y0, x1, y1)`` in fractions of the image
+    (``y`` down), for the grounding loss (``training.grounding``)."""
+
+    phrase: str
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
 class ImageCaptionRecord:
     """One image and its caption(s): ``image`` is a file path or a row of :attr:`ImageCaptionRecords.table`."""
 
@@ -68,6 +78,36 @@ class ImageCaptionRecord:
     size: tuple[int, int] | None = None  # (width, height) after EXIF rotation, recorded by scan_images
     repeats: int = 1  # samples of this image per epoch (kohya-ss "N_name" folders times the subset's num_repeats)
     subset: int = 0  # which subset of a multi-subset dataset it comes from (training.records.Subset)
+    regions: tuple[Region, ...] = ()  # a metadata row's "regions": where its caption's phrases are
+
+
+def parse_regions(value: Any, where: str) -> tuple[Region, ...]:
+    """The ``regions`` field of a metadata row, ``[{"phrase": str, "box": [x0, y0, x1, y1]}, ...]`` with the box in
+    fractions of the image (``0 <= x0 < x1 <= 1``, the same for ``y``); ``UserError`` naming ``where`` otherwise."""
+    if value is None:
+        return ()
+    example = '[{"phrase": "red circle", "box": [0.1, 0.4, 0.3, 0.6]}]'
+    if not isinstance(value, list):
+        raise UserError(f"{where}: regions must be a list like {example}; got {value!r}")
+    regions = []
+    for entry in value:
+        phrase, box = (entry.get("phrase"), entry.get("box")) if isinstance(entry, dict) else (None, None)
+        valid = (
+            isinstance(phrase, str)
+            and phrase.strip()
+            and isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(c, int | float) for c in box)
+            and 0 <= box[0] < box[2] <= 1
+            and 0 <= box[1] < box[3] <= 1
+        )
+        if not valid:
+            raise UserError(
+                f"{where}: a region must name a phrase and a box [x0, y0, x1, y1] of fractions of the image with "
+                f"x0 < x1 and y0 < y1, like {example}; got {entry!r}"
+            )
+        regions.append(Region(phrase.strip(), tuple(float(c) for c in box)))
+    return tuple(regions)
 
 
 @dataclass(frozen=True)
@@ -238,7 +278,8 @@ def load_imagefolder(
         named_rows += 1
         captions = _as_captions(row.get(caption_key))
         if captions:
-            records.append(ImageCaptionRecord(path, captions))
+            regions = parse_regions(row.get("regions"), f"the metadata row of {name} in {base}")
+            records.append(ImageCaptionRecord(path, captions, regions=regions))
         else:
             no_caption += 1
     unlisted = [path for path in map(os.path.normpath, images) if path not in listed]

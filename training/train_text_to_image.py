@@ -13,6 +13,7 @@ SIGTERM write a checkpoint before exiting, and a NaN loss skips the step instead
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -51,6 +52,7 @@ from training.conditioning import Batch, Conditioning
 from training.config import ConfigError, help_field, to_dict
 from training.data import ImageCaptionDataset
 from training.dreambooth import PriorPreservation, balance_prior, ensure_class_images, prior_subset
+from training.grounding import AttentionRecorder, Grounding, grounded_tokens, grounding_loss
 from training.memory import memory_in_use, preflight, write_run_stats
 from training.methods import Method, build_method
 from training.models import TrainingModels, load_training_models
@@ -119,6 +121,11 @@ class TrainConfig(LoopConfig):
     snr_gamma: float | None = help_field(None, "min-SNR-gamma loss weighting (5 is usual); default: L_simple")
     noise_offset: float = help_field(0.0, "offset noise strength (0.05-0.1 helps very dark/bright images)")
     caption_dropout: float = help_field(0.1, "probability of the empty caption, for classifier-free guidance")
+    grounding_loss_weight: float = help_field(
+        0.0,
+        "weight of the token grounding loss: each phrase of a metadata row's regions attends inside its box "
+        "(TokenCompose; training.grounding); 0: off",
+    )
     zero_terminal_snr: bool = help_field(False, "rescale betas to zero terminal SNR (needs v_prediction)")
     # objective: kohya-ss sd-scripts' loss, weighting, noise and timestep options (training.objective)
     debiased_estimation_loss: bool = help_field(
@@ -216,6 +223,8 @@ class TrainConfig(LoopConfig):
             raise ConfigError(f"resolution must be a multiple of 8 (the VAE downsamples by 8); got {self.resolution}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout must be in [0, 1); got {self.caption_dropout}")
+        if self.grounding_loss_weight < 0:
+            raise ConfigError(f"grounding_loss_weight must be >= 0; got {self.grounding_loss_weight}")
         if self.loss_type in ("l2", "l1") and (self.huber_schedule != "snr" or self.huber_c != 0.1):
             raise ConfigError("huber_schedule and huber_c are settings of --loss-type huber or smooth_l1; add it")
         if not self.huber_c > 0 or (self.huber_schedule != "constant" and self.huber_c > 1):
@@ -352,6 +361,9 @@ def train(config: TrainConfig) -> Path:
         min_timestep=config.min_timestep,
         max_timestep=config.max_timestep,
     )
+    grounding = None
+    if config.grounding_loss_weight > 0:
+        grounding = Grounding(config.grounding_loss_weight, method.conditioning.pipeline_components()["tokenizer"])
     alphas_cumprod = models.noise_scheduler.alphas_cumprod
     objective.check(len(alphas_cumprod))
     _warn_if_min_snr_ignores_the_last_steps(objective, alphas_cumprod)
@@ -400,11 +412,12 @@ def train(config: TrainConfig) -> Path:
     with loop:
         for batch in loop.batches():
             with accelerator.accumulate(*method.runners):
-                loss = batch_loss(batch, method, alphas_cumprod, objective, generator)
+                loss = batch_loss(batch, method, alphas_cumprod, objective, generator, grounding)
                 grad_norm = loop.backward_and_step(loss, optimizer, lr_scheduler, method.params)
             if not accelerator.sync_gradients:
                 continue
-            if loop.end_step(step_logs(lr_scheduler, grad_norm)):
+            extra = {} if grounding is None or grounding.last is None else {"grounding_loss": grounding.last}
+            if loop.end_step(step_logs(lr_scheduler, grad_norm, **extra)):
                 method.after_update()
             loop.checkpoint_if_due()
             if loop.due(config.validation_steps):
@@ -611,24 +624,38 @@ def batch_latents(batch: Batch, vae: AutoencoderKL, generator: torch.Generator, 
 
 
 def batch_loss(
-    batch: Batch, method: Method, alphas_cumprod: Tensor, objective: ObjectiveConfig, generator: torch.Generator
+    batch: Batch,
+    method: Method,
+    alphas_cumprod: Tensor,
+    objective: ObjectiveConfig,
+    generator: torch.Generator,
+    grounding: Grounding | None = None,
 ) -> Tensor:
     """The diffusion loss of one batch: its latents (:func:`batch_latents`), its captions with caption dropout
-    through the method's conditioning (with gradients when a text encoder is trained), then the U-Net's loss."""
+    through the method's conditioning (with gradients when a text encoder is trained), then the U-Net's loss, plus
+    the weighted grounding loss of the U-Net's cross-attention when the run has one and the batch has regions."""
     latents = batch_latents(batch, method.vae, generator, method.weight_dtype)
     captions = drop_captions(batch["captions"], objective.caption_dropout, generator)
     cond = method.conditioning(batch, captions).to(latents.device, method.weight_dtype)
-    return diffusion_training_loss(
-        method.unet_runner,
-        latents,
-        cond.encoder_hidden_states,
-        alphas_cumprod,
-        objective,
-        generator,
-        added_cond_kwargs=cond.added_cond_kwargs,
-        loss_weight=batch.get("loss_weight"),
-        loss_mask=batch.get("loss_mask"),
-    )
+    regions = batch.get("regions") if grounding is not None else None
+    with AttentionRecorder(method.unet) if regions else contextlib.nullcontext() as recorder:
+        loss = diffusion_training_loss(
+            method.unet_runner,
+            latents,
+            cond.encoder_hidden_states,
+            alphas_cumprod,
+            objective,
+            generator,
+            added_cond_kwargs=cond.added_cond_kwargs,
+            loss_weight=batch.get("loss_weight"),
+            loss_mask=batch.get("loss_mask"),
+        )
+    if regions:
+        tokens = grounded_tokens(grounding.tokenizer, captions, regions)
+        term = grounding_loss(recorder.maps, tokens, tuple(latents.shape[-2:]))
+        grounding.last = float(term.detach())
+        loss = loss + grounding.weight * term
+    return loss
 
 
 def _push_to_hub(final_dir: Path, config: TrainConfig) -> None:
