@@ -113,17 +113,17 @@ def grounded_tokens(
     return result
 
 
-def box_mask(box: tuple[float, float, float, float], height: int, width: int) -> Tensor:
-    """``(height, width)``: the share of each cell of a ``height`` x ``width`` grid over the unit square that lies
-    inside ``box`` ``(x0, y0, x1, y1)``."""
-    x0, y0, x1, y1 = box
+def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
+    """``(N, height, width)``: for each box ``(x0, y0, x1, y1)`` of ``boxes`` ``(N, 4)``, the share of each cell of
+    a ``height`` x ``width`` grid over the unit square that lies inside it."""
 
-    def cover(low: float, high: float, cells: int) -> Tensor:
-        edges = torch.arange(cells + 1, dtype=torch.float32) / cells
-        overlap = torch.clamp(edges[1:], max=high) - torch.clamp(edges[:-1], min=low)
+    def cover(low: Tensor, high: Tensor, cells: int) -> Tensor:
+        edges = torch.arange(cells + 1, dtype=boxes.dtype) / cells
+        overlap = torch.minimum(edges[1:], high[:, None]) - torch.maximum(edges[:-1], low[:, None])
         return (overlap.clamp(min=0) * cells).clamp(max=1)
 
-    return cover(y0, y1, height)[:, None] * cover(x0, x1, width)[None, :]
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return cover(y0, y1, height)[:, :, None] * cover(x0, x1, width)[:, None, :]
 
 
 def grounding_loss(
@@ -134,22 +134,24 @@ def grounding_loss(
     """The token grounding loss (module docstring) of the recorded ``maps`` (``(B * heads, Q, L)`` and heads, for a
     batch of ``B`` latents of ``latent_size`` ``(h, w)``) and each sample's grounded ``tokens``
     (:func:`grounded_tokens`). Zero (with a graph) when no sample has a grounded token."""
+    pairs = [(sample, position, box) for sample, grounded in enumerate(tokens) for position, box in grounded]
+    if not pairs:
+        return sum(probs.sum() * 0 for probs, _ in maps) if maps else torch.zeros(())
+    samples = torch.tensor([sample for sample, _, _ in pairs])
+    positions = torch.tensor([position for _, position, _ in pairs])
+    boxes = torch.tensor([box for _, _, box in pairs], dtype=torch.float32)
     height, width = latent_size
-    terms = []
+    batch, terms, masks = len(tokens), [], {}
     for probs, heads in maps:
-        batch = len(tokens)
         if probs.shape[0] != batch * heads:
             raise ValueError(f"{probs.shape[0]} attention maps for {batch} samples of {heads} heads")
         factor = math.isqrt(height * width // probs.shape[1])
         h, w = height // factor, width // factor
         if h * w != probs.shape[1]:
             raise ValueError(f"{probs.shape[1]} query positions are no downsampling of a {height}x{width} latent")
-        mean = probs.view(batch, heads, h * w, -1).mean(dim=1)
-        for sample, grounded in enumerate(tokens):
-            for position, box in grounded:
-                attention = mean[sample, :, position]
-                inside = (attention * box_mask(box, h, w).flatten().to(attention)).sum()
-                terms.append((1 - inside / attention.sum().clamp(min=1e-8)) ** 2)
-    if not terms:
-        return sum(probs.sum() * 0 for probs, _ in maps) if maps else torch.zeros(())
-    return torch.stack(terms).mean()
+        if (h, w) not in masks:
+            masks[h, w] = box_masks(boxes, h, w).flatten(1).to(probs)
+        attention = probs.view(batch, heads, h * w, -1).mean(dim=1)[samples, :, positions]  # (N, Q)
+        inside = (attention * masks[h, w]).sum(-1) / attention.sum(-1).clamp(min=1e-8)
+        terms.append((1 - inside) ** 2)
+    return torch.cat(terms).mean()

@@ -11,7 +11,7 @@ import torch
 
 from ldm.errors import UserError
 from training.data import CropWindow, regions_in_window
-from training.grounding import AttentionRecorder, box_mask, grounded_tokens, grounding_loss, phrase_positions
+from training.grounding import AttentionRecorder, box_masks, grounded_tokens, grounding_loss, phrase_positions
 from training.record_formats import Region, parse_regions
 from training.train_text_to_image import TrainConfig, train
 
@@ -45,10 +45,10 @@ def test_a_phrases_tokens_are_found_where_the_caption_has_them(tiny_components):
     assert found == [[(2, boxes[0].box), (3, boxes[0].box), (9, boxes[1].box), (10, boxes[1].box)], []]
 
 
-def test_box_mask_is_the_share_of_each_cell_inside_the_box():
-    mask = box_mask((0.1, 0.0, 0.5, 0.5), height=2, width=4)
-    expected = torch.tensor([[0.6, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    torch.testing.assert_close(mask, expected)
+def test_box_masks_are_the_share_of_each_cell_inside_each_box():
+    masks = box_masks(torch.tensor([[0.1, 0.0, 0.5, 0.5], [0.0, 0.25, 1.0, 1.0]]), height=2, width=4)
+    expected = torch.tensor([[[0.6, 1.0, 0.0, 0.0], [0.0] * 4], [[0.5] * 4, [1.0] * 4]])
+    torch.testing.assert_close(masks, expected)
 
 
 def test_grounding_loss_is_the_squared_share_of_attention_outside_the_box():
@@ -66,6 +66,12 @@ def test_grounding_loss_is_the_squared_share_of_attention_outside_the_box():
     inside[0, [0, 2], 1] = 0.5
     assert grounding_loss([(inside, 1)], [[(1, (0.0, 0.0, 0.5, 1.0))]], (2, 2)).item() == pytest.approx(0.0)
     assert grounding_loss([(probs.requires_grad_(), 2)], [[]], (4, 4)).requires_grad
+    # a batch of two: the mean of each sample's terms (0.25 as above; 0 for one with all of token 1 inside)
+    second = torch.zeros(2, 4, 3)
+    second[:, [0, 2], 1], second[:, [1, 3], 0] = 0.5, 1.0
+    left = (0.0, 0.0, 0.5, 1.0)
+    loss = grounding_loss([(torch.cat([probs.detach(), second]), 2)], [[(1, left)], [(1, left)]], (4, 4))
+    assert loss.item() == pytest.approx(0.125)
 
 
 def test_regions_follow_the_crop_and_the_flip():
