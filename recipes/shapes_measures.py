@@ -2,7 +2,7 @@
 separates captions that differ in one word (:func:`attribute_similarity`), where its first sampling step puts the
 object (:func:`first_step_positions`), how square its squares are (:func:`square_fill`) and how much of prompt
 adherence survives the autoencoder's round trip (:func:`round_trip_adherence`), and how a pipeline does on a fixed set
-of two-object prompts (:func:`pair_adherence`), the yardstick that compares training candidates side by side."""
+of prompts (:func:`candidate_adherence`), the yardstick that compares training candidates side by side."""
 
 from __future__ import annotations
 
@@ -150,24 +150,28 @@ def round_trip_adherence(data: Path, folder: Path, limit: int = 300, batch_size:
 
 
 @torch.no_grad()
-def pair_adherence(
+def candidate_adherence(
     pipe: LatentDiffusionPipeline,
     seen: int = 48,
     held_out: int = 24,
+    one_object: int = 0,
     seed: int = 7,
     num_inference_steps: int = 25,
     guidance_scale: float = 2.0,
     guidance_interval: tuple[float, float] = (0.5, 1.0),
     batch_size: int = 24,
 ) -> dict[str, dict[str, float]]:
-    """Two-object prompt adherence of ``pipe`` on a fixed prompt set: ``seen`` prompts of pairings the training data
-    has and ``held_out`` of the held-out ones (``eval.adherence.adherence_prompts`` with ``seed``), prompt i drawn
-    from seed 1000 + i, so two candidates see the same prompts and starting noise. Returns, for the groups
-    ``two_object_seen`` and ``two_object_held_out``, the fully-right rate (``all``) and each part's accuracy."""
+    """Prompt adherence of ``pipe`` on a fixed prompt set, the yardstick that compares training candidates: ``seen``
+    two-object prompts of pairings the training data has, ``held_out`` of the held-out ones, then ``one_object``
+    one-object prompts (``eval.adherence.adherence_prompts`` with ``seed``); prompt i is drawn from seed 1000 + i,
+    so two candidates see the same prompts and starting noise, and the two-object figures do not depend on
+    ``one_object``. Returns, per group present (``two_object_seen``, ``two_object_held_out``, ``one_object``), the
+    fully-right rate (``all``) and each part's accuracy."""
     from eval.adherence import adherence_prompts, score_images
 
     prompts = adherence_prompts(seen, seed=seed, objects=2, pairings="seen")
     prompts += adherence_prompts(held_out, seed=seed, objects=2, pairings="held_out")
+    prompts += adherence_prompts(one_object, seed=seed) if one_object else []
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -182,6 +186,6 @@ def pair_adherence(
     summary = score_images(images, prompts).summary()
     return {
         group: {"all": summary[group]["all_correct_rate"], **summary[group]["part_accuracy"]}
-        for group in ("two_object_seen", "two_object_held_out")
-        if group in summary
+        for group in ("two_object_seen", "two_object_held_out", "one_object")
+        if summary.get(group, {}).get("images")
     }

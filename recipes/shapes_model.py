@@ -1,13 +1,15 @@
-"""The last two steps of the shapes recipe (``recipes/shapes.sh``): the shipped folder and its model card.
+"""The last steps of the shapes recipe (``recipes/shapes.sh``): the stages' scores, the shipped folder, its card.
 
+    python -m recipes.shapes_model stages --run runs/shapes   # each training stage on the same prompts
     python -m recipes.shapes_model folder --run runs/shapes   # runs/shapes/model: defaults from the sweep
     python -m recipes.shapes_model card --run runs/shapes     # runs/shapes/model/README.md from the figures
 
-``folder`` re-saves the trained pipeline (``RUN/unet/pipeline``) as a clean diffusers folder in ``RUN/model``, with
-the guidance scale that the guidance sweep (``RUN/eval/sweep/sweep.json``) found best as its default
+``stages`` scores every U-Net stage's pipeline on the same fixed prompts and seeds (``RUN/eval/stages.json``).
+``folder`` re-saves the last stage's pipeline (``RUN/settle/pipeline``) as a clean diffusers folder in ``RUN/model``,
+with the guidance scale that the guidance sweep (``RUN/eval/sweep/sweep.json``) found best as its default
 (``generation_defaults.json``) and a sample grid at those defaults. ``card`` writes the model card from what the
-recipe measured: the stages' metrics, the sweep, prompt adherence, FID and the benchmark (``recipes.shapes_card``).
-Both print what they wrote.
+recipe measured: the stages' metrics and scores, the sweep, prompt adherence, FID and the benchmark
+(``recipes.shapes_card``). Each prints what it wrote.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ SAMPLE_SEED = 0
 # the scale rises), while colour and position are settled in the noisier half. On the card's 300 prompts at guidance 2
 # this took all three right from 89.7 % to 94.7 % and shape from 90.0 % to 95.0 % (colour 99.7 %, position 100 %).
 GUIDANCE_INTERVAL = (0.5, 1.0)
+# The recipe's U-Net stages, in order (folders of the run): trained from nothing, then the three binding stages with
+# the grounding loss (frozen text encoder; text encoder trained; back on half one-object scenes, decaying rate).
+UNET_STAGES = ("unet", "ground", "bind", "settle")
+FINAL_STAGE = UNET_STAGES[-1]
 FIGURES = ("samples.png", "guidance_sweep.png", "loss.png")
 
 
@@ -66,7 +72,10 @@ def read_json(path: Path) -> dict[str, Any]:
 def make_folder(run: Path) -> Path:
     """``RUN/model``: the trained pipeline with the sweep's best guidance as its default, and a sample grid."""
     sweep = read_json(run / "eval" / "sweep" / "sweep.json")
-    pipe = LatentDiffusionPipeline.from_pretrained(run / "unet" / "pipeline")
+    trained = run / FINAL_STAGE / "pipeline"
+    if not (trained / "model_index.json").is_file():
+        raise ValueError(f"{trained} is missing; run recipes/shapes.sh to its {FINAL_STAGE!r} stage")
+    pipe = LatentDiffusionPipeline.from_pretrained(trained)
     pipe.generation_defaults = GenerationDefaults(
         num_inference_steps=sweep["steps"],
         guidance_scale=choose_guidance(sweep["rows"]),
@@ -91,17 +100,43 @@ def make_folder(run: Path) -> Path:
     return out
 
 
+def evaluate_stages(run: Path, seen: int, held_out: int, one_object: int) -> Path:
+    """``RUN/eval/stages.json``: each U-Net stage's pipeline on the same fixed prompts and seeds
+    (:func:`recipes.shapes_measures.candidate_adherence`), what the card's table of the stages shows."""
+    from recipes.shapes_measures import candidate_adherence
+
+    results = {}
+    for stage in UNET_STAGES:
+        folder = run / stage / "pipeline"
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"{folder} is missing; run recipes/shapes.sh to its {stage!r} stage")
+        pipe = LatentDiffusionPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        logger.info("scoring %s", folder)
+        results[stage] = candidate_adherence(pipe, seen=seen, held_out=held_out, one_object=one_object)
+    out = run / "eval" / "stages.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"seen": seen, "held_out": held_out, "one_object": one_object}
+    out.write_text(json.dumps({"prompts": counts, "stages": results}, indent=1), encoding="utf-8")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``folder`` or ``card`` for the run folder ``--run``; prints the paths written."""
+    """``folder``, ``stages`` or ``card`` for the run folder ``--run``; prints the paths written."""
     parser = argparse.ArgumentParser(
         prog="python -m recipes.shapes_model", description=__doc__.split("\n", maxsplit=1)[0]
     )
-    parser.add_argument("step", choices=("folder", "card"))
+    parser.add_argument("step", choices=("folder", "stages", "card"))
     parser.add_argument("--run", type=Path, required=True, help="the recipe's output folder (runs/shapes)")
+    parser.add_argument("--seen", type=int, default=48, help="stages: two-object prompts of seen pairings")
+    parser.add_argument("--held-out", type=int, default=24, help="stages: two-object prompts of held-out pairings")
+    parser.add_argument("--one-object", type=int, default=96, help="stages: one-object prompts")
     args = parser.parse_args(argv)
     try:
         if args.step == "folder":
             print(make_folder(args.run), flush=True)
+        elif args.step == "stages":
+            print(evaluate_stages(args.run, args.seen, args.held_out, args.one_object), flush=True)
         else:
             from recipes.shapes_card import card_text  # here: the card module reads this one's constants
 

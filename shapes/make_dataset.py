@@ -9,8 +9,8 @@ The folder holds ``<split>-NNNNNN.png`` images and a ``metadata.jsonl`` (the ``d
 ``training.train_text_to_image --dataset`` reads) whose rows carry ``file_name`` and ``text`` (the caption) plus the
 scene's full attributes for evaluation: ``colour``, ``shape``, ``position`` (whatever the caption says), the
 ``caption_form``, ``rgb``, ``background``, ``centre``, ``size`` and ``split``, and ``regions``: the phrase naming each
-object (``red circle``; ``circle`` or ``red shape`` in the partial forms) with its bounding box, for the trainer's
-grounding loss (``--grounding-loss-weight``).
+object (``red circle``; ``circle`` or ``red shape`` in the partial forms) with its bounding box, and a one-object
+caption's position word (``left``) with the same box, for the trainer's grounding loss (``--grounding-loss-weight``).
 
 Sample ``i`` is drawn from its own generator seeded with ``(seed, i)``, so the same seed gives byte-identical PNGs
 and metadata, and the first ``k`` samples do not depend on ``--n``. A held-out split is written with a different
@@ -121,8 +121,19 @@ def metadata_row(file_name: str, spec: ShapeSpec | PairSpec, form: str, split: s
         "centre": [round(c, 6) for c in spec.centre],
         "size": round(spec.size, 6),
         "split": split,
-        "regions": [object_region(_object_phrase({k: getattr(spec, k) for k in FORM_ATTRIBUTES[form]}), spec)],
+        "regions": _one_object_regions(spec, form),
     }
+
+
+def _one_object_regions(spec: ShapeSpec, form: str) -> list[dict[str, Any]]:
+    """The regions of a one-object caption: the phrase naming the object and, where the caption names a position,
+    its position word (``left``, ``center``), both at the object's box: a position word's attention belongs where
+    the caption puts the object."""
+    attributes = FORM_ATTRIBUTES[form]
+    regions = [object_region(_object_phrase({k: getattr(spec, k) for k in attributes}), spec)]
+    if "position" in attributes:
+        regions.append(object_region(spec.position, spec))
+    return regions
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

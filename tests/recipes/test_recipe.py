@@ -59,11 +59,26 @@ def test_toy_recipe_end_to_end(tmp_path):
     # the U-Net was trained on the second stage's latents: the shipped VAE is that one
     shipped_vae = (final / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert shipped_vae == (tmp_path / "vae_mean" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    # the shipped U-Net and text encoder are the last binding stage's, and the card scores every stage
+    settle = tmp_path / "settle" / "pipeline"
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (final / weights).read_bytes() == (settle / weights).read_bytes()
+    assert (final / "text_encoder/model.safetensors").read_bytes() != (
+        tmp_path / "unet" / "pipeline" / "text_encoder/model.safetensors"
+    ).read_bytes()  # trained in the binding stages
+    grounded = [json.loads(line) for line in (tmp_path / "data_pairs" / "metadata.jsonl").read_text().splitlines()]
+    assert sum(r.get("objects") == 2 for r in grounded) > len(grounded) / 2 and all(r["regions"] for r in grounded)
+    stages = json.loads((tmp_path / "eval" / "stages.json").read_text())
+    assert list(stages["stages"]) == ["unet", "ground", "bind", "settle"]
+    assert "| binding: grounding loss, text encoder trained |" in card and "| after stage |" in card
+    settle_seen = stages["stages"]["settle"]["two_object_seen"]["all"]
+    assert f"| binding: the same on half one-object scenes, decaying rate | {settle_seen:.1%} |" in card
     assert (
         "features, not Inception FID (not comparable to published FIDs)" in card and "the real-vs-real floor" in card
     )
     assert "| two objects |" in card and "| CLIP-feature FID |" in card  # the sweep table's columns
-    assert "guidance interval (0.5, 1)" in card and "steps, guided at every step;" in card  # the sweep: every step
+    assert sweep["guidance_interval"] == list(GUIDANCE_INTERVAL)  # the sweep guides as the defaults will
+    assert "guidance interval (0.5, 1)" in card and "steps, guided at t / T in [0.5, 1];" in card
     for figure in ("samples.png", "guidance_sweep.png", "loss.png"):
         assert f"]({figure})" in card and (final / figure).is_file()
     # a second run finds every stage done and only prints the model's folder again
@@ -198,11 +213,12 @@ def test_round_trip_adherence_scores_the_autoencoders_reconstructions(tmp_path, 
     assert summary["two_object_seen"]["all_correct_rate"] == 0.0
 
 
-def test_pair_adherence_scores_seen_and_held_out_pairings_on_fixed_prompts_and_seeds():
+def test_candidate_adherence_scores_each_kind_of_prompt_on_fixed_prompts_and_seeds():
     from types import SimpleNamespace
 
-    from recipes.shapes_measures import pair_adherence
+    from recipes.shapes_measures import candidate_adherence
     from shapes.pairs import canonical_pair, parse_pair_prompt
+    from shapes.world import canonical_scene, parse_prompt
 
     calls = []
 
@@ -215,6 +231,10 @@ def test_pair_adherence_scores_seen_and_held_out_pairings_on_fixed_prompts_and_s
             images = []
             for prompt in prompts:
                 pair = parse_pair_prompt(prompt)
+                if pair is None:  # a one-object prompt
+                    one = parse_prompt(prompt)
+                    images.append(canonical_scene(one["colour"], one["shape"], one["position"]))
+                    continue
                 first, second = (
                     (pair["first"]["colour"], pair["first"]["shape"]),
                     (
@@ -227,10 +247,13 @@ def test_pair_adherence_scores_seen_and_held_out_pairings_on_fixed_prompts_and_s
                 images.append(canonical_pair(first, pair["relation"], second))
             return SimpleNamespace(images=images)
 
-    right = pair_adherence(Drawing(), seen=6, held_out=4, batch_size=4)
+    right = candidate_adherence(Drawing(), seen=6, held_out=4, one_object=3, batch_size=4)
     assert right["two_object_seen"]["all"] == right["two_object_held_out"]["all"] == 1.0
-    assert [seeds for seeds, _ in calls] == [[1000, 1001, 1002, 1003], [1004, 1005, 1006, 1007], [1008, 1009]]
+    assert right["one_object"]["all"] == right["one_object"]["position"] == 1.0
+    seeds = [[1000, 1001, 1002, 1003], [1004, 1005, 1006, 1007], [1008, 1009, 1010, 1011], [1012]]
+    assert [seeds for seeds, _ in calls] == seeds  # the one-object prompts come last, after the same pair seeds
     assert calls[0][1] == {"num_inference_steps": 25, "guidance_scale": 2.0, "guidance_interval": (0.5, 1.0)}
-    swapped = pair_adherence(Drawing(swap=True), seen=6, held_out=4)
+    swapped = candidate_adherence(Drawing(swap=True), seen=6, held_out=4)
     for group in ("two_object_seen", "two_object_held_out"):  # two objects drawn, never both bound right
         assert swapped[group]["all"] == 0.0 and swapped[group]["count"] == 1.0
+    assert "one_object" not in swapped

@@ -209,3 +209,18 @@ def test_bad_two_object_arguments_are_one_line_errors(tmp_path, capsys):
     assert "--two-object-fraction" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "b"), "--n", "4", "--held-out", "some"]) == 2
     assert "--held-out" in capsys.readouterr().err
+
+
+def test_every_object_and_one_object_position_word_has_its_box(tmp_path):
+    make_dataset(tmp_path / "data", n=60, seed=3, progress=False, two_object_fraction=0.5, short_caption_fraction=0.5)
+    for row in _rows(tmp_path / "data"):
+        phrases = [region["phrase"] for region in row["regions"]]
+        assert all(phrase in row["text"] for phrase in phrases)
+        if row.get("objects") == 2:
+            assert phrases == [f"{row[k]['colour']} {row[k]['shape']}" for k in ("first", "second")]
+            continue
+        named_position = row["caption_form"] in ("full", "shape_position", "colour_position")
+        assert phrases[1:] == ([row["position"]] if named_position else [])
+        (x, y), half = row["centre"], row["size"] / 2
+        for region in row["regions"]:  # the position word's box is the object's
+            assert region["box"] == pytest.approx([x - half, y - half, x + half, y + half], abs=1e-5)
