@@ -69,13 +69,19 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def stage_pipeline(run: Path, stage: str) -> Path:
+    """``RUN/STAGE/pipeline``, the pipeline a training stage wrote; a ``ValueError`` says which stage to run when it is
+    missing."""
+    folder = run / stage / "pipeline"
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{folder} is missing; run recipes/shapes.sh to its {stage!r} stage")
+    return folder
+
+
 def make_folder(run: Path) -> Path:
     """``RUN/model``: the trained pipeline with the sweep's best guidance as its default, and a sample grid."""
     sweep = read_json(run / "eval" / "sweep" / "sweep.json")
-    trained = run / FINAL_STAGE / "pipeline"
-    if not (trained / "model_index.json").is_file():
-        raise ValueError(f"{trained} is missing; run recipes/shapes.sh to its {FINAL_STAGE!r} stage")
-    pipe = LatentDiffusionPipeline.from_pretrained(trained)
+    pipe = LatentDiffusionPipeline.from_pretrained(stage_pipeline(run, FINAL_STAGE))
     pipe.generation_defaults = GenerationDefaults(
         num_inference_steps=sweep["steps"],
         guidance_scale=choose_guidance(sweep["rows"]),
@@ -107,9 +113,7 @@ def evaluate_stages(run: Path, seen: int, held_out: int, one_object: int) -> Pat
 
     results = {}
     for stage in UNET_STAGES:
-        folder = run / stage / "pipeline"
-        if not (folder / "model_index.json").is_file():
-            raise ValueError(f"{folder} is missing; run recipes/shapes.sh to its {stage!r} stage")
+        folder = stage_pipeline(run, stage)
         pipe = LatentDiffusionPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         logger.info("scoring %s", folder)
