@@ -12,7 +12,7 @@ from typing import Any
 from eval.fid import reader_fid
 from pipelines.generation_defaults import GenerationDefaults
 from recipes.shapes_measures import attribute_similarity, first_step_positions, round_trip_adherence, square_fill
-from recipes.shapes_model import SAMPLE_PROMPTS, SAMPLE_SEED, UNET_STAGES, read_json
+from recipes.shapes_model import SAMPLE_PROMPTS, SAMPLE_SEED, STAGES, UNET_STAGES, read_json
 
 
 def _minutes(metrics: dict[str, Any]) -> float:
@@ -85,28 +85,14 @@ def _position_bullet(parts: dict[str, float], after: dict[str, float], ucfg: dic
     return [bullet]
 
 
-# What each binding stage does, for the card's recipe table (the U-Net stage before them has its own row).
-BINDING_STAGES = {
-    "ground": ("binding: grounding loss, text encoder frozen", "--grounding-loss-weight 0.1"),
-    "bind": ("binding: grounding loss, text encoder trained", "--grounding-loss-weight 0.1 --train-text-encoder"),
-    "settle": (
-        "binding: the same on half one-object scenes, decaying rate",
-        "--grounding-loss-weight 0.1 --train-text-encoder --lr-scheduler cosine",
-    ),
-}
-STAGE_NAMES = {
-    "unet": "U-Net from nothing, frozen random text encoder",
-    **{name: words for name, (words, _) in BINDING_STAGES.items()},
-}
-
-
 def binding_rows(stages: dict[str, dict[str, Any]]) -> list[str]:
     """The recipe table's rows of the binding stages present in ``stages`` (name -> the stage's metrics.json)."""
     return [
-        f"| {words} | `training.train_text_to_image --pretrained-model ... {flags}` | {stages[name]['steps']} x "
-        f"{stages[name]['config'].get('train_batch_size', '?')} | {_minutes(stages[name]):.0f} min |"
-        for name, (words, flags) in BINDING_STAGES.items()
-        if name in stages
+        f"| {stage.words} | `training.train_text_to_image --pretrained-model ... {stage.flags}` | "
+        f"{stages[stage.name]['steps']} x {stages[stage.name]['config'].get('train_batch_size', '?')} | "
+        f"{_minutes(stages[stage.name]):.0f} min |"
+        for stage in STAGES[1:]  # the U-Net stage before them has its own row
+        if stage.name in stages
     ]
 
 
@@ -114,6 +100,7 @@ def stages_table(scores: dict[str, Any]) -> list[str]:
     """``recipes.shapes_model stages``' JSON as Markdown table lines: each stage's fully-right rates and the parts
     of the seen two-object prompts."""
     counts = scores["prompts"]
+    words = {stage.name: stage.words for stage in STAGES}
     lines = [
         f"| after stage | two objects, seen ({counts['seen']}) | held-out ({counts['held_out']}) | one object "
         f"({counts['one_object']}) | seen: colour | shape | relation |",
@@ -123,7 +110,7 @@ def stages_table(scores: dict[str, Any]) -> list[str]:
         seen, held, one = (groups.get(k, {}) for k in ("two_object_seen", "two_object_held_out", "one_object"))
         cells = [seen.get("all"), held.get("all"), one.get("all")]
         cells += [seen.get("colour"), seen.get("shape"), seen.get("relation")]
-        lines.append(f"| {STAGE_NAMES.get(name, name)} | " + " | ".join(_percent(v) for v in cells) + " |")
+        lines.append(f"| {words.get(name, name)} | " + " | ".join(_percent(v) for v in cells) + " |")
     return lines
 
 
@@ -140,8 +127,12 @@ def _binding_section(scores: dict[str, Any] | None) -> list[str]:
         "red circle to the left of a blue square`), so the U-Net, now attending to the right token, could not read "
         "it. Trained with the grounding loss, the encoder tells them apart within 1000 steps. The first two stages "
         "ran on scenes three in four of which hold two objects; trained longer there, the second forgot one-object "
-        "position words (at 4000 steps one-object prompts fell to 76 % fully right, position 80 %), so the last "
-        "stage runs on the half-and-half training data again, its learning rate decaying to zero."
+        "position words (at 4000 steps one-object prompts fell to 76 % fully right, position 80 %), so the third "
+        "stage runs on the half-and-half training data again, its learning rate decaying to zero. Its commonest "
+        "two-object fault was then an object drawn twice (three objects found, each the right colour and shape: "
+        "the model unsure which of two places to use, and using both). Two more decaying rounds at lower rates, "
+        "first on the half-and-half data, then on the two-object scenes (one-object captions keep their position "
+        "words' boxes there, so the one-object prompts hold), made that rare."
     )
     if scores is None:
         return [text, ""]
@@ -316,7 +307,7 @@ def card_text(run: Path, folder: Path) -> str:
     ucfg = unet.get("config", {})
     # the text encoder trained with the U-Net in any stage (the binding stages train it)
     joint = any(stage.get("config", {}).get("train_text_encoder") for stage in stages.values())
-    binding = [name for name in BINDING_STAGES if name in stages]
+    binding = [stage.name for stage in STAGES[1:] if stage.name in stages]
     unet_steps = sum(stage["steps"] for stage in stages.values())
     fresh = ucfg.get("text_encoder_init") == "random"
     joint_flags = (" --train-text-encoder" if ucfg.get("train_text_encoder") else "") + (
@@ -424,8 +415,8 @@ def card_text(run: Path, folder: Path) -> str:
         "held-out images (seed 1, every pairing)."
         + (
             " Every row also gives each object's phrase (and a one-object caption's position word) with its "
-            "bounding box (`regions`), for the grounding loss of the binding stages; the first two of them read a "
-            "second set of as many images, three in four of them two-object scenes (seed 5)."
+            "bounding box (`regions`), for the grounding loss of the binding stages; three of them (`ground`, `bind`, "
+            "`focus`) read a second set of as many images, three in four of them two-object scenes (seed 5)."
             if binding
             else ""
         ),

@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from pipelines import LatentDiffusionPipeline
 from pipelines.generation_defaults import GenerationDefaults
 from recipes.shapes_card import fid_rows, sweep_fid_header
-from recipes.shapes_model import GUIDANCE_INTERVAL, choose_guidance, main
+from recipes.shapes_model import FINAL_STAGE, GUIDANCE_INTERVAL, STAGES, choose_guidance, evaluate_stages, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,7 +60,7 @@ def test_toy_recipe_end_to_end(tmp_path):
     shipped_vae = (final / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert shipped_vae == (tmp_path / "vae_mean" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     # the shipped U-Net and text encoder are the last binding stage's, and the card scores every stage
-    settle = tmp_path / "settle" / "pipeline"
+    settle = tmp_path / FINAL_STAGE / "pipeline"
     for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert (final / weights).read_bytes() == (settle / weights).read_bytes()
     assert (final / "text_encoder/model.safetensors").read_bytes() != (
@@ -69,10 +69,12 @@ def test_toy_recipe_end_to_end(tmp_path):
     grounded = [json.loads(line) for line in (tmp_path / "data_pairs" / "metadata.jsonl").read_text().splitlines()]
     assert sum(r.get("objects") == 2 for r in grounded) > len(grounded) / 2 and all(r["regions"] for r in grounded)
     stages = json.loads((tmp_path / "eval" / "stages.json").read_text())
-    assert list(stages["stages"]) == ["unet", "ground", "bind", "settle"]
-    assert "| binding: grounding loss, text encoder trained |" in card and "| after stage |" in card
-    settle_seen = stages["stages"]["settle"]["two_object_seen"]["all"]
-    assert f"| binding: the same on half one-object scenes, decaying rate | {settle_seen:.1%} |" in card
+    assert list(stages["stages"]) == [stage.name for stage in STAGES]
+    assert "| after stage |" in card
+    for stage in STAGES:  # a row of the stages' scores each, and one of the recipe table for each binding stage
+        seen = stages["stages"][stage.name]["two_object_seen"]["all"]
+        assert f"| {stage.words} | {seen:.1%} |" in card
+        assert stage is STAGES[0] or f"| {stage.words} | `training.train_text_to_image --pretrained-model" in card
     assert (
         "features, not Inception FID (not comparable to published FIDs)" in card and "the real-vs-real floor" in card
     )
@@ -114,6 +116,47 @@ def test_card_labels_the_clip_feature_fid_and_gives_its_ratio_to_the_real_floor(
     # the sweep's column names its feature space
     assert sweep_fid_header("clip:runs/shapes/clip/clip") == "CLIP-feature FID"
     assert sweep_fid_header("inception:/w/pt_inception-2015-12-05-6726825d.pth") == "Inception FID"
+
+
+def test_evaluate_stages_scores_only_the_stages_not_yet_scored_on_the_same_prompts(tmp_path, monkeypatch):
+    import recipes.shapes_measures as measures
+
+    scored = []
+
+    def fake_adherence(pipe, seen, held_out, one_object):
+        scored.append(pipe)
+        return {"two_object_seen": {"all": len(scored) / 10}}
+
+    monkeypatch.setattr(measures, "candidate_adherence", fake_adherence)
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", lambda folder: _Named(folder.parent.name))
+    for stage in STAGES:
+        (tmp_path / stage.name / "pipeline").mkdir(parents=True)
+        (tmp_path / stage.name / "pipeline" / "model_index.json").write_text("{}")
+    out = evaluate_stages(tmp_path, seen=4, held_out=2, one_object=3)
+    assert [p.name for p in scored] == [stage.name for stage in STAGES]
+    first = json.loads(out.read_text())
+    assert first["prompts"] == {"seen": 4, "held_out": 2, "one_object": 3}
+    # a stage added later (here: one removed from the file) is the only one scored again; the others keep theirs
+    del first["stages"][FINAL_STAGE]
+    out.write_text(json.dumps(first))
+    scored.clear()
+    second = json.loads(evaluate_stages(tmp_path, seen=4, held_out=2, one_object=3).read_text())
+    assert [p.name for p in scored] == [FINAL_STAGE] and list(second["stages"]) == [s.name for s in STAGES]
+    assert {k: v for k, v in second["stages"].items() if k != FINAL_STAGE} == first["stages"]
+    # other prompt counts score every stage again
+    scored.clear()
+    evaluate_stages(tmp_path, seen=8, held_out=2, one_object=3)
+    assert len(scored) == len(STAGES)
+
+
+class _Named:
+    """A stand-in pipeline that only knows its stage's name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        pass
 
 
 def test_model_steps_name_the_missing_stage(tmp_path, capsys):
