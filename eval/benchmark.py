@@ -3,9 +3,11 @@
 Generation: our pipeline of the model's family and stock's (``LatentDiffusionPipeline`` and
 ``StableDiffusionPipeline``; ``LatentDiffusionXLPipeline`` and ``StableDiffusionXLPipeline`` for SDXL) share the
 same components (random weights of a named preset, or a model folder), scheduler, seeds and arguments, and run
-alternately in one process, so the ratio is not skewed by the machine's state; ``--memory`` applies one of the memory
-modes to both. Training (``--task train``): the U-Net step rate of ``training.train_text_to_image`` on a synthetic
-shapes dataset, with and without the latent cache. Prints a table and writes JSON. Examples::
+alternately in one process (each round starting with the next one), so the ratio is not skewed by the machine's
+state; ``--memory`` applies one of the memory modes to both; ``--variants interval`` times ours guided only in the
+model's guidance interval, as its defaults do (stock guides at every step). Training (``--task train``): the U-Net
+step rate of ``training.train_text_to_image`` on a synthetic shapes dataset, with and without the latent cache.
+Prints a table and writes JSON. Examples::
 
     python -m eval.benchmark --preset tiny --steps 20 --size 64
     python -m eval.benchmark --preset sd15 --device cuda --dtype float16 --steps 50 --size 512 --memory vae-tiling
@@ -31,16 +33,18 @@ from eval.flops import count_flops, generation_flops, matmul_flops_per_s
 from ldm.attention import ATTENTION_BACKENDS, set_attention_backend
 from ldm.errors import OneLineParser, UserError, run_reporting
 from ldm.presets import PRESETS, build_components
+from pipelines.cli import add_guidance_interval_argument
 from pipelines.families import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, family_of_unet, pipelines_of
-from pipelines.generation_defaults import GenerationDefaults
+from pipelines.generation_defaults import FULL_INTERVAL, GenerationDefaults
 from pipelines.loading import load_pipeline
 from pipelines.schedulers import make_scheduler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STOCK_PIPELINES: dict = {STABLE_DIFFUSION: StableDiffusionPipeline, STABLE_DIFFUSION_XL: StableDiffusionXLPipeline}
 """Stock diffusers' text-to-image pipeline of each family, the reference we time against."""
-VARIANTS = ("default", "fast", "cached")
-"""Our pipeline as it comes, with ``enable_fast_mode()``, and with ``enable_step_caching()``."""
+VARIANTS = ("default", "fast", "cached", "interval")
+"""Our pipeline as it comes, with ``enable_fast_mode()``, with ``enable_step_caching()``, and guided only in a guidance
+interval (the model's default one, or ``--guidance-interval``; stock guides at every step)."""
 MEMORY_MODES = ("none", "attention-slicing", "vae-slicing", "vae-tiling", "cpu-offload")
 
 
@@ -78,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--variants",
         default="default",
-        help="ours to time against stock, comma-separated from default, fast, cached (default: default)",
+        help="ours to time against stock, comma-separated from default, fast, cached, interval (default: default)",
     )
+    add_guidance_interval_argument(parser)
     parser.add_argument("--step-cache", type=int, default=3, help="step-caching interval of the cached variant (3)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the fast variant (its default)")
     parser.add_argument(
@@ -151,7 +156,7 @@ def ours_variant(variant: str, family: str, components: dict, args: argparse.Nam
         pipe.enable_fast_mode(compile=getattr(args, "compile", True), mode=args.compile_mode)
     elif variant == "cached":
         pipe.enable_step_caching(interval=args.step_cache)
-    elif variant != "default":
+    elif variant not in ("default", "interval"):  # interval: the same pipeline, called with guidance_interval
         raise UserError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     return pipe
 
@@ -180,6 +185,12 @@ def run(args: argparse.Namespace, components: dict | None = None) -> dict:
         components = build_components(args.preset)
     args.steps = defaults.num_inference_steps if args.steps is None else args.steps
     args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    interval = getattr(args, "guidance_interval", None) or defaults.guidance_interval
+    if "interval" in variants and tuple(interval) == FULL_INTERVAL:
+        raise UserError(
+            "--variants interval: the model's defaults guide at every step (no guidance interval); give "
+            "--guidance-interval LO,HI, e.g. 0.5,1"
+        )
     components["scheduler"] = make_scheduler("ddim", components["scheduler"].config)
     family = family_of_unet(components["unet"].config)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -207,21 +218,29 @@ def run(args: argparse.Namespace, components: dict | None = None) -> dict:
         "width": size,
         "output_type": "np",
     }
+    calls = {name: kwargs for name in pipes}
+    if "ours-interval" in pipes:
+        calls["ours-interval"] = {**kwargs, "guidance_interval": tuple(interval)}
     first_call: dict[str, float] = {}
     images: dict[str, np.ndarray] = {}
     for name, pipe in pipes.items():
         pipe.set_progress_bar_config(disable=True)
-        first_call[name], _, images[name] = time_pipeline(pipe, device, kwargs)  # warm-up (fast mode compiles)
+        first_call[name], _, images[name] = time_pipeline(pipe, device, calls[name])  # warm-up (fast mode compiles)
     timings: dict[str, list[float]] = {name: [] for name in pipes}
     peaks: dict[str, float | None] = dict.fromkeys(pipes)
-    for _ in range(args.repeats):
-        for name, pipe in pipes.items():
-            seconds, peaks[name], _ = time_pipeline(pipe, device, kwargs)
+    names = list(pipes)
+    for repeat in range(args.repeats):
+        # each round starts with the next pipeline, so none always runs right after the same one
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, peaks[name], _ = time_pipeline(pipes[name], device, calls[name])
             timings[name].append(seconds)
-    # Every pipeline but the step-cached one runs the same products (fused projections included): count stock's.
+    # Every pipeline but the step-cached and interval ones runs the same products (fused projections included): count
+    # stock's; those two skip work, so theirs are counted as they run.
     flops = dict.fromkeys(pipes, generation_flops(stock, kwargs).total(args.steps) if args.count_flops else 0)
-    if "ours-cached" in pipes and args.count_flops:
-        flops["ours-cached"] = count_flops(lambda: time_pipeline(pipes["ours-cached"], device, kwargs))
+    for name in ("ours-cached", "ours-interval"):
+        if name in pipes and args.count_flops:
+            flops[name] = count_flops(lambda name=name: time_pipeline(pipes[name], device, calls[name]))
     matmul = matmul_flops_per_s(device, dtype)
     result = {
         "source": args.model or f"preset:{args.preset}",
@@ -237,6 +256,7 @@ def run(args: argparse.Namespace, components: dict | None = None) -> dict:
         "repeats": args.repeats,
         "variants": list(pipes),
         "step_cache_interval": args.step_cache if "cached" in variants else None,
+        "guidance_interval": list(interval) if "interval" in variants else None,
         "matmul_gflops_per_s": matmul / 1e9,
     }
     for name, values in timings.items():

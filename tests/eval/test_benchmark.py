@@ -75,3 +75,18 @@ def test_benchmark_times_our_variants_against_stock_with_their_flop_rates(tmp_pa
 def test_benchmark_rejects_unknown_variants(tmp_path, capsys):
     assert main(["--variants", "default,turbo", "--out", str(tmp_path / "x.json")]) == 2
     assert "--variants: unknown ['turbo']" in capsys.readouterr().err
+
+
+def test_benchmark_times_guidance_in_an_interval_against_stock_guiding_every_step(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--steps", "4", "--repeats", "1", "--variants", "default,interval", "--out", str(out)]
+    # the tiny preset's defaults guide at every step: the variant needs an interval
+    assert main(argv) == 2
+    assert "give --guidance-interval LO,HI" in capsys.readouterr().err
+    assert main([*argv, "--guidance-interval", "0.5,1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["variants"] == ["stock", "ours", "ours-interval"] and result["guidance_interval"] == [0.5, 1.0]
+    stock, ours, interval = result["stock"], result["ours"], result["ours-interval"]
+    # half the steps run the U-Net on the conditional rows only, so fewer products, and other images than stock's
+    assert 0 < interval["gflop_per_call"] < ours["gflop_per_call"] == stock["gflop_per_call"]
+    assert interval["max_abs_diff_vs_stock"] > 1e-3 > ours["max_abs_diff_vs_stock"]
