@@ -170,7 +170,7 @@ ALL_PROMPTS=$((EVAL_PROMPTS + PAIR_PROMPTS + HELD_OUT_PROMPTS))
 
 stage "benchmark"
 [ -f "$EVAL/benchmark.json" ] || python -m eval.benchmark --model "$OUT/model" --batch-size 4 --repeats "$REPEATS" \
-  --out "$EVAL/benchmark.json" >/dev/null
+  --variants default,interval --out "$EVAL/benchmark.json" >/dev/null
 
 stage "model card"
 python -m recipes.shapes_model card --run "$OUT" >/dev/null

@@ -81,6 +81,10 @@ def test_toy_recipe_end_to_end(tmp_path):
     assert "| two objects |" in card and "| CLIP-feature FID |" in card  # the sweep table's columns
     assert sweep["guidance_interval"] == list(GUIDANCE_INTERVAL)  # the sweep guides as the defaults will
     assert "guidance interval (0.5, 1)" in card and "steps, guided at t / T in [0.5, 1];" in card
+    # the speed row times ours at its defaults too (guided in the interval), against stock guiding at every step
+    bench = json.loads((tmp_path / "eval" / "benchmark.json").read_text())
+    assert bench["guidance_interval"] == [0.5, 1.0]
+    assert f"at its defaults, guided at t / T in [0.5, 1]: {bench['ours-interval']['seconds_per_call']:.2f} s" in card
     for figure in ("samples.png", "guidance_sweep.png", "loss.png"):
         assert f"]({figure})" in card and (final / figure).is_file()
     # a second run finds every stage done and only prints the model's folder again
